@@ -1,0 +1,8 @@
+"""Key names used in AnnData objects (kept in one place, as squidpy does)."""
+
+SPATIAL_KEY = "spatial"  # obsm key of (x, y) spot centres in full-resolution pixels
+PROPORTIONS_KEY = "stlnmf_proportions"  # obsm: cell fractions (spots x types DataFrame)
+MRNA_FRACTIONS_KEY = "stlnmf_mrna_fractions"  # obsm: mRNA fractions (spots x types DataFrame)
+FIT_ERROR_KEY = "stlnmf_fit_error"  # obs: per-spot relative reconstruction error
+QC_KEY = "stlnmf_qc"  # obs: "ok" or why a spot got no estimate (e.g. "no counts")
+UNS_KEY = "stlnmf"  # uns: parameters, genes used, version

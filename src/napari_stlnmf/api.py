@@ -1,0 +1,355 @@
+"""One call from a slide and a reference to cell-type proportions: :func:`deconvolve`."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import __version__
+from ._constants import (
+    FIT_ERROR_KEY,
+    MRNA_FRACTIONS_KEY,
+    PROPORTIONS_KEY,
+    QC_KEY,
+    SPATIAL_KEY,
+    UNS_KEY,
+)
+from .errors import CoordinateError, StlnmfError
+from .graph import SpatialGraph, build_graph, region_features, spot_image_features
+from .model import DEFAULTS, UnrolledNMF, finalize_proportions, pick_device, solve, to_cell_fractions
+from .preprocess import Prepared, Reference, build_reference, prepare
+from .train import Cancelled, make_training_slides, train_unrolled
+
+__all__ = ["deconvolve", "DeconvolutionResult", "Cancelled", "default_params_path"]
+
+
+def default_params_path() -> Path:
+    """Parameters shipped with the package (λ's and σ's learned on simulated slides)."""
+    return Path(__file__).parent / "data" / "default_params.pt"
+
+
+@dataclass
+class DeconvolutionResult:
+    """What :func:`deconvolve` returns.
+
+    Attributes
+    ----------
+    proportions
+        spots x cell types, one row per input spot (NaN where a spot got no estimate),
+        rows sum to one. Cell fractions unless ``fractions='mrna'`` was asked.
+    cell_fractions, mrna_fractions
+        Both conversions: share of the spot's *cells* and of its *mRNA* per type.
+    fit_error
+        Per-spot relative reconstruction error ``||g(x - B v)|| / ||g x||`` (high where the
+        reference misses a cell type present in the tissue).
+    qc
+        ``"ok"`` or why a spot has no estimate.
+    adata
+        For AnnData input: a copy of the slide with the results in ``obsm``/``obs``/``uns``.
+    """
+
+    proportions: pd.DataFrame
+    cell_fractions: pd.DataFrame
+    mrna_fractions: pd.DataFrame
+    fit_error: pd.Series
+    qc: pd.Series
+    info: dict = field(default_factory=dict)
+    adata: object | None = None
+    model: UnrolledNMF | None = None
+
+
+def _report(progress, stage, i, n):
+    if progress is not None:
+        progress(stage, i, n)
+
+
+def _check_stop(should_stop):
+    if should_stop is not None and should_stop():
+        raise Cancelled("deconvolution cancelled")
+
+
+def _as_adata(slide, coords):
+    import anndata as ad
+
+    from . import io
+
+    if isinstance(slide, (str, Path)):
+        return io.read_slide(slide, coords=coords) if coords is not None else io.read_slide(slide)
+    if isinstance(slide, ad.AnnData):
+        return slide
+    raise StlnmfError(
+        f"slide must be an AnnData or a path (.h5ad, Space Ranger outs/ folder, counts CSV), "
+        f"not {type(slide).__name__}"
+    )
+
+
+def _as_reference(reference, cell_type_key) -> Reference:
+    from . import io
+
+    if isinstance(reference, Reference):
+        return reference
+    if isinstance(reference, (str, Path)):
+        reference = io.read_reference(reference, cell_type_key=cell_type_key)
+    return build_reference(reference, cell_type_key=cell_type_key)
+
+
+def slide_features(adata, mask, *, library_id=None, use_image=True, region_key=None):
+    """Per-spot features for the graph: region labels, else the image under each spot."""
+    from . import io
+
+    if region_key is not None:
+        if region_key not in adata.obs:
+            raise StlnmfError(f"region_key {region_key!r} is not a column of slide.obs")
+        return region_features(adata.obs[region_key].astype(str).to_numpy()[mask]), "regions"
+    if not use_image:
+        return None, "none"
+    found = io.get_image(adata, library_id=library_id)
+    if found is None:
+        return None, "none"
+    image, scalef, spot_diameter = found
+    xy = np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64)[mask, :2] * scalef
+    radius = 0.5 * spot_diameter * scalef if spot_diameter else None
+    if not radius or radius < 1:
+        from .graph import spot_spacing
+
+        radius = max(0.5 * spot_spacing(xy), 1.0)
+    return spot_image_features(image, xy, radius), "image"
+
+
+def deconvolve(
+    slide,
+    reference,
+    *,
+    cell_type_key: str | None = None,
+    coords=None,
+    library_id: str | None = None,
+    method: str = "unrolled",
+    train: bool = True,
+    params: str | Path | None = None,
+    n_layers: int | None = None,
+    tied: bool = True,
+    train_epochs: int = 60,
+    n_train_slides: int = 10,
+    use_image: bool = True,
+    region_key: str | None = None,
+    n_neighbors: int = 6,
+    n_markers: int = 100,
+    case_insensitive: bool = False,
+    gene_weighting: str = "sqrt",
+    fractions: str = "cell",
+    min_proportion: float = 0.05,
+    save_params: str | Path | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    progress=None,
+    should_stop=None,
+) -> DeconvolutionResult:
+    """Estimate the cell-type proportions of every spot.
+
+    Parameters
+    ----------
+    slide
+        AnnData (spots x genes, raw counts; ``obsm['spatial']`` = (x, y) in full-resolution
+        pixels; optional ``uns['spatial'][library]`` images and scale factors) or a path
+        that :func:`napari_stlnmf.io.read_slide` reads.
+    reference
+        Single-cell AnnData (with ``obs[cell_type_key]``), a signature DataFrame
+        (genes x types), or a path to either.
+    method
+        ``'unrolled'`` (learned parameters) or ``'classic'`` (fixed λ's, iterate to
+        convergence).
+    train
+        Learn the parameters on slides simulated on this slide's own layout before
+        deconvolving (seconds on a laptop). Otherwise use ``params`` or the shipped defaults.
+    fractions
+        ``'cell'``: share of cells per type (mRNA fractions divided by each type's mRNA
+        content); ``'mrna'``: share of the spot's transcripts. Both are returned.
+    min_proportion
+        Proportions below this are set to zero at the end (then rows are renormalised).
+    progress, should_stop
+        ``progress(stage, i, n)`` callback; ``should_stop()`` returning True cancels with
+        :class:`Cancelled`.
+
+    Returns
+    -------
+    DeconvolutionResult
+        For AnnData input, ``result.adata`` is a *copy* of the slide with
+        ``obsm['stlnmf_proportions']`` and ``uns['stlnmf']``; the input is never modified.
+    """
+    from . import io
+
+    t_start = time.perf_counter()
+    if method not in ("unrolled", "classic"):
+        raise StlnmfError(f"method must be 'unrolled' or 'classic', not {method!r}")
+    if fractions not in ("cell", "mrna"):
+        raise StlnmfError(f"fractions must be 'cell' or 'mrna', not {fractions!r}")
+    rng_seed = int(seed)
+    torch.manual_seed(rng_seed)
+    dev = pick_device(device)
+
+    _report(progress, "reading", 0, 1)
+    adata = _as_adata(slide, coords)
+    io.validate_slide(adata)
+    ref = _as_reference(reference, cell_type_key)
+    _check_stop(should_stop)
+
+    _report(progress, "preparing", 0, 1)
+    prep: Prepared = prepare(
+        adata.X, adata.var_names, ref, n_markers=n_markers,
+        case_insensitive=case_insensitive, gene_weighting=gene_weighting,
+    )
+    mask = prep.spot_mask
+    xy = np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64)[:, :2]
+    _check_stop(should_stop)
+
+    _report(progress, "graph", 0, 1)
+    features, feature_source = slide_features(adata, mask, library_id=library_id, use_image=use_image, region_key=region_key)
+    graph: SpatialGraph = build_graph(xy[mask], n_neighbors=n_neighbors, features=features)
+    _check_stop(should_stop)
+
+    ref_sel = ref.subset_genes(prep.genes)
+    m, p = prep.B.shape
+    B = torch.as_tensor(prep.B, device=dev)
+    scale = torch.as_tensor(prep.gene_scale, device=dev)
+    train_report = None
+    if method == "unrolled":
+        param_file = params if params is not None else default_params_path()
+        if Path(param_file).exists():
+            model, _ = UnrolledNMF.load(param_file, genes=list(prep.genes), n_types=p)
+        elif params is not None:
+            raise StlnmfError(f"parameter file {params} does not exist")
+        else:
+            model = UnrolledNMF(m, p)
+        if n_layers is not None and n_layers != model.n_layers:
+            model.n_layers = int(n_layers)
+            if not model.tied:
+                raise StlnmfError("n_layers cannot be changed for an untied (per-layer) model")
+        if not tied and model.tied:
+            rows = model.log_lambda.detach().repeat(model.n_layers, 1)
+            model.log_lambda = torch.nn.Parameter(rows)
+            model.tied = False
+        model.to(dev)
+        if train:
+            n_val = max(2, n_train_slides // 4)
+            total = n_train_slides + n_val
+            _report(progress, "simulating", 0, total)
+            slides = make_training_slides(
+                xy[mask], graph, ref_sel, n_slides=total, features=features,
+                library_sizes=prep.library_size, seed=rng_seed, device=dev,
+            )
+            _check_stop(should_stop)
+            train_report = train_unrolled(
+                model, prep.B, prep.gene_scale, prep.mrna_content,
+                slides[:n_train_slides], slides[n_train_slides:], epochs=train_epochs,
+                progress=progress, should_stop=should_stop, seed=rng_seed,
+            )
+            if save_params is not None:
+                model.save(save_params, genes=prep.genes, cell_types=prep.cell_types,
+                           extra={"train": train_report.as_dict()})
+        _report(progress, "deconvolving", 0, model.n_layers)
+
+        def cb(i, n):
+            _report(progress, "deconvolving", i, n)
+            _check_stop(should_stop)
+
+        V = model.infer(prep.X, B, scale, graph, callback=cb)
+        BtX, BtB = model.gram(prep.X, B, scale)
+        gene_scale_eff = (scale * model.gene_weights()).detach()
+        described = model.describe()
+    else:
+        model = None
+        s = DEFAULTS
+        g2 = scale**2
+        Bw = B * g2[:, None]
+        BtX = torch.as_tensor(np.asarray(prep.X @ Bw.cpu().numpy()), device=dev)
+        BtB = B.T @ Bw
+        n_iter = n_layers or 1000
+
+        def cb(i, n):
+            _report(progress, "deconvolving", i, n)
+            _check_stop(should_stop)
+
+        V = solve(BtX, BtB, adjacency=graph.adjacency(s.sigma_distance, s.sigma_feature),
+                  lam1=s.lambda_graph, lam2=s.lambda_sum, ridge=torch.full((p,), 2 * s.lambda_ridge),
+                  n_iter=n_iter, tol=1e-5, callback=cb)
+        gene_scale_eff = scale
+        described = {"lambda_graph": s.lambda_graph, "lambda_sum": s.lambda_sum, "lambda_ridge": s.lambda_ridge,
+                     "sigma_distance": s.sigma_distance, "sigma_feature": s.sigma_feature, "max_iter": n_iter}
+
+    with torch.no_grad():
+        V = V / V.sum(1, keepdim=True).clamp_min(1e-12)
+        fit = _fit_error(prep.X, gene_scale_eff, V, BtX, BtB)
+        mrna_sel = V.cpu().numpy().astype(np.float64)
+    cell = finalize_proportions(to_cell_fractions(mrna_sel, prep.mrna_content), min_proportion)
+    # transcripts of the whole transcriptome, not only the selected genes
+    mrna = finalize_proportions(mrna_sel / prep.gene_share[None, :], min_proportion)
+
+    obs_names = pd.Index(adata.obs_names.astype(str))
+
+    def full(values):
+        out = np.full((adata.n_obs, p), np.nan)
+        out[mask] = values
+        return pd.DataFrame(out, index=obs_names, columns=prep.cell_types)
+
+    cell_df, mrna_df = full(cell), full(mrna)
+    fit_s = pd.Series(np.nan, index=obs_names, name=FIT_ERROR_KEY)
+    fit_s[mask] = fit
+    qc = pd.Series(np.where(mask, "ok", "no counts"), index=obs_names, name=QC_KEY)
+    info = {
+        "version": __version__,
+        "method": method,
+        "fractions": fractions,
+        "fractions_meaning": "share of cells per type" if fractions == "cell" else "share of the spot's mRNA per type",
+        "cell_types": prep.cell_types,
+        "genes": [str(g) for g in prep.genes],
+        **prep.info,
+        "graph": {"n_edges": graph.n_edges // 2, "n_neighbors": n_neighbors, "features": feature_source,
+                  "spacing": graph.spacing},
+        "params": described,
+        "train": None if train_report is None else train_report.as_dict(),
+        "min_proportion": min_proportion,
+        "seed": rng_seed,
+        "seconds": time.perf_counter() - t_start,
+    }
+    result = DeconvolutionResult(
+        proportions=cell_df if fractions == "cell" else mrna_df,
+        cell_fractions=cell_df,
+        mrna_fractions=mrna_df,
+        fit_error=fit_s,
+        qc=qc,
+        info=info,
+        model=model,
+    )
+    result.adata = _annotated_copy(adata, result)
+    _report(progress, "done", 1, 1)
+    return result
+
+
+def _fit_error(X, gene_scale, V, BtX, BtB) -> np.ndarray:
+    """Relative weighted residual per spot without forming the dense residual matrix."""
+    g2 = (gene_scale**2).cpu().numpy().astype(np.float64)
+    xsq = np.asarray(X.multiply(X) @ g2).ravel()
+    cross = (V * BtX).sum(1).cpu().numpy()
+    quad = ((V @ BtB) * V).sum(1).cpu().numpy()
+    res = np.maximum(xsq - 2 * cross + quad, 0.0)
+    return np.sqrt(res / np.maximum(xsq, 1e-30))
+
+
+def _annotated_copy(adata, result: DeconvolutionResult):
+    """Copy of the slide with results in obsm/obs/uns (the user's object stays untouched)."""
+    out = adata.copy()
+    out.obsm[PROPORTIONS_KEY] = result.proportions.set_axis(out.obs_names)
+    out.obsm[MRNA_FRACTIONS_KEY] = result.mrna_fractions.set_axis(out.obs_names)
+    out.obs[FIT_ERROR_KEY] = result.fit_error.to_numpy()
+    out.obs[QC_KEY] = pd.Categorical(result.qc.to_numpy())
+    uns = dict(result.info)
+    uns["params"] = {k: (np.asarray(v) if isinstance(v, list) else v) for k, v in uns["params"].items()}
+    uns["train"] = uns["train"] or {}
+    out.uns[UNS_KEY] = uns
+    return out

@@ -1,0 +1,43 @@
+"""Exception types raised on bad input.
+
+Every message says what is wrong *and* what to do about it. All derive from
+:class:`StlnmfError` (a ``ValueError``) so callers can catch one type.
+"""
+
+from __future__ import annotations
+
+
+class StlnmfError(ValueError):
+    """Base class of every input error raised by napari-stlnmf."""
+
+
+class GeneMismatchError(StlnmfError):
+    """Slide and reference share no or too few genes."""
+
+
+class DuplicateNamesError(StlnmfError):
+    """Duplicate barcodes (spot names) or gene names."""
+
+
+class InvalidCountsError(StlnmfError):
+    """Counts contain NaN, infinite or negative values, or no spot has counts."""
+
+
+class CoordinateError(StlnmfError):
+    """Spot coordinates are missing, non-finite or do not match the spots."""
+
+
+class CellTypeKeyError(StlnmfError):
+    """The requested cell-type column does not exist in the reference."""
+
+
+class EmptyCellTypeError(StlnmfError):
+    """A reference cell type has no (or too few) cells or no expression."""
+
+
+class ImageMismatchError(StlnmfError):
+    """The tissue image does not cover the spots at the given scale factor."""
+
+
+class FileFormatError(StlnmfError):
+    """A file or folder cannot be read as a slide, reference or model."""

@@ -1,0 +1,399 @@
+"""STL NMF: the multiplicative update, classic (fixed λ) and unrolled (learned) forms.
+
+Layout: proportions ``V`` are stored spots x types (the transpose of method.md), so the
+graph product ``A @ V`` is a sparse-times-dense product over contiguous rows.
+
+One layer (method.md, sum-to-one term taken per spot so λ2 does not grow with n)::
+
+    V <- V * (BtX + λ1 A V + λ2) / (V BtB + λ1 D V + λ2 rowsum(V) + 2 λ3 V diag(w3²) + ε)
+
+with ``Bw = diag(g) B``, ``Xw = X diag(g)`` (g = gene weights), ``BtX = Xw Bw`` and
+``BtB = Bwᵀ Bw``. No thresholding inside layers (zeros could never revive); tiny
+proportions are zeroed once at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import nn
+
+from .errors import FileFormatError
+from .graph import SpatialGraph
+
+__all__ = [
+    "DEFAULTS",
+    "UnrolledNMF",
+    "solve",
+    "update_step",
+    "objective",
+    "to_cell_fractions",
+    "finalize_proportions",
+]
+
+EPS = 1e-10
+SIGMA_RANGE = (0.25, 8.0)  # σ's in spot spacings / standardised feature units
+
+
+@dataclass(frozen=True)
+class Defaults:
+    lambda_graph: float = 0.05
+    lambda_sum: float = 0.1
+    lambda_ridge: float = 1e-3
+    sigma_distance: float = 1.0
+    sigma_feature: float = 1.0
+    n_layers: int = 100
+
+
+DEFAULTS = Defaults()
+
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def graph_tensors(graph: SpatialGraph | None, device=None) -> dict | None:
+    """Edge list of ``graph`` as torch tensors (for the differentiable path)."""
+    if graph is None or graph.n_edges == 0:
+        return None
+    out = {
+        "rows": torch.as_tensor(graph.rows, device=device),
+        "cols": torch.as_tensor(graph.cols, device=device),
+        "distance": torch.as_tensor(graph.distance, device=device),
+        "feature_distance": None
+        if graph.feature_distance is None
+        else torch.as_tensor(graph.feature_distance, device=device),
+        "n_spots": graph.n_spots,
+    }
+    return out
+
+
+def edge_weights(g: dict, sigma_distance, sigma_feature) -> torch.Tensor:
+    logw = -((g["distance"] / sigma_distance) ** 2)
+    if g["feature_distance"] is not None:
+        logw = logw - (g["feature_distance"] / sigma_feature) ** 2
+    return torch.exp(logw)
+
+
+def _graph_product(g: dict, w: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """A V with A given by edges and weights; differentiable in w and V."""
+    return torch.zeros_like(V).index_add_(0, g["rows"], w[:, None] * V[g["cols"]])
+
+
+def update_step(V, BtX, BtB, lam1, lam2, ridge, graph_product=None, degree=None):
+    """One multiplicative update (out of place, differentiable).
+
+    ``ridge`` is the per-type vector ``2 λ3 w3²``; ``graph_product(V)`` returns ``A V`` and
+    ``degree`` is ``A 1``.
+    """
+    num = BtX + lam2
+    den = V @ BtB + lam2 * V.sum(1, keepdim=True) + ridge * V + EPS
+    if graph_product is not None and lam1 is not None:
+        num = num + lam1 * graph_product(V)
+        den = den + (lam1 * degree)[:, None] * V
+    return V * num / den
+
+
+def objective(V, X, B, lam1, lam2, ridge, A=None) -> float:
+    """F(V) of method.md for V spots x types (scaled X spots x genes, B genes x types)."""
+    V = torch.as_tensor(V, dtype=torch.float64)
+    X = torch.as_tensor(X, dtype=torch.float64)
+    B = torch.as_tensor(B, dtype=torch.float64)
+    f = ((X - V @ B.T) ** 2).sum()
+    if A is not None and lam1:
+        A = torch.as_tensor(A.toarray() if hasattr(A, "toarray") else A, dtype=torch.float64)
+        L = torch.diag(A.sum(1)) - A
+        f = f + lam1 * torch.trace(V.T @ L @ V)
+    f = f + lam2 * ((V.sum(1) - 1) ** 2).sum()
+    f = f + (torch.as_tensor(ridge, dtype=torch.float64) * V**2).sum()
+    return float(f)
+
+
+@contextmanager
+def flush_denormals():
+    """Proportions decaying towards zero hit float32 denormals, which are ~10x slower."""
+    previous = torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if not previous:
+            torch.set_flush_denormal(False)
+
+
+def _csr(adjacency, device, dtype):
+    a = adjacency.tocsr()
+    with warnings.catch_warnings():  # "beta support" notices, not actionable for users
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(
+            torch.as_tensor(a.indptr, dtype=torch.int64),
+            torch.as_tensor(a.indices, dtype=torch.int64),
+            torch.as_tensor(a.data, dtype=dtype),
+            size=a.shape,
+            device=device,
+        )
+
+
+@torch.no_grad()
+def solve(
+    BtX: torch.Tensor,
+    BtB: torch.Tensor,
+    *,
+    adjacency=None,
+    lam1=0.0,
+    lam2=0.0,
+    ridge=None,
+    n_iter: int = 100,
+    tol: float | None = None,
+    V0: torch.Tensor | None = None,
+    callback=None,
+) -> torch.Tensor:
+    """Run multiplicative updates with fixed parameters, in place and fused (inference path).
+
+    ``lam1``/``lam2``/``ridge`` may be sequences (one per layer) for an untied model.
+    ``adjacency`` is a scipy sparse matrix. ``callback(i, n)`` is called every few layers
+    (progress and cancellation). Stops early when the largest change of V falls below ``tol``.
+    """
+    n, p = BtX.shape
+    dev, dt = BtX.device, BtX.dtype
+    V = torch.full((n, p), 1.0 / p, device=dev, dtype=dt) if V0 is None else V0.clone()
+    A = deg = None
+    if adjacency is not None and adjacency.nnz:
+        A = _csr(adjacency, dev, dt)
+        deg = torch.as_tensor(np.asarray(adjacency.sum(1)).ravel(), device=dev, dtype=dt)[:, None]
+    ridge_t = torch.zeros(p, device=dev, dtype=dt) if ridge is None else torch.as_tensor(ridge, device=dev, dtype=dt)
+    ridges = ridge_t if ridge_t.ndim == 2 else None
+    V_prev = V.clone() if tol else None
+    with flush_denormals():
+        _run_layers(V, BtX, BtB, A, deg, lam1, lam2, ridge_t, ridges, n_iter, tol, V_prev, callback)
+    return V
+
+
+def _run_layers(V, BtX, BtB, A, deg, lam1, lam2, ridge_t, ridges, n_iter, tol, V_prev, callback):
+    per_layer = lambda v, k: float(v[k]) if np.ndim(v) else float(v)  # noqa: E731
+    num = torch.empty_like(V)
+    den = torch.empty_like(V)
+    rowsum = torch.empty((V.shape[0], 1), device=V.device, dtype=V.dtype)
+    for k in range(n_iter):
+        l1, l2 = per_layer(lam1, k), per_layer(lam2, k)
+        r = ridges[k] if ridges is not None else ridge_t
+        torch.mm(V, BtB + torch.diag(r), out=den)
+        torch.sum(V, 1, keepdim=True, out=rowsum)
+        den.add_(rowsum, alpha=l2).add_(EPS)
+        num.copy_(BtX).add_(l2)
+        if A is not None and l1:
+            den.addcmul_(V, deg, value=l1)
+            num.add_(torch.sparse.mm(A, V), alpha=l1)
+        V.mul_(num).div_(den)
+        if callback is not None and (k % 10 == 9 or k == n_iter - 1):
+            callback(k + 1, n_iter)
+        if tol and (k % 10 == 9):
+            change = float((V - V_prev).abs().max())
+            if change < tol:
+                break
+            V_prev.copy_(V)
+
+
+def to_cell_fractions(V, mrna_content):
+    """mRNA fractions -> cell fractions: divide by each type's mRNA per cell, renormalise."""
+    if isinstance(V, torch.Tensor):
+        c = torch.as_tensor(mrna_content, dtype=V.dtype, device=V.device)
+        cf = V / c
+        return cf / cf.sum(1, keepdim=True).clamp_min(EPS)
+    cf = np.asarray(V) / np.asarray(mrna_content)[None, :]
+    return cf / np.maximum(cf.sum(1, keepdims=True), EPS)
+
+
+def finalize_proportions(V: np.ndarray, min_proportion: float = 0.0) -> np.ndarray:
+    """Rows sum to one; proportions below ``min_proportion`` zeroed (the largest is kept)."""
+    V = np.maximum(np.asarray(V, dtype=np.float64), 0)
+    V = V / np.maximum(V.sum(1, keepdims=True), EPS)
+    if min_proportion > 0:
+        keep = V >= min_proportion
+        keep[np.arange(len(V)), V.argmax(1)] = True
+        V = np.where(keep, V, 0.0)
+        V = V / np.maximum(V.sum(1, keepdims=True), EPS)
+    return V
+
+
+def _inv_sigmoid_range(x, lo, hi):
+    t = (x - lo) / (hi - lo)
+    return math.log(t / (1 - t))
+
+
+class UnrolledNMF(nn.Module):
+    """K multiplicative-update layers whose hyper-parameters are learned.
+
+    Learned (all kept positive): λ1 (graph), λ2 (sum-to-one), λ3 (ridge) — one set shared
+    by all layers (``tied=True``, as the original) or one per layer; σ_distance and
+    σ_feature (bounded to :data:`SIGMA_RANGE`, gradients flow through the graph weights);
+    per-type ridge weights w3; and one weight per gene (the lever that measured best).
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        n_types: int,
+        *,
+        n_layers: int = DEFAULTS.n_layers,
+        tied: bool = True,
+        lambda_graph: float = DEFAULTS.lambda_graph,
+        lambda_sum: float = DEFAULTS.lambda_sum,
+        lambda_ridge: float = DEFAULTS.lambda_ridge,
+        sigma_distance: float = DEFAULTS.sigma_distance,
+        sigma_feature: float = DEFAULTS.sigma_feature,
+        learn_gene_weights: bool = True,
+    ):
+        super().__init__()
+        self.n_layers = int(n_layers)
+        self.tied = bool(tied)
+        rows = 1 if tied else self.n_layers
+        init = torch.log(torch.tensor([lambda_graph, lambda_sum, lambda_ridge], dtype=torch.float32))
+        self.log_lambda = nn.Parameter(init.repeat(rows, 1))
+        lo, hi = SIGMA_RANGE
+        self.raw_sigma = nn.Parameter(
+            torch.tensor(
+                [_inv_sigmoid_range(sigma_distance, lo, hi), _inv_sigmoid_range(sigma_feature, lo, hi)],
+                dtype=torch.float32,
+            )
+        )
+        self.log_type_weight = nn.Parameter(torch.zeros(n_types))
+        self.log_gene_weight = nn.Parameter(torch.zeros(n_genes), requires_grad=learn_gene_weights)
+
+    # parameters in their natural units
+    def lambdas(self) -> torch.Tensor:
+        """(rows, 3) tensor of λ1, λ2, λ3 (rows = 1 if tied else n_layers)."""
+        return torch.exp(self.log_lambda)
+
+    def sigmas(self) -> torch.Tensor:
+        lo, hi = SIGMA_RANGE
+        return lo + (hi - lo) * torch.sigmoid(self.raw_sigma)
+
+    def gene_weights(self) -> torch.Tensor:
+        return torch.exp(self.log_gene_weight.clamp(-3.0, 3.0))
+
+    def ridge(self) -> torch.Tensor:
+        """(rows, n_types): 2 λ3 w3² per layer row."""
+        return 2 * self.lambdas()[:, 2:3] * torch.exp(2 * self.log_type_weight)[None, :]
+
+    def gram(self, X, B: torch.Tensor, gene_scale: torch.Tensor):
+        """``BtX`` (spots x types) and ``BtB`` with the (learned) gene weights applied.
+
+        ``X`` is a dense tensor or a scipy sparse matrix (large slides stay sparse).
+        """
+        g2 = (gene_scale * self.gene_weights()) ** 2
+        Bw = B * g2[:, None]
+        if sp.issparse(X):
+            BtX = torch.as_tensor(np.asarray(X @ Bw.detach().cpu().numpy()), device=B.device)
+        else:
+            BtX = X @ Bw
+        return BtX, B.T @ Bw
+
+    def forward(self, X, B, gene_scale, graph: dict | None = None, V0=None) -> torch.Tensor:
+        """Differentiable unrolled pass; returns mRNA fractions V (spots x types)."""
+        BtX, BtB = self.gram(X, B, gene_scale)
+        n, p = BtX.shape
+        V = torch.full((n, p), 1.0 / p, dtype=BtX.dtype, device=BtX.device) if V0 is None else V0
+        lam = self.lambdas()
+        ridge = self.ridge()
+        gp = deg = None
+        if graph is not None:
+            s = self.sigmas()
+            w = edge_weights(graph, s[0], s[1])
+            deg = torch.zeros(n, dtype=V.dtype, device=V.device).index_add_(0, graph["rows"], w)
+            gp = lambda v: _graph_product(graph, w, v)  # noqa: E731
+        with flush_denormals():
+            for k in range(self.n_layers):
+                r = 0 if self.tied else k
+                V = update_step(V, BtX, BtB, lam[r, 0], lam[r, 1], ridge[r], gp, deg)
+        return V
+
+    @torch.no_grad()
+    def infer(self, X, B, gene_scale, graph: SpatialGraph | None = None, callback=None, n_layers=None):
+        """Fast in-place inference (no autograd, sparse CSR graph built once)."""
+        BtX, BtB = self.gram(X, B, gene_scale)
+        lam = self.lambdas().cpu().numpy().astype(np.float64)
+        s = self.sigmas().cpu().numpy()
+        adjacency = None if graph is None or graph.n_edges == 0 else graph.adjacency(float(s[0]), float(s[1]))
+        ridge = self.ridge().cpu().numpy()
+        if self.tied:
+            l1, l2, r = lam[0, 0], lam[0, 1], ridge[0]
+        else:
+            l1, l2, r = lam[:, 0], lam[:, 1], ridge
+        return solve(BtX, BtB, adjacency=adjacency, lam1=l1, lam2=l2, ridge=r,
+                     n_iter=n_layers or self.n_layers, callback=callback)
+
+    def describe(self) -> dict:
+        """Learned hyper-parameters as plain numbers (for reports and ``uns``)."""
+        lam = self.lambdas().detach().cpu().numpy()
+        s = self.sigmas().detach().cpu().numpy()
+        gw = self.gene_weights().detach().cpu().numpy()
+        return {
+            "lambda_graph": lam[:, 0].tolist() if not self.tied else float(lam[0, 0]),
+            "lambda_sum": lam[:, 1].tolist() if not self.tied else float(lam[0, 1]),
+            "lambda_ridge": lam[:, 2].tolist() if not self.tied else float(lam[0, 2]),
+            "sigma_distance": float(s[0]),
+            "sigma_feature": float(s[1]),
+            "n_layers": self.n_layers,
+            "tied": self.tied,
+            "gene_weight_range": [float(gw.min()), float(gw.max())],
+        }
+
+    # persistence: a small file with the state and the names it applies to
+    def save(self, path, *, genes=None, cell_types=None, extra: dict | None = None) -> Path:
+        path = Path(path)
+        torch.save(
+            {
+                "format": "napari-stlnmf/unrolled-v1",
+                "state": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+                "n_layers": self.n_layers,
+                "tied": self.tied,
+                "genes": None if genes is None else [str(g) for g in genes],
+                "cell_types": None if cell_types is None else [str(c) for c in cell_types],
+                "extra": extra or {},
+            },
+            path,
+        )
+        return path
+
+    @classmethod
+    def load(cls, path, *, genes=None, n_types: int | None = None) -> tuple["UnrolledNMF", dict]:
+        """Load saved parameters; gene weights are mapped by name onto ``genes``.
+
+        Genes the file does not know get weight 1; per-type weights are only kept when the
+        cell types match.
+        """
+        try:
+            blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is a format error
+            raise FileFormatError(f"cannot read model parameters from {path}: {exc}") from exc
+        if not isinstance(blob, dict) or blob.get("format") != "napari-stlnmf/unrolled-v1":
+            raise FileFormatError(f"{path} is not a napari-stlnmf parameter file")
+        state = blob["state"]
+        saved_genes = blob.get("genes")
+        m = len(genes) if genes is not None else state["log_gene_weight"].numel()
+        p = n_types if n_types is not None else state["log_type_weight"].numel()
+        model = cls(m, p, n_layers=blob["n_layers"], tied=blob["tied"])
+        with torch.no_grad():
+            model.log_lambda.copy_(state["log_lambda"])
+            model.raw_sigma.copy_(state["raw_sigma"])
+            if state["log_type_weight"].numel() == p:
+                model.log_type_weight.copy_(state["log_type_weight"])
+            if genes is not None and saved_genes is not None:
+                lookup = {g: i for i, g in enumerate(saved_genes)}
+                lw = state["log_gene_weight"]
+                for j, gname in enumerate(genes):
+                    i = lookup.get(str(gname))
+                    if i is not None:
+                        model.log_gene_weight[j] = lw[i]
+            elif state["log_gene_weight"].numel() == m:
+                model.log_gene_weight.copy_(state["log_gene_weight"])
+        return model, blob

@@ -1,0 +1,365 @@
+"""Reference signatures, gene matching and selection, and scaling of X and B.
+
+The factorisation works on library-size-normalised spots and on signatures whose columns
+sum to one over the selected genes, with gene rows weighted (1/sqrt(mean) by default), so
+that the data term and the regularisers live on a common scale (the original's λ's were
+inert because counts in the thousands swamped them).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .errors import (
+    CellTypeKeyError,
+    DuplicateNamesError,
+    EmptyCellTypeError,
+    GeneMismatchError,
+    InvalidCountsError,
+    StlnmfError,
+)
+
+__all__ = ["Reference", "build_reference", "match_genes", "select_marker_genes", "Prepared", "prepare"]
+
+MIN_SHARED_GENES = 10
+
+
+@dataclass
+class Reference:
+    """What the model needs from a reference.
+
+    Attributes
+    ----------
+    profiles
+        genes x cell types; each column sums to one (expression *profile* of the type).
+    mrna_content
+        Mean library size (total counts per cell) of each type: converts mRNA fractions to
+        cell fractions.
+    cell_counts
+        Cells x genes counts (CSR) of a single-cell reference, or None for a signature table.
+    cell_labels
+        Integer type index per cell (aligned with ``cell_counts``), or None.
+    dispersion
+        Pooled within-type variance-to-mean ratio per gene (None without single cells).
+    """
+
+    profiles: pd.DataFrame
+    mrna_content: pd.Series
+    cell_counts: sp.csr_matrix | None = None
+    cell_labels: np.ndarray | None = None
+    dispersion: pd.Series | None = None
+
+    @property
+    def cell_types(self) -> list[str]:
+        return [str(c) for c in self.profiles.columns]
+
+    @property
+    def genes(self) -> pd.Index:
+        return self.profiles.index
+
+    def subset_genes(self, genes) -> "Reference":
+        genes = pd.Index(genes)
+        pos = self.profiles.index.get_indexer(genes)
+        return Reference(
+            profiles=self.profiles.iloc[pos],
+            mrna_content=self.mrna_content,
+            cell_counts=None if self.cell_counts is None else self.cell_counts[:, pos],
+            cell_labels=self.cell_labels,
+            dispersion=None if self.dispersion is None else self.dispersion.iloc[pos],
+        )
+
+
+def _as_csr(x) -> sp.csr_matrix:
+    return sp.csr_matrix(x, dtype=np.float32) if not sp.issparse(x) else x.tocsr().astype(np.float32)
+
+
+def _check_counts(values: np.ndarray, what: str) -> None:
+    if values.size == 0:
+        return
+    if not np.isfinite(values).all():
+        raise InvalidCountsError(
+            f"{what} contains {int((~np.isfinite(values)).sum())} NaN or infinite value(s); "
+            "replace them (e.g. with 0) before deconvolving"
+        )
+    if (values < 0).any():
+        raise InvalidCountsError(
+            f"{what} contains {int((values < 0).sum())} negative value(s); expected raw "
+            "(non-negative) counts, not log-transformed or scaled data"
+        )
+
+
+def build_reference(reference, *, cell_type_key: str | None = None, min_cells: int = 1) -> Reference:
+    """Turn a single-cell AnnData or a signature table into a :class:`Reference`.
+
+    Parameters
+    ----------
+    reference
+        AnnData (cells x genes, raw counts in ``X`` or ``layers['counts']``) with
+        ``obs[cell_type_key]``, or a DataFrame of mean expression (genes x cell types).
+    cell_type_key
+        Column of ``reference.obs`` holding the cell-type labels (AnnData only).
+    min_cells
+        Types with fewer cells raise :class:`EmptyCellTypeError`.
+    """
+    if isinstance(reference, pd.DataFrame):
+        sig = reference.astype(np.float64)
+        if sig.index.has_duplicates:
+            dup = sig.index[sig.index.duplicated()].unique()[:5].tolist()
+            raise DuplicateNamesError(f"the signature has duplicate gene names, e.g. {dup}")
+        _check_counts(sig.to_numpy(), "the reference signature")
+        totals = sig.sum(0)
+        empty = totals.index[totals <= 0].tolist()
+        if empty:
+            raise EmptyCellTypeError(
+                f"cell type(s) {empty} have no expression in the signature; remove those columns"
+            )
+        sig.columns = [str(c) for c in sig.columns]
+        return Reference(profiles=sig / totals.to_numpy(), mrna_content=pd.Series(totals.to_numpy(), index=sig.columns))
+
+    # AnnData single-cell reference
+    obs = reference.obs
+    if cell_type_key is None or cell_type_key not in obs.columns:
+        choices = [c for c in obs.columns if obs[c].nunique() < max(2, obs.shape[0])][:20]
+        what = "no cell-type column was given" if cell_type_key is None else f"column {cell_type_key!r} is not in reference.obs"
+        raise CellTypeKeyError(f"{what}; choose one of the reference's obs columns: {choices}")
+    if reference.var_names.has_duplicates:
+        dup = reference.var_names[reference.var_names.duplicated()].unique()[:5].tolist()
+        raise DuplicateNamesError(
+            f"the reference has duplicate gene names, e.g. {dup}; call var_names_make_unique()"
+        )
+    counts = reference.layers["counts"] if "counts" in reference.layers else reference.X
+    counts = _as_csr(counts)
+    _check_counts(counts.data, "the reference counts")
+    labels = obs[cell_type_key]
+    if labels.isna().any():
+        warnings.warn(f"{int(labels.isna().sum())} reference cells have no cell type and are ignored", stacklevel=2)
+    keep = ~labels.isna().to_numpy()
+    labels = labels[keep].astype(str)
+    counts = counts[np.flatnonzero(keep)]
+    types = sorted(labels.unique().tolist())
+    if len(types) < 2:
+        raise EmptyCellTypeError(f"the reference needs at least two cell types in {cell_type_key!r}; found {types}")
+    code = pd.Categorical(labels, categories=types).codes.astype(np.int64)
+    n_cells = np.bincount(code, minlength=len(types))
+    small = [t for t, c in zip(types, n_cells) if c < min_cells]
+    if small:
+        raise EmptyCellTypeError(f"cell type(s) {small} have fewer than {min_cells} cells in the reference")
+    lib = np.asarray(counts.sum(1)).ravel()
+    if (lib <= 0).any():
+        warnings.warn(f"{int((lib <= 0).sum())} reference cells have no counts and are ignored", stacklevel=2)
+        ok = np.flatnonzero(lib > 0)
+        counts, code, lib = counts[ok], code[ok], lib[ok]
+        n_cells = np.bincount(code, minlength=len(types))
+        if (n_cells == 0).any():
+            raise EmptyCellTypeError(f"cell type(s) {[t for t, c in zip(types, n_cells) if c == 0]} have no cells with counts")
+    member = sp.csr_matrix((np.ones_like(code, dtype=np.float64), (code, np.arange(code.size))), shape=(len(types), code.size))
+    member = sp.diags(1.0 / n_cells) @ member
+    norm = sp.diags(1.0 / lib) @ counts
+    profiles = np.asarray((member @ norm).todense()).T  # genes x types, columns sum to 1
+    content = np.asarray(member @ lib).ravel()
+    # pooled within-type variance-to-mean ratio of normalised expression (×1e4)
+    mean_sq = np.asarray((member @ norm.multiply(norm)).todense()).T
+    var = np.maximum(mean_sq - profiles**2, 0.0)
+    w = n_cells / n_cells.sum()
+    pooled_var = (var * w).sum(1)
+    pooled_mean = (profiles * w).sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        vmr = np.where(pooled_mean > 0, pooled_var / pooled_mean, 0.0)
+    genes = pd.Index(reference.var_names.astype(str))
+    return Reference(
+        profiles=pd.DataFrame(profiles, index=genes, columns=types),
+        mrna_content=pd.Series(content, index=types),
+        cell_counts=counts,
+        cell_labels=code,
+        dispersion=pd.Series(vmr, index=genes),
+    )
+
+
+def match_genes(slide_genes, reference_genes, *, case_insensitive: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of the shared genes in the slide and in the reference (same order)."""
+    s = pd.Index(slide_genes).astype(str)
+    r = pd.Index(reference_genes).astype(str)
+    if case_insensitive:
+        s, r = s.str.upper(), r.str.upper()
+        for name, idx in (("slide", s), ("reference", r)):
+            if idx.has_duplicates:
+                dup = idx[idx.duplicated()].unique()[:5].tolist()
+                raise DuplicateNamesError(
+                    f"gene names of the {name} collide when case is ignored, e.g. {dup}; "
+                    "match case-sensitively or make the names unique"
+                )
+    shared = s.intersection(r, sort=False)
+    if len(shared) < MIN_SHARED_GENES:
+        hint = ""
+        if not case_insensitive and len(s.str.upper().intersection(r.str.upper())) >= MIN_SHARED_GENES:
+            hint = " Many genes match when case is ignored (mouse vs human symbols?): use case_insensitive=True."
+        elif s.str.startswith("ENS").mean() > 0.5 and not r.str.startswith("ENS").mean() > 0.5:
+            hint = " The slide uses Ensembl ids and the reference gene symbols: convert one of them."
+        elif r.str.startswith("ENS").mean() > 0.5 and not s.str.startswith("ENS").mean() > 0.5:
+            hint = " The reference uses Ensembl ids and the slide gene symbols: convert one of them."
+        raise GeneMismatchError(
+            f"slide and reference share {len(shared)} gene(s), at least {MIN_SHARED_GENES} are needed "
+            f"(slide e.g. {s[:3].tolist()}, reference e.g. {r[:3].tolist()}).{hint}"
+        )
+    return s.get_indexer(shared), r.get_indexer(shared)
+
+
+def select_marker_genes(
+    reference: Reference,
+    *,
+    n_markers: int = 100,
+    min_expression: float = 1e-5,
+    max_dispersion_quantile: float = 0.995,
+    expressed: np.ndarray | None = None,
+) -> np.ndarray:
+    """Positions of informative genes: the top ``n_markers`` per type by log fold change.
+
+    Genes with a within-type variance-to-mean ratio above the ``max_dispersion_quantile``
+    (noise genes unrelated to type) and genes not ``expressed`` in the slide are skipped.
+    """
+    prof = reference.profiles.to_numpy()
+    m, p = prof.shape
+    ok = prof.max(1) >= min_expression
+    if expressed is not None:
+        ok &= expressed
+    if reference.dispersion is not None and max_dispersion_quantile < 1:
+        vmr = reference.dispersion.to_numpy()
+        ok &= vmr <= np.quantile(vmr[ok], max_dispersion_quantile) if ok.any() else True
+    eps = 1e-6
+    chosen = np.zeros(m, dtype=bool)
+    for t in range(p):
+        others = (prof.sum(1) - prof[:, t]) / max(p - 1, 1)
+        lfc = np.log((prof[:, t] + eps) / (others + eps))
+        lfc[~ok] = -np.inf
+        top = np.argsort(-lfc, kind="stable")[:n_markers]
+        chosen[top[np.isfinite(lfc[top])]] = True
+    idx = np.flatnonzero(chosen)
+    if idx.size < MIN_SHARED_GENES:
+        idx = np.flatnonzero(ok)
+    return idx
+
+
+@dataclass
+class Prepared:
+    """Scaled inputs of the factorisation.
+
+    ``X`` (spots x genes, CSR) rows sum to one, ``B`` (genes x types) columns sum to one;
+    ``gene_scale`` is the row weight applied to both inside the model.
+    """
+
+    X: sp.csr_matrix
+    B: np.ndarray
+    gene_scale: np.ndarray
+    genes: pd.Index
+    cell_types: list[str]
+    mrna_content: np.ndarray  # per type, counts per cell in the selected genes
+    gene_share: np.ndarray  # per type, share of its mRNA falling in the selected genes
+    spot_mask: np.ndarray  # spots of the slide kept (with counts on the selected genes)
+    library_size: np.ndarray  # counts per kept spot on the selected genes
+    info: dict = field(default_factory=dict)
+
+
+def gene_scale_for(B: np.ndarray, weighting: str = "sqrt") -> np.ndarray:
+    """Row weights of genes: 1/sqrt(mean) ('sqrt'), 1/mean ('mean') or none.
+
+    Normalised so that ``mean(diag(Bw^T Bw)) = 1``: λ's then have a meaning that does not
+    depend on the number of genes or on sequencing depth.
+    """
+    mean = B.mean(1)
+    floor = max(np.quantile(mean[mean > 0], 0.01), 1e-12) if (mean > 0).any() else 1.0
+    mean = np.maximum(mean, floor)
+    if weighting == "sqrt":
+        s = mean**-0.5
+    elif weighting == "mean":
+        s = 1.0 / mean
+    elif weighting in ("none", None):
+        s = np.ones_like(mean)
+    else:
+        raise StlnmfError(f"gene_weighting must be 'sqrt', 'mean' or 'none', not {weighting!r}")
+    bw = B * s[:, None]
+    s = s / np.sqrt(np.mean((bw**2).sum(0)))
+    return s.astype(np.float32)
+
+
+def normalise_counts(counts) -> tuple[np.ndarray, np.ndarray]:
+    """Dense float32 spots x genes with rows summing to one, and the library sizes."""
+    if sp.issparse(counts):
+        counts = counts.toarray()
+    x = np.asarray(counts, dtype=np.float32)
+    lib = x.sum(1)
+    return x / np.where(lib > 0, lib, 1)[:, None], lib
+
+
+def prepare(
+    counts,
+    slide_genes,
+    reference: Reference,
+    *,
+    n_markers: int = 100,
+    case_insensitive: bool = False,
+    gene_weighting: str = "sqrt",
+    genes: list[str] | None = None,
+) -> Prepared:
+    """Match, select and scale: the model's inputs from raw slide counts and a reference."""
+    counts = _as_csr(counts)
+    _check_counts(counts.data, "the slide counts")
+    si, ri = match_genes(slide_genes, reference.genes, case_insensitive=case_insensitive)
+    n_shared = si.size
+    if genes is not None:  # fixed gene set (e.g. from a trained model)
+        wanted = pd.Index([str(g).upper() if case_insensitive else str(g) for g in genes])
+        shared_names = pd.Index(reference.genes[ri].astype(str))
+        if case_insensitive:
+            shared_names = shared_names.str.upper()
+        pos = shared_names.get_indexer(wanted)
+        pos = pos[pos >= 0]
+        si, ri = si[pos], ri[pos]
+    else:
+        sub = reference.subset_genes(reference.genes[ri])
+        expressed = np.asarray((counts[:, si] > 0).sum(0)).ravel() > 0
+        sel = select_marker_genes(sub, n_markers=n_markers, expressed=expressed)
+        si, ri = si[sel], ri[sel]
+    if si.size < MIN_SHARED_GENES:
+        raise GeneMismatchError(
+            f"only {si.size} usable genes remain after selection (need {MIN_SHARED_GENES}); "
+            "check that slide and reference are from the same species and gene naming"
+        )
+    x_raw = counts[:, si]
+    lib = np.asarray(x_raw.sum(1)).ravel()
+    spot_mask = lib > 0
+    if not spot_mask.any():
+        raise InvalidCountsError("no spot has counts on the genes shared with the reference")
+    n_empty = int((~spot_mask).sum())
+    if n_empty:
+        warnings.warn(
+            f"{n_empty} spot(s) have no counts on the selected genes; they get no estimate "
+            "(NaN, flagged 'no counts')",
+            stacklevel=2,
+        )
+    x_raw = x_raw[np.flatnonzero(spot_mask)]
+    lib = lib[spot_mask]
+    X = (sp.diags((1.0 / lib).astype(np.float32)) @ x_raw).tocsr()  # stays sparse: 10^6 bins
+    prof = reference.profiles.to_numpy()[ri]
+    share = prof.sum(0)
+    if (share <= 0).any():
+        bad = [t for t, s in zip(reference.cell_types, share) if s <= 0]
+        raise EmptyCellTypeError(f"cell type(s) {bad} express none of the selected genes")
+    B = (prof / share).astype(np.float32)
+    scale = gene_scale_for(B, gene_weighting)
+    genes_used = pd.Index(reference.genes[ri].astype(str))
+    return Prepared(
+        X=X,
+        B=B,
+        gene_scale=scale,
+        genes=genes_used,
+        cell_types=reference.cell_types,
+        mrna_content=(reference.mrna_content.to_numpy() * share).astype(np.float64),
+        gene_share=share,
+        spot_mask=spot_mask,
+        library_size=lib,
+        info={"n_shared_genes": int(n_shared), "n_genes_used": int(si.size), "n_spots_used": int(spot_mask.sum()), "n_spots_empty": n_empty},
+    )

@@ -1,0 +1,198 @@
+"""Training the unrolled network on slides simulated on the user's own layout.
+
+Slides are crops of the user's spot layout (with its image features), with proportions
+and counts simulated from the reference; train and validation slides are disjoint
+simulations, and the user's real counts are never used as a target.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+
+from .graph import SpatialGraph
+from .model import UnrolledNMF, graph_tensors, to_cell_fractions
+from .preprocess import Reference, normalise_counts
+from .simulate import KINDS, simulate_slide
+
+__all__ = ["TrainingSlide", "make_training_slides", "train_unrolled", "TrainReport", "Cancelled"]
+
+
+class Cancelled(Exception):
+    """Raised when ``should_stop()`` returned True."""
+
+
+@dataclass
+class TrainingSlide:
+    X: torch.Tensor  # spots x genes, rows sum to one
+    truth: torch.Tensor  # spots x types, cell fractions
+    graph: dict | None
+    kind: str
+
+
+@dataclass
+class TrainReport:
+    val_rmse_initial: float
+    val_rmse: float
+    train_rmse: float
+    epochs: int
+    best_epoch: int
+    seconds: float
+    history: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("val_rmse_initial", "val_rmse", "train_rmse", "epochs", "best_epoch", "seconds")}
+
+
+def make_training_slides(
+    coords: np.ndarray,
+    graph: SpatialGraph,
+    reference: Reference,
+    *,
+    n_slides: int = 10,
+    max_spots: int = 1500,
+    features: np.ndarray | None = None,
+    library_sizes: np.ndarray | None = None,
+    platform_sigma: tuple[float, float] = (0.0, 0.4),
+    mean_cells: tuple[float, float] = (3.0, 15.0),
+    seed: int = 0,
+    device=None,
+) -> list[TrainingSlide]:
+    """Simulate ``n_slides`` training slides on crops of the user's layout.
+
+    ``reference`` must already be restricted to the model's genes. Kinds of slides cycle
+    through smooth mixtures, near one-hot regions and gradients; platform effect and cells
+    per spot vary between slides so the learned parameters do not fit one noise level.
+    """
+    rng = np.random.default_rng(seed)
+    xy = np.asarray(coords, dtype=np.float64)[:, :2]
+    n = len(xy)
+    tree = cKDTree(xy)
+    slides = []
+    for i in range(n_slides):
+        if n > max_spots:
+            centre = xy[rng.integers(n)]
+            _, idx = tree.query(centre, k=max_spots)
+            idx = np.sort(idx)
+        else:
+            idx = np.arange(n)
+        sub = graph.subgraph(idx)
+        feats = None if features is None else features[idx]
+        sim = simulate_slide(
+            xy[idx], reference, kind=KINDS[i % len(KINDS)], features=feats,
+            library_sizes=library_sizes, spacing=graph.spacing,
+            mean_cells=float(rng.uniform(*mean_cells)),
+            platform_sigma=float(rng.uniform(*platform_sigma)),
+            seed=int(rng.integers(2**31)),
+        )
+        X, lib = normalise_counts(sim.counts)
+        ok = lib > 0
+        if not ok.all():
+            keep = np.flatnonzero(ok)
+            X, truth, sub = X[keep], sim.cell_fractions[keep], sub.subgraph(keep)
+        else:
+            truth = sim.cell_fractions
+        slides.append(
+            TrainingSlide(
+                X=torch.as_tensor(X, device=device),
+                truth=torch.as_tensor(truth, dtype=torch.float32, device=device),
+                graph=graph_tensors(sub, device=device),
+                kind=sim.kind,
+            )
+        )
+    return slides
+
+
+def _stack(slides: list[TrainingSlide]) -> TrainingSlide:
+    """One block-diagonal problem from several slides: one forward pass per epoch."""
+    X = torch.cat([s.X for s in slides])
+    truth = torch.cat([s.truth for s in slides])
+    parts, offset = [], 0
+    for s in slides:
+        if s.graph is not None:
+            parts.append((s.graph, offset))
+        offset += s.X.shape[0]
+    graph = None
+    if parts:
+        cat = lambda key: torch.cat([g[key] + (o if key in ("rows", "cols") else 0) for g, o in parts])  # noqa: E731
+        has_feat = all(g["feature_distance"] is not None for g, _ in parts)
+        graph = {
+            "rows": cat("rows"),
+            "cols": cat("cols"),
+            "distance": cat("distance"),
+            "feature_distance": cat("feature_distance") if has_feat else None,
+            "n_spots": offset,
+        }
+    return TrainingSlide(X, truth, graph, "stack")
+
+
+def _rmse(model, batch, B, scale, content) -> float:
+    with torch.no_grad():
+        V = model(batch.X, B, scale, batch.graph)
+        return float(torch.sqrt(((to_cell_fractions(V, content) - batch.truth) ** 2).mean()))
+
+
+def train_unrolled(
+    model: UnrolledNMF,
+    B: np.ndarray,
+    gene_scale: np.ndarray,
+    mrna_content: np.ndarray,
+    train_slides: list[TrainingSlide],
+    val_slides: list[TrainingSlide],
+    *,
+    epochs: int = 60,
+    lr: float = 0.05,
+    patience: int = 15,
+    gene_weight_penalty: float = 1e-3,
+    progress=None,
+    should_stop=None,
+    seed: int = 0,
+) -> TrainReport:
+    """Adam on the RMSE of cell fractions, back-propagated through all layers.
+
+    Keeps the parameters of the epoch with the best validation RMSE (early stopping).
+    ``progress(stage, i, n)`` and ``should_stop()`` are optional callbacks.
+    """
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    dev = train_slides[0].X.device
+    Bt = torch.as_tensor(B, device=dev)
+    st = torch.as_tensor(gene_scale, device=dev)
+    ct = torch.as_tensor(mrna_content, dtype=torch.float32, device=dev)
+    train_batch, val_batch = _stack(train_slides), _stack(val_slides)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(epochs // 3, 1), gamma=0.5)
+    best = _rmse(model, val_batch, Bt, st, ct)
+    initial = best
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    best_epoch, since_best, history = 0, 0, []
+    train_rmse = float("nan")
+    for epoch in range(1, epochs + 1):
+        if should_stop is not None and should_stop():
+            raise Cancelled("training cancelled")
+        opt.zero_grad()
+        V = model(train_batch.X, Bt, st, train_batch.graph)
+        mse = ((to_cell_fractions(V, ct) - train_batch.truth) ** 2).mean()
+        loss = mse + gene_weight_penalty * (model.log_gene_weight**2).mean()
+        loss.backward()
+        opt.step()
+        sched.step()
+        train_rmse = float(mse.detach().sqrt())
+        val = _rmse(model, val_batch, Bt, st, ct)
+        history.append((epoch, train_rmse, val))
+        if val < best - 1e-6:
+            best, best_epoch, since_best = val, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            since_best += 1
+        if progress is not None:
+            progress("training", epoch, epochs)
+        if since_best >= patience:
+            break
+    model.load_state_dict(best_state)
+    return TrainReport(initial, best, train_rmse, len(history), best_epoch, time.perf_counter() - t0, history)
