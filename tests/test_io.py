@@ -26,16 +26,13 @@ from napari_stlnmf.errors import (
     StlnmfError,
 )
 
-DATA = Path("/work/shared/data")
+from conftest import shared_dir
 # anndata warns when a test corrupts names on purpose
 ignore_duplicate_warning = pytest.mark.filterwarnings("ignore:.*names are not unique")
 
 
 def _data_dir(name: str) -> Path:
-    folder = DATA / name
-    if not folder.is_dir():
-        pytest.skip(f"shared data folder {folder} not available")
-    return folder
+    return shared_dir(name)
 
 
 # --------------------------------------------------------------------------- #

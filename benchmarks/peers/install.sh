@@ -13,6 +13,9 @@
 #   scvi        : scvi-tools, cell2location, pyro-ppl==1.9.1  -> cell2location, stereoscope, destvi
 #   tangram     : tangram-sc                                  -> tangram
 #
+# rctd additionally gets benchmarks/.venvs/rctd/q_matrices.npz, rctd-py's
+# likelihood table, computed locally by rctd_qmat.py (it is normally downloaded).
+#
 # Idempotent: a venv holding the marker file .peer-complete is skipped.
 # Logs: benchmarks/.venvs/<group>.log.  Exit status is non-zero if any group
 # failed; the other groups are still attempted.
@@ -45,6 +48,18 @@ check_for() {   # import test run in the venv after install
     tangram)     echo "import tangram, anndata" ;;
   esac
 }
+post_install() {   # extra build steps run in the venv after pip (inside the logged subshell)
+  case "$1" in
+    rctd)
+      # rctd-py downloads its 404 MB likelihood table (Q-matrices) at run time;
+      # there is no internet here, so build it locally (~5 min on 2 cores,
+      # checked against rctd's own get_Q).  run_peer.py sets $RCTD_Q_MATRICES.
+      if [ ! -f "$2/q_matrices.npz" ]; then
+        "$2/bin/python" "$HERE/rctd_qmat.py" "$2/q_matrices.npz.tmp.npz" --check
+        mv "$2/q_matrices.npz.tmp.npz" "$2/q_matrices.npz"
+      fi ;;
+  esac
+}
 group_of() {
   case "$1" in
     flashdeconv) echo flashdeconv ;;
@@ -66,7 +81,8 @@ done
 FAILED=""
 for g in $GROUPS_TODO; do
   venv="$VENVS/$g"; log="$VENVS/$g.log"
-  if [ -f "$venv/.peer-complete" ] && [ -z "${FORCE:-}" ]; then
+  if [ -f "$venv/.peer-complete" ] && [ -z "${FORCE:-}" ] \
+     && { [ "$g" != rctd ] || [ -f "$venv/q_matrices.npz" ]; }; then
     echo "[peers] $g: already installed ($venv), skipping"
     continue
   fi
@@ -80,6 +96,7 @@ for g in $GROUPS_TODO; do
     # shellcheck disable=SC2046
     "$venv/bin/python" -m pip install -c "$CONSTRAINTS" $(reqs_for "$g")
     "$venv/bin/python" -c "$(check_for "$g")"
+    post_install "$g" "$venv"
     "$venv/bin/python" -m pip freeze > "$venv/peer-freeze.txt"
     echo "=== $(date -Is) done $g"
   ) > "$log" 2>&1

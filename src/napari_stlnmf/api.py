@@ -96,6 +96,7 @@ def _as_reference(reference, cell_type_key) -> Reference:
         return reference
     if isinstance(reference, (str, Path)):
         reference = io.read_reference(reference, cell_type_key=cell_type_key)
+    io.validate_reference(reference, cell_type_key=cell_type_key)
     return build_reference(reference, cell_type_key=cell_type_key)
 
 

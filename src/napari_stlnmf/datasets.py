@@ -118,7 +118,7 @@ def make_demo(seed: int = 0) -> tuple[ad.AnnData, ad.AnnData]:
     from .simulate import simulate_counts, simulate_proportions
 
     rng = np.random.default_rng(seed)
-    names = ["neuron_L1", "neuron_L2", "neuron_L3", "astrocyte", "oligodendrocyte", "microglia", "endothelial", "immune"]
+    names = sorted(["neuron_L1", "neuron_L2", "neuron_L3", "astrocyte", "oligodendrocyte", "microglia", "endothelial", "immune"])
     reference = make_reference(n_types=len(names), type_names=names, seed=seed)
     # the slide's cells come from a *different* draw than the reference (as in real data)
     cells = make_reference(n_types=len(names), type_names=names, seed=seed, cell_seed=seed + 1)
@@ -130,17 +130,24 @@ def make_demo(seed: int = 0) -> tuple[ad.AnnData, ad.AnnData]:
     xy_img, reg = xy_img[keep], reg[keep]
     xy_full = xy_img / full_res_scale
     # proportions: each region favours a few types, plus smooth variation and sparsity
-    favour = np.array([[0, 3, 6], [1, 3, 5], [2, 4, 6], [7, 5, 4]])
+    favoured = [
+        ["neuron_L1", "astrocyte", "endothelial"],
+        ["neuron_L2", "astrocyte", "microglia"],
+        ["neuron_L3", "oligodendrocyte", "endothelial"],
+        ["immune", "microglia", "oligodendrocyte"],
+    ]
+    favour = np.array([[names.index(t) for t in row] for row in favoured])
     p = len(names)
     smooth = simulate_proportions(xy_full, p, kind="smooth", rng=rng, max_types_per_spot=4)
-    logits = np.log(smooth + 0.02)
+    logits = np.log(smooth + 0.05)
     for r in range(4):
-        logits[np.ix_(reg == r, favour[r])] += np.array([2.2, 1.2, 0.6])
+        logits[np.ix_(reg == r, favour[r])] += np.array([3.0, 1.8, 1.0])
     prob = np.exp(logits - logits.max(1, keepdims=True))
     prob /= prob.sum(1, keepdims=True)
     prob = np.where(prob >= 0.06, prob, 0.0)
     prob /= prob.sum(1, keepdims=True)
     sim_ref = build_reference(cells, cell_type_key=DEMO_CELL_TYPE_KEY)
+    assert sim_ref.cell_types == names  # columns of prob follow the reference's type order
     counts, cell_frac, mrna_frac, n_cells = simulate_counts(
         prob, sim_ref, mean_cells=8.0, library_sizes=rng.lognormal(np.log(4000), 0.4, size=500),
         platform_sigma=0.2, rng=rng,

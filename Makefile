@@ -1,0 +1,33 @@
+# Set-up and everyday commands. Every target creates the venv and installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench bench-peers screenshot clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -U pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[testing]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/stlnmf demo --out results
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_benchmarks.py
+
+bench-peers:
+	bash benchmarks/peers/install.sh
+
+screenshot: $(STAMP)
+	xvfb-run -a -s "-screen 0 1400x900x24" $(BIN)/python docs/make_screenshot.py
+
+clean:
+	rm -rf $(VENV) results build dist src/*.egg-info

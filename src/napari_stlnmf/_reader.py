@@ -1,0 +1,69 @@
+"""napari reader: Space Ranger ``outs/`` folders and ``.h5ad`` slides with spot positions.
+
+Opens the tissue image (scaled to full-resolution pixels) and the spots as a Points layer;
+an ``.h5ad`` written by this plugin's writer also brings back the result layers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ._layers import result_layers_from_adata, slide_layers
+
+_MATRIX_H5 = "filtered_feature_bc_matrix.h5"
+
+
+def _is_spaceranger(folder: Path) -> bool:
+    for candidate in (folder, folder / "outs"):
+        if candidate.is_dir() and (
+            (candidate / _MATRIX_H5).is_file() or any(candidate.glob(f"*{_MATRIX_H5}"))
+        ):
+            return True
+    return False
+
+
+def _h5ad_has_spatial(path: Path) -> bool:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return "obsm" in f and "spatial" in f["obsm"]
+
+
+def napari_get_reader(path):
+    """Return :func:`read_slide_layers` if ``path`` is a slide this plugin reads, else None.
+
+    Cheap and never raises: a single-cell reference ``.h5ad`` (no ``obsm['spatial']``)
+    is left to other readers.
+    """
+    if isinstance(path, (list, tuple)):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    try:
+        p = Path(path)
+        if p.is_dir():
+            ok = _is_spaceranger(p)
+        elif p.suffix.lower() == ".h5ad" and p.is_file():
+            ok = _h5ad_has_spatial(p)
+        else:
+            ok = False
+    except Exception:  # unreadable/odd path: not ours
+        return None
+    return read_slide_layers if ok else None
+
+
+def read_slide_layers(path) -> list[tuple]:
+    """Read a slide (and saved results, if any) as napari layer-data tuples."""
+    from . import io
+
+    if isinstance(path, (list, tuple)):
+        path = path[0]
+    p = Path(path)
+    adata = io.read_slide(p)
+    name = p.parent.name if p.name == "outs" else p.stem if p.is_file() else p.name
+    layers = slide_layers(adata, name=name, path=p)
+    source = layers[-1][1]["metadata"]["stlnmf_slide"]["slide_id"]
+    results = result_layers_from_adata(adata, source=source)
+    if results:  # saved results: hide the plain spots so the maps show
+        layers[-1][1]["visible"] = False
+    return layers + results

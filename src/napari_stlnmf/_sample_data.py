@@ -1,0 +1,28 @@
+"""napari sample data: the synthetic demo slide and real H&E with simulated expression.
+
+Each sample opens the tissue image and the spots; the spots layer remembers the bundled
+demo reference so the widget can deconvolve right away.
+"""
+
+from __future__ import annotations
+
+from ._layers import slide_layers
+
+
+def make_demo_sample() -> list[tuple]:
+    """Synthetic demo slide (H&E-like image, 8 cell types, known truth)."""
+    from .datasets import DEMO_CELL_TYPE_KEY, DEMO_REFERENCE, load_demo
+
+    slide, _ = load_demo()
+    return slide_layers(slide, name="demo (synthetic)", reference=DEMO_REFERENCE,
+                        cell_type_key=DEMO_CELL_TYPE_KEY)
+
+
+def make_histology_sample() -> list[tuple]:
+    """Real Visium H&E and spot layout (scanpy test data, BSD-3) with SIMULATED expression."""
+    from .datasets import DEMO_CELL_TYPE_KEY, DEMO_REFERENCE
+    from .histology import make_histology_slide
+
+    slide, _ = make_histology_slide(seed=0)
+    return slide_layers(slide, name="real H&E, simulated expression", reference=DEMO_REFERENCE,
+                        cell_type_key=DEMO_CELL_TYPE_KEY)

@@ -1,0 +1,232 @@
+"""End to end: accuracy on the demo slide, outputs, reproducibility, bad input, CLI."""
+
+import copy
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from napari_stlnmf import Cancelled, deconvolve
+from napari_stlnmf._constants import PROPORTIONS_KEY, UNS_KEY
+from napari_stlnmf.baselines import nnls_proportions
+from napari_stlnmf.errors import (
+    CellTypeKeyError,
+    CoordinateError,
+    DuplicateNamesError,
+    EmptyCellTypeError,
+    GeneMismatchError,
+    InvalidCountsError,
+)
+from napari_stlnmf.metrics import mean_jensen_shannon, rmse
+
+KEY = "cell_type"
+
+
+def _truth(slide):
+    return slide.obsm["true_proportions"]
+
+
+def test_trained_unrolled_beats_nnls_and_untrained(demo, trained_demo_result):
+    slide, reference = demo
+    truth = _truth(slide)
+    ours = trained_demo_result.proportions[truth.columns].to_numpy()
+    nnls = nnls_proportions(slide, reference, cell_type_key=KEY)[truth.columns].to_numpy()
+    untrained = deconvolve(slide, reference, cell_type_key=KEY, train=False).proportions[truth.columns].to_numpy()
+    r_ours, r_nnls, r_untrained = rmse(ours, truth), rmse(nnls, truth), rmse(untrained, truth)
+    assert r_ours < 0.85 * r_nnls, (r_ours, r_nnls)
+    assert r_ours < r_untrained, (r_ours, r_untrained)
+    assert mean_jensen_shannon(ours, truth) < mean_jensen_shannon(nnls, truth)
+    info = trained_demo_result.info["train"]
+    assert info["val_rmse"] < info["val_rmse_initial"]
+
+
+def test_result_layout_and_anndata_copy(demo, trained_demo_result):
+    slide, _ = demo
+    res = trained_demo_result
+    assert list(res.proportions.index) == list(slide.obs_names)
+    props = res.proportions.to_numpy()
+    assert np.isfinite(props).all() and (props >= 0).all()
+    np.testing.assert_allclose(props.sum(1), 1.0, atol=1e-9)
+    np.testing.assert_allclose(res.mrna_fractions.sum(1), 1.0, atol=1e-9)
+    assert (res.fit_error >= 0).all() and (res.fit_error < 1).all()
+    out = res.adata
+    assert out is not slide
+    pd.testing.assert_frame_equal(out.obsm[PROPORTIONS_KEY], res.proportions)
+    assert PROPORTIONS_KEY not in slide.obsm and UNS_KEY not in slide.uns  # input untouched
+    uns = out.uns[UNS_KEY]
+    assert uns["fractions"] == "cell" and len(uns["genes"]) == uns["n_genes_used"]
+    assert uns["graph"]["features"] == "image"
+
+
+def test_result_h5ad_roundtrip(tmp_path, trained_demo_result):
+    path = tmp_path / "r.h5ad"
+    trained_demo_result.adata.write_h5ad(path)
+    back = ad.read_h5ad(path)
+    np.testing.assert_allclose(back.obsm[PROPORTIONS_KEY].to_numpy(), trained_demo_result.proportions.to_numpy())
+
+
+def test_same_seed_same_output(demo):
+    slide, reference = demo
+    kw = dict(cell_type_key=KEY, train=True, train_epochs=3, n_train_slides=3)
+    a = deconvolve(slide, reference, seed=1, **kw).proportions
+    b = deconvolve(slide, reference, seed=1, **kw).proportions
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_cell_and_mrna_fractions_differ_by_content(demo):
+    slide, reference = demo
+    res = deconvolve(slide, reference, cell_type_key=KEY, train=False, fractions="mrna", min_proportion=0)
+    assert res.info["fractions"] == "mrna"
+    pd.testing.assert_frame_equal(res.proportions, res.mrna_fractions)
+    # types with more mRNA per cell take a larger share of mRNA than of cells
+    content = pd.Series(np.asarray(reference.X.sum(1)).ravel(), index=reference.obs[KEY].values).groupby(level=0).mean()
+    big, small = content.idxmax(), content.idxmin()
+    ratio = (res.mrna_fractions / res.cell_fractions).mean()
+    assert ratio[big] > ratio[small]
+
+
+def test_classic_method_runs(demo):
+    slide, reference = demo
+    res = deconvolve(slide, reference, cell_type_key=KEY, method="classic")
+    assert rmse(res.proportions[_truth(slide).columns], _truth(slide)) < 0.08
+
+
+def test_progress_and_cancel(demo):
+    slide, reference = demo
+    stages = []
+    deconvolve(slide, reference, cell_type_key=KEY, train=True, train_epochs=2, n_train_slides=2,
+               progress=lambda s, i, n: stages.append(s))
+    for stage in ("preparing", "graph", "training", "deconvolving", "done"):
+        assert stage in stages
+    calls = []
+
+    def stop():
+        calls.append(1)
+        return len(calls) > 3
+
+    with pytest.raises(Cancelled):
+        deconvolve(slide, reference, cell_type_key=KEY, train=True, should_stop=stop)
+
+
+def test_empty_spots_get_nan_and_flag(demo):
+    slide, reference = demo
+    s = slide.copy()
+    X = s.X.tolil()
+    X[[0, 5], :] = 0
+    s.X = X.tocsr()
+    with pytest.warns(UserWarning, match="2 spot"):
+        res = deconvolve(s, reference, cell_type_key=KEY, train=False)
+    assert res.proportions.iloc[[0, 5]].isna().all().all()
+    assert list(res.qc.iloc[[0, 5]]) == ["no counts", "no counts"]
+    assert res.proportions.drop(index=s.obs_names[[0, 5]]).notna().all().all()
+    assert len(res.proportions) == s.n_obs
+
+
+def _copy_slide(slide):
+    return ad.AnnData(X=slide.X.copy(), obs=slide.obs.copy(), var=slide.var.copy(), obsm={"spatial": slide.obsm["spatial"].copy()})
+
+
+@pytest.mark.filterwarnings("ignore:.*names are not unique")
+def test_bad_inputs_raise_clear_errors(demo):
+    slide, reference = demo
+    small = _copy_slide(slide)
+
+    with pytest.raises(CellTypeKeyError, match="cell_type"):
+        deconvolve(small, reference, cell_type_key="celltype", train=False)
+    with pytest.raises(CellTypeKeyError):
+        deconvolve(small, reference, train=False)
+
+    renamed = small.copy()
+    renamed.var_names = [f"ENSG{i:011d}" for i in range(renamed.n_vars)]
+    with pytest.raises(GeneMismatchError, match="Ensembl"):
+        deconvolve(renamed, reference, cell_type_key=KEY, train=False)
+    lower = small.copy()
+    lower.var_names = [g.lower() for g in lower.var_names]
+    with pytest.raises(GeneMismatchError, match="case"):
+        deconvolve(lower, reference, cell_type_key=KEY, train=False)
+    assert deconvolve(lower, reference, cell_type_key=KEY, train=False, case_insensitive=True).proportions.notna().all().all()
+
+    dup = small.copy()
+    dup.obs_names = ["same"] * dup.n_obs
+    with pytest.raises(DuplicateNamesError, match="barcode|spot"):
+        deconvolve(dup, reference, cell_type_key=KEY, train=False)
+
+    neg = small.copy()
+    neg.X = neg.X.toarray()
+    neg.X[3, 4] = -1
+    with pytest.raises(InvalidCountsError, match="negative"):
+        deconvolve(neg, reference, cell_type_key=KEY, train=False)
+    nan = small.copy()
+    nan.X = nan.X.toarray()
+    nan.X[3, 4] = np.nan
+    with pytest.raises(InvalidCountsError, match="NaN"):
+        deconvolve(nan, reference, cell_type_key=KEY, train=False)
+
+    nocoord = small.copy()
+    del nocoord.obsm["spatial"]
+    with pytest.raises(CoordinateError, match="spatial"):
+        deconvolve(nocoord, reference, cell_type_key=KEY, train=False)
+
+    ref_empty = reference.copy()
+    ref_empty.obs[KEY] = ref_empty.obs[KEY].cat.add_categories(["ghost"])
+    with pytest.raises(EmptyCellTypeError, match="ghost"):
+        deconvolve(small, ref_empty, cell_type_key=KEY, train=False)
+
+    sig = pd.DataFrame(np.ones((small.n_vars, 2)), index=small.var_names, columns=["a", "b"])
+    sig["b"] = 0.0
+    with pytest.raises(EmptyCellTypeError, match="b"):
+        deconvolve(small, sig, train=False)
+
+
+def test_user_objects_not_modified(demo):
+    slide, reference = demo
+    s, r = _copy_slide(slide), reference.copy()
+    X0, obs0, ref0 = s.X.copy(), s.obs.copy(), r.X.copy()
+    deconvolve(s, r, cell_type_key=KEY, train=True, train_epochs=2, n_train_slides=2)
+    assert (s.X != X0).nnz == 0 and (r.X != ref0).nnz == 0
+    pd.testing.assert_frame_equal(s.obs, obs0)
+    assert list(s.obsm.keys()) == ["spatial"] and not s.uns
+
+
+def test_signature_reference_on_the_papers_grid():
+    """A genes x types signature table as reference, on the original paper's square grid
+    (its noiseless counts given Poisson noise at 2,000 counts per spot)."""
+    from conftest import shared_dir
+
+    folder = shared_dir("synthetic_square_2x2")
+    counts = pd.read_csv(folder / "counts.csv.gz", index_col=0)
+    coords = pd.read_csv(folder / "coords.csv", index_col=0)
+    sig = pd.read_csv(folder / "reference_signature.csv", index_col=0)
+    truth = pd.read_csv(folder / "truth_proportions.csv", index_col=0)
+    X = counts.to_numpy()
+    X = np.random.default_rng(0).poisson(X / X.sum(1, keepdims=True) * 2000).astype(np.float32)
+    slide = ad.AnnData(X=sp.csr_matrix(X), obs=pd.DataFrame(index=counts.index), var=pd.DataFrame(index=counts.columns))
+    slide.obsm["spatial"] = coords[["x", "y"]].to_numpy(float)
+    res = deconvolve(slide, sig, train=False, fractions="mrna")
+    est = res.proportions[truth.columns].to_numpy()
+    nnls = nnls_proportions(slide, sig)[truth.columns].to_numpy()
+    assert rmse(est, truth) < rmse(nnls, truth)
+    assert mean_jensen_shannon(est, truth) < mean_jensen_shannon(nnls, truth)
+
+
+def test_cli_run_and_demo(tmp_path, demo, capsys):
+    from napari_stlnmf.cli import main
+
+    slide, reference = demo
+    sp_path, ref_path = tmp_path / "slide.h5ad", tmp_path / "ref.h5ad"
+    slide.write_h5ad(sp_path)
+    reference.write_h5ad(ref_path)
+    out = tmp_path / "out"
+    code = main(["run", "--slide", str(sp_path), "--reference", str(ref_path), "--cell-type-key", KEY,
+                 "--out", str(out), "--epochs", "2", "--quiet"])
+    assert code == 0
+    props = pd.read_csv(out / "proportions.csv", index_col=0)
+    assert list(props.index) == list(slide.obs_names)
+    assert (out / "result.h5ad").exists()
+    maps = sorted(p.name for p in out.glob("map_*.png"))
+    assert len(maps) == len(props.columns) + 1
+    code = main(["run", "--slide", str(sp_path), "--reference", str(ref_path), "--cell-type-key", "nope",
+                 "--out", str(out), "--quiet"])
+    assert code == 2 and "nope" in capsys.readouterr().err

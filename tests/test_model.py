@@ -1,0 +1,124 @@
+"""The multiplicative update: monotone objective, unrolled == classic, finite gradients."""
+
+import numpy as np
+import pytest
+import torch
+
+from napari_stlnmf.datasets import hex_layout
+from napari_stlnmf.graph import build_graph
+from napari_stlnmf.model import (
+    UnrolledNMF,
+    finalize_proportions,
+    graph_tensors,
+    objective,
+    solve,
+    to_cell_fractions,
+    update_step,
+)
+from napari_stlnmf.preprocess import prepare
+from napari_stlnmf.simulate import simulate_slide
+
+
+@pytest.fixture(scope="module")
+def problem(demo_reference):
+    xy = hex_layout(10, 12)
+    graph = build_graph(xy, features=np.random.default_rng(1).normal(size=(len(xy), 3)))
+    sim = simulate_slide(xy, demo_reference, kind="regions", seed=3, platform_sigma=0.2)
+    prep = prepare(sim.counts, demo_reference.genes, demo_reference)
+    X = torch.as_tensor(prep.X.toarray(), dtype=torch.float64)
+    B = torch.as_tensor(prep.B, dtype=torch.float64)
+    g = torch.as_tensor(prep.gene_scale, dtype=torch.float64)
+    return dict(xy=xy, graph=graph, sim=sim, prep=prep, X=X, B=B, g=g)
+
+
+def test_classic_update_never_increases_objective(problem):
+    Xw = problem["X"] * problem["g"]
+    Bw = problem["B"] * problem["g"][:, None]
+    A = problem["graph"].adjacency(1.0, 1.0)
+    lam1, lam2, ridge = 0.5, 0.3, torch.full((Bw.shape[1],), 0.01, dtype=torch.float64)
+    BtX, BtB = Xw @ Bw, Bw.T @ Bw
+    V = torch.rand(Xw.shape[0], Bw.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 0.1
+    At = torch.as_tensor(A.toarray(), dtype=torch.float64)
+    deg = At.sum(1)
+    values = [objective(V, Xw, Bw, lam1, lam2, ridge, A)]
+    for _ in range(60):
+        V = update_step(V, BtX, BtB, lam1, lam2, ridge, lambda v: At @ v, deg)
+        values.append(objective(V, Xw, Bw, lam1, lam2, ridge, A))
+    diffs = np.diff(values)
+    assert (diffs <= 1e-9 * abs(values[0])).all(), diffs.max()
+    assert values[-1] < 0.5 * values[0]
+
+
+def test_fused_solver_equals_reference_update(problem):
+    """The in-place inference path computes exactly the out-of-place layer."""
+    Xw = (problem["X"] * problem["g"]).float()
+    Bw = (problem["B"] * problem["g"][:, None]).float()
+    A = problem["graph"].adjacency(1.0, 1.0)
+    At = torch.as_tensor(A.toarray())
+    ridge = torch.full((Bw.shape[1],), 0.02)
+    BtX, BtB = Xw @ Bw, Bw.T @ Bw
+    V = torch.full((Xw.shape[0], Bw.shape[1]), 1.0 / Bw.shape[1])
+    for _ in range(25):
+        V = update_step(V, BtX, BtB, 0.4, 0.2, ridge, lambda v: At @ v, At.sum(1))
+    fused = solve(BtX, BtB, adjacency=A, lam1=0.4, lam2=0.2, ridge=ridge, n_iter=25)
+    torch.testing.assert_close(fused, V, rtol=1e-4, atol=1e-6)
+
+
+def test_unrolled_layers_with_fixed_parameters_equal_classic(problem):
+    p = problem["B"].shape[1]
+    model = UnrolledNMF(problem["B"].shape[0], p, n_layers=30, lambda_graph=0.3, lambda_sum=0.2,
+                        lambda_ridge=0.01, sigma_distance=1.2, sigma_feature=0.9).double()
+    gt = graph_tensors(problem["graph"])
+    gt = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in gt.items()}
+    with torch.no_grad():
+        V_unrolled = model(problem["X"], problem["B"], problem["g"], gt)
+        BtX, BtB = model.gram(problem["X"], problem["B"], problem["g"])
+    s = model.sigmas().detach().numpy()
+    A = problem["graph"].adjacency(float(s[0]), float(s[1]))
+    V_classic = solve(BtX, BtB, adjacency=A, lam1=0.3, lam2=0.2, ridge=torch.full((p,), 0.02, dtype=torch.float64), n_iter=30)
+    torch.testing.assert_close(V_unrolled, V_classic, rtol=1e-6, atol=1e-9)
+    V_infer = model.infer(problem["X"], problem["B"], problem["g"], problem["graph"])
+    torch.testing.assert_close(V_infer, V_classic, rtol=1e-6, atol=1e-9)
+
+
+def test_gradients_are_finite_and_reach_every_parameter(problem):
+    model = UnrolledNMF(problem["B"].shape[0], problem["B"].shape[1], n_layers=20, tied=False)
+    X, B, g = problem["X"].float(), problem["B"].float(), problem["g"].float()
+    V = model(X, B, g, graph_tensors(problem["graph"]))
+    truth = torch.as_tensor(problem["sim"].cell_fractions, dtype=torch.float32)
+    loss = ((to_cell_fractions(V, problem["prep"].mrna_content) - truth) ** 2).mean()
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name  # σ's get gradients through the graph weights
+
+
+def test_outputs_non_negative_and_sum_to_one(problem):
+    model = UnrolledNMF(problem["B"].shape[0], problem["B"].shape[1], n_layers=50)
+    V = model.infer(problem["X"].float(), problem["B"].float(), problem["g"].float(), problem["graph"]).numpy()
+    out = finalize_proportions(to_cell_fractions(V, problem["prep"].mrna_content), 0.05)
+    assert (out >= 0).all()
+    np.testing.assert_allclose(out.sum(1), 1.0, atol=1e-9)
+    assert ((out == 0) | (out >= 0.05)).all()
+
+
+def test_cell_fraction_conversion():
+    V = np.array([[0.5, 0.5]])
+    np.testing.assert_allclose(to_cell_fractions(V, [1000.0, 3000.0]), [[0.75, 0.25]])
+
+
+def test_save_and_load_roundtrip(tmp_path, problem):
+    m, p = problem["B"].shape
+    model = UnrolledNMF(m, p, n_layers=12, lambda_graph=0.7)
+    with torch.no_grad():
+        model.log_gene_weight.copy_(torch.linspace(-1, 1, m))
+    genes = [f"g{i}" for i in range(m)]
+    path = model.save(tmp_path / "params.pt", genes=genes, cell_types=[str(i) for i in range(p)])
+    assert path.stat().st_size < 200_000
+    # load onto a reordered gene list: weights follow the names
+    loaded, _ = UnrolledNMF.load(path, genes=genes[::-1] + ["unknown"], n_types=p)
+    assert loaded.n_layers == 12
+    assert float(loaded.lambdas()[0, 0]) == pytest.approx(0.7, rel=1e-5)
+    np.testing.assert_allclose(loaded.log_gene_weight.detach().numpy()[:m], np.linspace(-1, 1, m)[::-1], rtol=1e-5)
+    assert float(loaded.log_gene_weight[-1]) == 0.0

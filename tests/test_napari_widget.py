@@ -1,0 +1,232 @@
+"""Headless GUI tests of the dock widget (pytest-qt + napari's make_napari_viewer, Xvfb)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pandas as pd
+import pytest
+
+napari = pytest.importorskip("napari")
+
+from napari_stlnmf._layers import DOMINANT_LAYER, FIT_ERROR_LAYER, RESULT_TAG  # noqa: E402
+from napari_stlnmf.datasets import DEMO_REFERENCE  # noqa: E402
+
+WIDGET = "Deconvolve (STL NMF)"
+FAST = dict(train=False)  # shipped parameters: seconds, not ~20 s of training
+
+
+def _dock(viewer):
+    _, widget = viewer.window.add_plugin_dock_widget("napari-stlnmf", WIDGET)
+    return widget
+
+
+def _open_sample(viewer, key):
+    viewer.open_sample("napari-stlnmf", key)
+
+
+def _configure(widget, *, train=False, epochs=3):
+    widget.train.value = train
+    widget.train_epochs.value = epochs
+
+
+def _wait_done(qtbot, widget, timeout=60_000):
+    # ``running`` is cleared by the worker's ``finished`` signal, which arrives (queued)
+    # after every progress and ``returned`` signal
+    qtbot.waitUntil(lambda: not widget.running, timeout=timeout)
+
+
+def _result_layers(viewer):
+    return [layer for layer in viewer.layers if RESULT_TAG in layer.metadata]
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    """Collect the messages the widget shows with show_error."""
+    seen = []
+    import napari_stlnmf._widget as w
+
+    monkeypatch.setattr(w, "show_error", lambda msg: seen.append(str(msg)))
+    return seen
+
+
+def test_widget_docks_from_manifest(make_napari_viewer):
+    viewer = make_napari_viewer()
+    widget = _dock(viewer)
+    assert type(widget).__name__ == "DeconvolveWidget"
+    assert widget.spots.value is None
+
+
+@pytest.mark.parametrize("key", ["demo", "histology"])
+def test_samples_open_aligned(make_napari_viewer, key):
+    viewer = make_napari_viewer()
+    _open_sample(viewer, key)
+    image = next(layer for layer in viewer.layers if isinstance(layer, napari.layers.Image))
+    spots = next(layer for layer in viewer.layers if isinstance(layer, napari.layers.Points))
+    adata = spots.metadata["adata"]
+    assert len(spots.data) == adata.n_obs
+    assert list(spots.features["barcode"]) == list(adata.obs_names)
+    # spots, mapped into image pixels, fall on the image and the scale is 1 / scalefactor
+    lib = next(iter(adata.uns["spatial"].values()))
+    key_img = "hires" if "hires" in lib["images"] else "lowres"
+    scalef = lib["scalefactors"][f"tissue_{key_img}_scalef"]
+    np.testing.assert_allclose(image.scale, [1 / scalef, 1 / scalef])
+    px = np.array([image.world_to_data(p) for p in spots.data[:50]])
+    np.testing.assert_allclose(px[:, ::-1], adata.obsm["spatial"][:50] * scalef, rtol=1e-6)
+    assert np.all((px >= 0) & (px < np.array(image.data.shape[:2])))
+    np.testing.assert_allclose(spots.size, lib["scalefactors"]["spot_diameter_fullres"])
+
+
+def test_histology_sample_is_real_image_with_simulated_expression(make_napari_viewer):
+    viewer = make_napari_viewer()
+    _open_sample(viewer, "histology")
+    spots = next(layer for layer in viewer.layers if isinstance(layer, napari.layers.Points))
+    adata = spots.metadata["adata"]
+    assert adata.n_obs == 4235
+    assert "simulated" in spots.name.lower()
+    truth = adata.obsm["true_proportions"]
+    # proportions follow the image regions: region means differ clearly
+    by_region = truth.groupby(adata.obs["image_region"].to_numpy()).mean()
+    assert (by_region.max() - by_region.min()).max() > 0.3
+
+
+def test_deconvolve_runs_and_makes_layers(make_napari_viewer, qtbot, errors):
+    viewer = make_napari_viewer()
+    widget = _dock(viewer)
+    _open_sample(viewer, "demo")
+    assert widget.spots.value is not None
+    assert widget.image.value is not None
+    assert str(widget.reference.value) == str(DEMO_REFERENCE)  # sample brings its reference
+    assert widget.cell_type_key.value == "cell_type"
+    _configure(widget, train=True, epochs=2)
+
+    main = threading.current_thread()
+    threads = []
+    widget._relay.progressed.connect(lambda *a: threads.append(threading.current_thread()))
+    widget.run_button.native.click()  # as a user would
+    _wait_done(qtbot, widget)
+    assert not errors, errors
+    assert threads and all(t is main for t in threads), "progress must arrive in the GUI thread"
+    assert widget.progress.value == widget.progress.max
+
+    result = widget.last_result
+    types = [str(t) for t in result.proportions.columns]
+    names = [layer.name for layer in _result_layers(viewer)]
+    assert set(types) <= set(names)
+    assert DOMINANT_LAYER in names and FIT_ERROR_LAYER in names
+    spots_size = viewer.layers[widget.spots.value.name].size[0]
+    for t in types:
+        layer = viewer.layers[t]
+        vals = layer.features[t].to_numpy()
+        ok = np.isfinite(vals)
+        assert ok.mean() > 0.9
+        assert np.all((vals[ok] >= 0) & (vals[ok] <= 1))
+        assert np.allclose(layer.size, spots_size)
+        assert tuple(layer.face_contrast_limits) == (0.0, 1.0)
+        # zero proportion -> transparent, nonzero -> opaque
+        alpha = layer.face_color[:, 3]
+        assert np.all(alpha[vals == 0] == 0) and np.all(alpha[vals > 0.01] > 0.9)
+    feats = viewer.layers[types[0]].features
+    sums = feats[types].sum(1).to_numpy()
+    assert np.allclose(sums[np.isfinite(sums) & (sums > 0)], 1.0, atol=1e-6)
+    assert {"barcode", "dominant", "stlnmf_fit_error"} <= set(feats.columns)
+    # the maps lie on the spots (same world coordinates as the input)
+    np.testing.assert_allclose(viewer.layers[types[0]].data, widget.spots.value.data)
+
+    # re-running replaces the previous result layers
+    n_before = len(viewer.layers)
+    widget.start()
+    _wait_done(qtbot, widget)
+    assert len(viewer.layers) == n_before
+    assert len(_result_layers(viewer)) == len(types) + 2
+
+
+def test_cancel_stops_worker(make_napari_viewer, qtbot, errors):
+    viewer = make_napari_viewer()
+    widget = _dock(viewer)
+    _open_sample(viewer, "demo")
+    _configure(widget, train=True, epochs=500)
+    stages = []
+    widget._relay.progressed.connect(lambda s, i, n: stages.append(s))
+    widget.start()
+    assert widget.cancel_button.enabled
+    qtbot.waitUntil(lambda: "training" in stages, timeout=60_000)
+    widget.cancel()
+    _wait_done(qtbot, widget, timeout=30_000)
+    assert stages.count("training") < 500
+    assert "Cancelled" in widget.status.value
+    assert not _result_layers(viewer)
+    assert widget.run_button.enabled and not widget.cancel_button.enabled
+    assert not errors
+
+
+def test_bad_reference_shows_error_and_widget_recovers(make_napari_viewer, qtbot, errors, tmp_path):
+    viewer = make_napari_viewer()
+    widget = _dock(viewer)
+    _open_sample(viewer, "demo")
+    bad = tmp_path / "signature.csv"
+    pd.DataFrame({"gene": ["A", "B"], "x": ["not", "numbers"]}).to_csv(bad, index=False)
+    widget.reference.value = bad
+    _configure(widget)
+    widget.start()
+    if widget.worker is not None:
+        _wait_done(qtbot, widget)
+    assert errors, "a bad reference must show an error notification"
+    assert "signature" in errors[-1].lower() or "numeric" in errors[-1].lower()
+    assert not _result_layers(viewer)
+    assert widget.run_button.enabled
+
+    # a reference without the chosen cell-type column fails cleanly too
+    errors.clear()
+    widget.reference.value = DEMO_REFERENCE
+    widget._columns = ["cell_type", "no_such_column"]  # as if the file listed it
+    widget.cell_type_key.reset_choices()
+    widget.cell_type_key.value = "no_such_column"
+    widget.start()
+    _wait_done(qtbot, widget)
+    assert errors and "no_such_column" in errors[-1]
+
+    # the widget is still usable
+    errors.clear()
+    widget.cell_type_key.value = "cell_type"
+    widget.start()
+    _wait_done(qtbot, widget)
+    assert not errors, errors
+    assert _result_layers(viewer)
+
+
+def test_no_spots_layer_is_a_clear_error(make_napari_viewer, errors):
+    viewer = make_napari_viewer()
+    widget = _dock(viewer)
+    widget.start()
+    assert errors and "spots" in errors[-1].lower()
+    assert widget.worker is None
+
+
+def test_screenshot_shows_map_over_image(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer(show=True)
+    widget = _dock(viewer)
+    _open_sample(viewer, "histology")
+    image_layer = next(layer for layer in viewer.layers if isinstance(layer, napari.layers.Image))
+    viewer.reset_view()
+    before = viewer.screenshot(canvas_only=True)
+    _configure(widget)
+    widget.start()
+    _wait_done(qtbot, widget, timeout=90_000)
+    assert _result_layers(viewer)
+    first = widget.last_result.proportions.columns[0]
+    for layer in viewer.layers:  # one map over the image
+        layer.visible = layer is image_layer or layer.name == first
+    viewer.reset_view()
+    qtbot.wait(100)
+    after = viewer.screenshot(canvas_only=True)
+    assert after.ndim == 3 and after.shape[-1] in (3, 4)
+    rgb = after[..., :3].astype(float)
+    assert rgb.std() > 10, "screenshot looks blank"
+    # the map changes the picture where the spots are, and adds colours the H&E lacks
+    diff = np.abs(rgb - before[..., :3].astype(float)).sum(-1)
+    assert (diff > 30).mean() > 0.05
+    greenish = (rgb[..., 1] > rgb[..., 0] + 40) & (rgb[..., 1] > rgb[..., 2] - 10)
+    yellow_green = greenish.mean()
+    assert yellow_green > 0.005, "no viridis colours found in the screenshot"
