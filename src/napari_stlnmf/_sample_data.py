@@ -24,5 +24,5 @@ def make_histology_sample() -> list[tuple]:
     from .histology import make_histology_slide
 
     slide, _ = make_histology_slide(seed=0)
-    return slide_layers(slide, name="real H&E, simulated expression", reference=DEMO_REFERENCE,
+    return slide_layers(slide, name="H&E (simulated expression)", reference=DEMO_REFERENCE,
                         cell_type_key=DEMO_CELL_TYPE_KEY)

@@ -28,6 +28,7 @@ from magicgui.widgets import (
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QObject, Signal
+from qtpy.QtWidgets import QComboBox
 
 from ._layers import (
     DOMINANT_LAYER,
@@ -148,8 +149,14 @@ class DeconvolveWidget(Container):
         self.progress = ProgressBar(label="progress", value=0, min=0, max=1, visible=True)
         self.status = Label(label="", value="Open a sample or a slide, then Deconvolve.")
         self.legend = Label(label="", value="")
-        self.legend.native.setWordWrap(True)
-        self.status.native.setWordWrap(True)
+        for label in (self.legend, self.status):
+            label.native.setWordWrap(True)
+            label.native.setMinimumWidth(200)
+        for combo in (self.spots, self.image, self.cell_type_key):
+            # long layer names must not widen the dock (and squeeze the canvas)
+            combo.native.setSizeAdjustPolicy(
+                QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+            combo.native.setMinimumContentsLength(14)
         self.extend([
             self.slide_file, self.spots, self.image, self.reference, self.cell_type_key,
             self.n_neighbors, self.use_image, self.train, self.train_epochs, self.n_layers,

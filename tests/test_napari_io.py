@@ -1,0 +1,193 @@
+"""napari reader, writer and sample data (headless; reader/writer need no GUI)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+napari = pytest.importorskip("napari")
+
+from napari_stlnmf import deconvolve  # noqa: E402
+from napari_stlnmf._layers import (  # noqa: E402
+    RESULT_TAG,
+    SLIDE_TAG,
+    result_layers,
+    slide_for_deconvolution,
+    slide_layers,
+)
+from napari_stlnmf._reader import napari_get_reader  # noqa: E402
+from napari_stlnmf._sample_data import make_demo_sample, make_histology_sample  # noqa: E402
+from napari_stlnmf._writer import write_proportions  # noqa: E402
+from napari_stlnmf.datasets import DEMO_REFERENCE, load_demo  # noqa: E402
+from napari_stlnmf.errors import StlnmfError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def demo_result():
+    slide, reference = load_demo()
+    return slide, deconvolve(slide, reference, cell_type_key="cell_type", train=False)
+
+
+def _write_visium(folder, slide):
+    """A minimal Space Ranger outs/ folder (10x HDF5 matrix + spatial/) from an AnnData."""
+    import json
+
+    import h5py
+    from PIL import Image
+    from scipy import sparse
+
+    outs = folder / "outs"
+    (outs / "spatial").mkdir(parents=True)
+    X = sparse.csc_matrix(sparse.csr_matrix(slide.X).T.astype(np.int32))
+    with h5py.File(outs / "filtered_feature_bc_matrix.h5", "w") as f:
+        g = f.create_group("matrix")
+        g["barcodes"] = np.array(slide.obs_names, dtype="S")
+        g["data"], g["indices"], g["indptr"] = X.data, X.indices, X.indptr
+        g["shape"] = np.array(X.shape)
+        feats = g.create_group("features")
+        feats["name"] = np.array(slide.var_names, dtype="S")
+        feats["id"] = np.array(slide.var_names, dtype="S")
+        feats["feature_type"] = np.array(["Gene Expression"] * slide.n_vars, dtype="S")
+    lib = next(iter(slide.uns["spatial"].values()))
+    xy = slide.obsm["spatial"]
+    pos = pd.DataFrame({
+        "barcode": slide.obs_names, "in_tissue": 1, "array_row": 0, "array_col": 0,
+        "pxl_row_in_fullres": xy[:, 1].round().astype(int),
+        "pxl_col_in_fullres": xy[:, 0].round().astype(int),
+    })
+    pos.to_csv(outs / "spatial" / "tissue_positions.csv", index=False)
+    Image.fromarray(lib["images"]["hires"]).save(outs / "spatial" / "tissue_hires_image.png")
+    (outs / "spatial" / "scalefactors_json.json").write_text(json.dumps(lib["scalefactors"]))
+    return outs
+
+
+def test_get_reader_claims_only_slides(tmp_path):
+    slide, reference = load_demo()
+    assert napari_get_reader(str(tmp_path / "missing.h5ad")) is None
+    assert napari_get_reader(str(tmp_path)) is None  # empty folder
+    assert napari_get_reader(str(DEMO_REFERENCE)) is None  # reference: no obsm['spatial']
+    (tmp_path / "junk.h5ad").write_text("not hdf5")
+    assert napari_get_reader(str(tmp_path / "junk.h5ad")) is None
+    assert napari_get_reader(["a.h5ad", "b.h5ad"]) is None
+    slide.write_h5ad(tmp_path / "slide.h5ad")
+    assert callable(napari_get_reader(str(tmp_path / "slide.h5ad")))
+
+
+def test_reader_space_ranger_folder(tmp_path):
+    slide, _ = load_demo()
+    outs = _write_visium(tmp_path / "sample1", slide)
+    for path in (outs, outs.parent):
+        reader = napari_get_reader(str(path))
+        assert callable(reader)
+        layers = reader(str(path))
+        kinds = [kind for _, _, kind in layers]
+        assert kinds == ["image", "points"]
+        (img, img_kw, _), (pts, pts_kw, _) = layers
+        scalef = next(iter(slide.uns["spatial"].values()))["scalefactors"]["tissue_hires_scalef"]
+        np.testing.assert_allclose(img_kw["scale"], [1 / scalef] * 2)
+        np.testing.assert_allclose(pts, slide.obsm["spatial"][:, ::-1].round())
+        assert list(pts_kw["features"]["barcode"]) == list(slide.obs_names)
+        assert pts_kw["metadata"]["adata"].n_obs == slide.n_obs
+        assert pts_kw["metadata"]["path"] == str(path)
+        assert img_kw["metadata"][SLIDE_TAG]["slide_id"] == pts_kw["metadata"][SLIDE_TAG]["slide_id"]
+
+
+def test_viewer_opens_slide_with_plugin(make_napari_viewer, tmp_path):
+    slide, _ = load_demo()
+    slide.write_h5ad(tmp_path / "slide.h5ad")
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(tmp_path / "slide.h5ad"), plugin="napari-stlnmf")
+    assert [type(layer).__name__ for layer in layers] == ["Image", "Points"]
+
+
+def test_writer_round_trip(make_napari_viewer, demo_result, tmp_path):
+    slide, result = demo_result
+    viewer = make_napari_viewer()
+    for data, kwargs, kind in result_layers(result.proportions, result.fit_error, result.qc,
+                                            result.adata, annotated=result.adata):
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    first = str(result.proportions.columns[0])
+
+    # CSV: one row per barcode, all types + dominant + fit error + qc
+    # (napari's File > Save Selected Layers with the plugin's writer)
+    viewer.layers.selection = {viewer.layers[first]}
+    csv = tmp_path / "proportions.csv"
+    written = viewer.layers.save(str(csv), selected=True, plugin="napari-stlnmf")
+    assert written == [str(csv)]
+    table = pd.read_csv(csv, index_col="barcode")
+    assert list(table.index) == list(slide.obs_names)
+    np.testing.assert_allclose(table[result.proportions.columns].to_numpy(),
+                               result.proportions.to_numpy(), rtol=1e-5, atol=1e-6)
+    assert {"dominant", "dominant_proportion", "fit_error", "qc"} <= set(table.columns)
+
+    h5 = tmp_path / "result.h5ad"
+    viewer.layers.save(str(h5), selected=True, plugin="napari-stlnmf")
+    assert h5.is_file()
+
+    # read back: image + spots + the same maps
+    reader = napari_get_reader(str(h5))
+    assert callable(reader)
+    layers = reader(str(h5))
+    names = [kw["name"] for _, kw, _ in layers]
+    assert first in names and "dominant cell type" in names and "fit error" in names
+    back = next(kw for _, kw, _ in layers if kw["name"] == first)
+    np.testing.assert_allclose(back["features"][first].to_numpy(),
+                               result.proportions[first].to_numpy(), equal_nan=True)
+    assert back["metadata"][RESULT_TAG]["role"] == "cell_type"
+
+
+def test_writer_refuses_plain_layers(tmp_path):
+    with pytest.raises(StlnmfError, match="no STL NMF results"):
+        write_proportions(str(tmp_path / "x.csv"), np.zeros((2, 2)),
+                          {"name": "spots", "features": pd.DataFrame(), "metadata": {}})
+
+
+@pytest.mark.parametrize("make", [make_demo_sample, make_histology_sample])
+def test_samples_are_layer_tuples(make):
+    layers = make()
+    assert [kind for _, _, kind in layers] == ["image", "points"]
+    meta = layers[1][1]["metadata"]
+    assert meta["adata"].n_obs == len(layers[1][0])
+    assert meta["reference"] == str(DEMO_REFERENCE)
+
+
+def test_histology_sample_is_deterministic_and_fast():
+    import time
+
+    from napari_stlnmf.histology import make_histology_slide
+
+    make_histology_slide()  # imports
+    t0 = time.perf_counter()
+    a, _ = make_histology_slide(seed=0)
+    assert time.perf_counter() - t0 < 2.0
+    b, _ = make_histology_slide(seed=0)
+    assert (a.X != b.X).nnz == 0
+    assert a.obsm["spatial"].shape == (4235, 2)
+    lib = next(iter(a.uns["spatial"].values()))
+    assert lib["images"]["lowres"].shape == (600, 600, 3)
+    assert "SIMULATED" in lib["metadata"]["source"]
+
+
+def test_slide_for_deconvolution_uses_other_image():
+    slide, _ = load_demo()
+    lib = next(iter(slide.uns["spatial"].values()))
+    img = lib["images"]["hires"]
+    scalef = lib["scalefactors"]["tissue_hires_scalef"]
+    out = slide_for_deconvolution(slide, img[::2, ::2], scale=(2 / scalef, 2 / scalef))
+    new_lib = next(iter(out.uns["spatial"].values()))
+    assert new_lib["scalefactors"]["tissue_hires_scalef"] == pytest.approx(scalef / 2)
+    assert out.X is slide.X
+    with pytest.raises(StlnmfError):
+        slide_for_deconvolution(slide, img, scale=(1 / scalef, 2 / scalef))
+    with pytest.raises(StlnmfError):  # the wrong scale: spots fall off the image
+        slide_for_deconvolution(slide, img, scale=(1.0, 1.0))
+    assert slide_for_deconvolution(slide, None) is slide
+
+
+def test_slide_layers_without_image():
+    slide, _ = load_demo()
+    del slide.uns["spatial"]
+    layers = slide_layers(slide, name="x")
+    assert [kind for _, _, kind in layers] == ["points"]
+    assert layers[0][1]["size"] > 0
