@@ -27,18 +27,18 @@ import pandas as pd
 from ._constants import FIT_ERROR_KEY, PROPORTIONS_KEY, QC_KEY, SPATIAL_KEY
 
 __all__ = [
-    "SLIDE_TAG",
-    "RESULT_TAG",
     "DOMINANT_LAYER",
     "FIT_ERROR_LAYER",
-    "slide_layers",
+    "RESULT_TAG",
+    "SLIDE_TAG",
+    "dominant_colors",
     "result_layers",
     "result_layers_from_adata",
     "results_table",
     "slide_for_deconvolution",
-    "zero_transparent_colormap",
-    "dominant_colors",
+    "slide_layers",
     "spot_diameter",
+    "zero_transparent_colormap",
 ]
 
 SLIDE_TAG = "stlnmf_slide"
@@ -46,6 +46,8 @@ RESULT_TAG = "stlnmf_result"
 DOMINANT_LAYER = "dominant cell type"
 FIT_ERROR_LAYER = "fit error"
 NO_ESTIMATE = "no estimate"
+FIT_ERROR_COLUMN = "fit_error"  # feature/CSV column names (short: shown on hover)
+QC_COLUMN = "qc"
 PROPORTION_COLORMAP = "viridis"
 FIT_ERROR_COLORMAP = "magma"
 _SPOT_DIAMETER_PER_PITCH = 0.55  # Visium: 55 µm spots on a 100 µm pitch
@@ -131,14 +133,24 @@ def _obs_features(adata) -> pd.DataFrame:
     feats = pd.DataFrame({"barcode": adata.obs_names.astype(str).to_numpy()})
     for col in adata.obs.columns:
         s = adata.obs[col]
-        if (isinstance(s.dtype, pd.CategoricalDtype) or pd.api.types.is_numeric_dtype(s.dtype)
-                or pd.api.types.is_bool_dtype(s.dtype)) and str(col) not in feats:
+        if (
+            isinstance(s.dtype, pd.CategoricalDtype)
+            or pd.api.types.is_numeric_dtype(s.dtype)
+            or pd.api.types.is_bool_dtype(s.dtype)
+        ) and str(col) not in feats:
             feats[str(col)] = s.to_numpy()
     return feats
 
 
-def slide_layers(adata, *, name: str | None = None, path=None, library_id: str | None = None,
-                 reference=None, cell_type_key: str | None = None) -> list[tuple]:
+def slide_layers(
+    adata,
+    *,
+    name: str | None = None,
+    path=None,
+    library_id: str | None = None,
+    reference=None,
+    cell_type_key: str | None = None,
+) -> list[tuple]:
     """Tissue image (if any) + spots as napari layer-data tuples, in shared world coordinates."""
     lib, image, scalef, _ = _image_info(adata, library_id)
     name = name or (Path(path).name if path is not None else (lib or "slide"))
@@ -146,17 +158,21 @@ def slide_layers(adata, *, name: str | None = None, path=None, library_id: str |
     layers = []
     if image is not None:
         s = 1.0 / float(scalef)
-        layers.append((
-            np.asarray(image),
-            {
-                "name": f"{name} image",
-                "rgb": np.asarray(image).ndim == 3 and np.asarray(image).shape[-1] in (3, 4),
-                "scale": (s, s),
-                "translate": (0.0, 0.0),
-                "metadata": {SLIDE_TAG: {"slide_id": slide_id, "role": "image", "library_id": lib}},
-            },
-            "image",
-        ))
+        layers.append(
+            (
+                np.asarray(image),
+                {
+                    "name": f"{name} image",
+                    "rgb": np.asarray(image).ndim == 3 and np.asarray(image).shape[-1] in (3, 4),
+                    "scale": (s, s),
+                    "translate": (0.0, 0.0),
+                    "metadata": {
+                        SLIDE_TAG: {"slide_id": slide_id, "role": "image", "library_id": lib}
+                    },
+                },
+                "image",
+            )
+        )
     metadata = {
         SLIDE_TAG: {"slide_id": slide_id, "role": "spots", "library_id": lib},
         "adata": adata,
@@ -166,20 +182,22 @@ def slide_layers(adata, *, name: str | None = None, path=None, library_id: str |
         metadata["reference"] = str(reference)
     if cell_type_key is not None:
         metadata["cell_type_key"] = cell_type_key
-    layers.append((
-        _spots_yx(adata),
-        {
-            "name": f"{name} spots",
-            "features": _obs_features(adata),
-            "size": spot_diameter(adata, lib),
-            "face_color": [1.0, 1.0, 1.0, 0.25],
-            "border_color": [1.0, 1.0, 1.0, 0.8],
-            "border_width": 0.08,
-            "opacity": 1.0,
-            "metadata": metadata,
-        },
-        "points",
-    ))
+    layers.append(
+        (
+            _spots_yx(adata),
+            {
+                "name": f"{name} spots",
+                "features": _obs_features(adata),
+                "size": spot_diameter(adata, lib),
+                "face_color": [1.0, 1.0, 1.0, 0.25],
+                "border_color": [1.0, 1.0, 1.0, 0.8],
+                "border_width": 0.08,
+                "opacity": 1.0,
+                "metadata": metadata,
+            },
+            "points",
+        )
+    )
     return layers
 
 
@@ -214,10 +232,15 @@ def slide_for_deconvolution(adata, image=None, *, scale=None, translate=None, li
     scalefactors = {"tissue_hires_scalef": 1.0 / sx}
     if diameter:
         scalefactors["spot_diameter_fullres"] = diameter
-    out = ad.AnnData(X=adata.X, obs=adata.obs, var=adata.var,
-                     obsm={SPATIAL_KEY: np.asarray(adata.obsm[SPATIAL_KEY])})
-    out.uns["spatial"] = {lib: {"images": {"hires": np.asarray(image)},
-                                "scalefactors": scalefactors, "metadata": {}}}
+    out = ad.AnnData(
+        X=adata.X,
+        obs=adata.obs,
+        var=adata.var,
+        obsm={SPATIAL_KEY: np.asarray(adata.obsm[SPATIAL_KEY])},
+    )
+    out.uns["spatial"] = {
+        lib: {"images": {"hires": np.asarray(image)}, "scalefactors": scalefactors, "metadata": {}}
+    }
     from . import io
 
     io.check_image_covers_spots(out, library_id=lib)
@@ -241,15 +264,30 @@ def results_table(proportions: pd.DataFrame, fit_error=None, qc=None) -> pd.Data
     table.insert(0, "barcode", prop.index.astype(str).to_numpy())
     table["dominant"] = pd.Categorical(dominant, categories=types + [NO_ESTIMATE])
     table["dominant_proportion"] = np.where(has, values[np.arange(len(values)), dom_idx], np.nan)
-    table[FIT_ERROR_KEY] = (np.full(len(table), np.nan) if fit_error is None
-                            else np.asarray(pd.Series(fit_error).reindex(prop.index), dtype=float))
-    table[QC_KEY] = (np.where(has, "ok", "no estimate") if qc is None
-                     else pd.Series(qc).reindex(prop.index).astype(str).to_numpy())
+    table[FIT_ERROR_COLUMN] = (
+        np.full(len(table), np.nan)
+        if fit_error is None
+        else np.asarray(pd.Series(fit_error).reindex(prop.index), dtype=float)
+    )
+    table[QC_COLUMN] = (
+        np.where(has, "ok", "no estimate")
+        if qc is None
+        else pd.Series(qc).reindex(prop.index).astype(str).to_numpy()
+    )
     return table
 
 
-def result_layers(proportions: pd.DataFrame, fit_error, qc, slide, *, source: str | None = None,
-                  annotated=None, visible: str = "first", library_id=None) -> list[tuple]:
+def result_layers(
+    proportions: pd.DataFrame,
+    fit_error,
+    qc,
+    slide,
+    *,
+    source: str | None = None,
+    annotated=None,
+    visible: str = "first",
+    library_id=None,
+) -> list[tuple]:
     """Per-type maps, dominant type and fit error as Points layer-data tuples.
 
     ``slide`` gives the spot positions and diameter (its ``obs_names`` must match
@@ -275,36 +313,57 @@ def result_layers(proportions: pd.DataFrame, fit_error, qc, slide, *, source: st
     cmap = zero_transparent_colormap()
     layers = []
     for i, t in enumerate(types):
-        layers.append((yx, {
-            **common, "features": table.copy(),
-            "name": t,
-            "face_color": t,
-            "face_colormap": cmap,
-            "face_contrast_limits": (0.0, 1.0),
-            "visible": visible == "all" or (visible == "first" and i == 0),
-            "metadata": meta("cell_type", t),
-        }, "points"))
-    layers.append((yx, {
-        **common, "features": table.copy(),
-        "name": DOMINANT_LAYER,
-        "face_color": "dominant",
-        "face_color_cycle": dominant_colors(types),
-        "visible": visible == "all",
-        "metadata": meta("dominant"),
-    }, "points"))
-    fe = table[FIT_ERROR_KEY].to_numpy(dtype=float)
+        layers.append(
+            (
+                yx,
+                {
+                    **common,
+                    "features": table.copy(),
+                    "name": t,
+                    "face_color": t,
+                    "face_colormap": cmap,
+                    "face_contrast_limits": (0.0, 1.0),
+                    "visible": visible == "all" or (visible == "first" and i == 0),
+                    "metadata": meta("cell_type", t),
+                },
+                "points",
+            )
+        )
+    layers.append(
+        (
+            yx,
+            {
+                **common,
+                "features": table.copy(),
+                "name": DOMINANT_LAYER,
+                "face_color": "dominant",
+                "face_color_cycle": dominant_colors(types),
+                "visible": visible == "all",
+                "metadata": meta("dominant"),
+            },
+            "points",
+        )
+    )
+    fe = table[FIT_ERROR_COLUMN].to_numpy(dtype=float)
     hi = float(np.nanpercentile(fe, 99)) if np.isfinite(fe).any() else 1.0
-    layers.append((yx, {
-        **common, "features": table.copy(),
-        "name": FIT_ERROR_LAYER,
-        "face_color": FIT_ERROR_KEY,
-        "face_colormap": FIT_ERROR_COLORMAP,
-        "face_contrast_limits": (0.0, max(hi, 1e-6)),
-        "visible": visible == "all",
-        "metadata": meta("fit_error"),
-    }, "points"))
+    layers.append(
+        (
+            yx,
+            {
+                **common,
+                "features": table.copy(),
+                "name": FIT_ERROR_LAYER,
+                "face_color": FIT_ERROR_COLUMN,
+                "face_colormap": FIT_ERROR_COLORMAP,
+                "face_contrast_limits": (0.0, max(hi, 1e-6)),
+                "visible": visible == "all",
+                "metadata": meta("fit_error"),
+            },
+            "points",
+        )
+    )
     # layers added later are drawn on top: put the first type's map last
-    return layers[len(types):][::-1] + layers[:len(types)][::-1]
+    return layers[len(types) :][::-1] + layers[: len(types)][::-1]
 
 
 def result_layers_from_adata(adata, *, source=None, library_id=None) -> list[tuple]:
@@ -314,13 +373,18 @@ def result_layers_from_adata(adata, *, source=None, library_id=None) -> list[tup
     prop = adata.obsm[PROPORTIONS_KEY]
     if not isinstance(prop, pd.DataFrame):
         cell_types = (adata.uns.get("stlnmf") or {}).get("cell_types")
-        prop = pd.DataFrame(np.asarray(prop), index=adata.obs_names,
-                            columns=None if cell_types is None else list(cell_types))
+        prop = pd.DataFrame(
+            np.asarray(prop),
+            index=adata.obs_names,
+            columns=None if cell_types is None else list(cell_types),
+        )
     prop = prop.set_axis(adata.obs_names.astype(str))
-    fit = adata.obs[FIT_ERROR_KEY] if FIT_ERROR_KEY in adata.obs else None
-    qc = adata.obs[QC_KEY] if QC_KEY in adata.obs else None
+    fit = adata.obs.get(FIT_ERROR_KEY)
+    qc = adata.obs.get(QC_KEY)
     if fit is not None:
         fit = fit.set_axis(prop.index)
     if qc is not None:
         qc = qc.set_axis(prop.index)
-    return result_layers(prop, fit, qc, adata, source=source, annotated=adata, library_id=library_id)
+    return result_layers(
+        prop, fit, qc, adata, source=source, annotated=adata, library_id=library_id
+    )

@@ -47,7 +47,7 @@ def napari_get_reader(path):
             ok = _h5ad_has_spatial(p)
         else:
             ok = False
-    except Exception:  # unreadable/odd path: not ours
+    except Exception:  # noqa: BLE001 -- reader contract: never raise, unreadable = not ours
         return None
     return read_slide_layers if ok else None
 

@@ -14,8 +14,9 @@ def make_demo_sample() -> list[tuple]:
     from .datasets import DEMO_CELL_TYPE_KEY, DEMO_REFERENCE, load_demo
 
     slide, _ = load_demo()
-    return slide_layers(slide, name="demo (synthetic)", reference=DEMO_REFERENCE,
-                        cell_type_key=DEMO_CELL_TYPE_KEY)
+    return slide_layers(
+        slide, name="demo (synthetic)", reference=DEMO_REFERENCE, cell_type_key=DEMO_CELL_TYPE_KEY
+    )
 
 
 def make_histology_sample() -> list[tuple]:
@@ -24,5 +25,9 @@ def make_histology_sample() -> list[tuple]:
     from .histology import make_histology_slide
 
     slide, _ = make_histology_slide(seed=0)
-    return slide_layers(slide, name="H&E (simulated expression)", reference=DEMO_REFERENCE,
-                        cell_type_key=DEMO_CELL_TYPE_KEY)
+    return slide_layers(
+        slide,
+        name="H&E (simulated expression)",
+        reference=DEMO_REFERENCE,
+        cell_type_key=DEMO_CELL_TYPE_KEY,
+    )

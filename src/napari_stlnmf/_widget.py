@@ -74,8 +74,9 @@ def run_deconvolution(job: Job, progress=None, should_stop=None):
     from . import Cancelled, deconvolve
 
     try:
-        result = deconvolve(job.slide, job.reference, progress=progress,
-                            should_stop=should_stop, **job.kwargs)
+        result = deconvolve(
+            job.slide, job.reference, progress=progress, should_stop=should_stop, **job.kwargs
+        )
     except Cancelled as err:
         return "cancelled", str(err) or "cancelled"
     except (StlnmfError, OSError) as err:
@@ -95,7 +96,8 @@ def _legend_html(cell_types) -> str:
 
     cmap = matplotlib.colormaps["viridis"]
     ramp = "".join(
-        f'<td bgcolor="{to_hex(cmap(v))}" width="9">&nbsp;</td>' for v in [i / 15 for i in range(16)]
+        f'<td bgcolor="{to_hex(cmap(v))}" width="9">&nbsp;</td>'
+        for v in [i / 15 for i in range(16)]
     )
     colors = dominant_colors(cell_types)
     swatches = "<br>".join(
@@ -123,19 +125,37 @@ class DeconvolveWidget(Container):
         self.running = False  # True from start() until the worker's ``finished`` arrives
         self.last_result = None
 
-        self.slide_file = FileEdit(label="open slide", mode="r", filter="*.h5ad",
-                                   tooltip="Open an .h5ad slide (or use File > Open Folder on "
-                                           "a Space Ranger outs/ folder)")
-        self.spots = ComboBox(label="spots", choices=self._spot_choices, nullable=True,
-                              tooltip="Points layer with the slide's spots (opened by this plugin)")
-        self.image = ComboBox(label="tissue image", choices=self._image_choices, nullable=True,
-                              tooltip="Image layer in the spots' coordinates (for the graph)")
-        self.reference = FileEdit(label="reference", mode="r", filter=_REFERENCE_FILTER,
-                                  tooltip="Single-cell .h5ad (cells x genes) or a signature "
-                                          "table (genes x cell types)")
+        self.slide_file = FileEdit(
+            label="open slide",
+            mode="r",
+            filter="*.h5ad",
+            tooltip="Open an .h5ad slide (or use File > Open Folder on "
+            "a Space Ranger outs/ folder)",
+        )
+        self.spots = ComboBox(
+            label="spots",
+            choices=self._spot_choices,
+            nullable=True,
+            tooltip="Points layer with the slide's spots (opened by this plugin)",
+        )
+        self.image = ComboBox(
+            label="tissue image",
+            choices=self._image_choices,
+            nullable=True,
+            tooltip="Image layer in the spots' coordinates (for the graph)",
+        )
+        self.reference = FileEdit(
+            label="reference",
+            mode="r",
+            filter=_REFERENCE_FILTER,
+            tooltip="Single-cell .h5ad (cells x genes) or a signature table (genes x cell types)",
+        )
         self._columns: list[str] = []
-        self.cell_type_key = ComboBox(label="cell-type column", choices=self._column_choices,
-                                      tooltip="obs column of the reference with the cell types")
+        self.cell_type_key = ComboBox(
+            label="cell-type column",
+            choices=self._column_choices,
+            tooltip="obs column of the reference with the cell types",
+        )
         self.n_neighbors = SpinBox(label="neighbours", value=6, min=1, max=30)
         self.use_image = CheckBox(text="use the image for the graph", value=True)
         self.train = CheckBox(text="train on simulated slides", value=True)
@@ -144,8 +164,9 @@ class DeconvolveWidget(Container):
         self.seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1)
         self.run_button = PushButton(text="Deconvolve")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
-        buttons = Container(layout="horizontal", widgets=[self.run_button, self.cancel_button],
-                            labels=False)
+        buttons = Container(
+            layout="horizontal", widgets=[self.run_button, self.cancel_button], labels=False
+        )
         self.progress = ProgressBar(label="progress", value=0, min=0, max=1, visible=True)
         self.status = Label(label="", value="Open a sample or a slide, then Deconvolve.")
         self.legend = Label(label="", value="")
@@ -155,13 +176,28 @@ class DeconvolveWidget(Container):
         for combo in (self.spots, self.image, self.cell_type_key):
             # long layer names must not widen the dock (and squeeze the canvas)
             combo.native.setSizeAdjustPolicy(
-                QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+                QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
+            )
             combo.native.setMinimumContentsLength(14)
-        self.extend([
-            self.slide_file, self.spots, self.image, self.reference, self.cell_type_key,
-            self.n_neighbors, self.use_image, self.train, self.train_epochs, self.n_layers,
-            self.seed, buttons, self.progress, self.status, self.legend,
-        ])
+        self.extend(
+            [
+                self.slide_file,
+                self.spots,
+                self.image,
+                self.reference,
+                self.cell_type_key,
+                self.n_neighbors,
+                self.use_image,
+                self.train,
+                self.train_epochs,
+                self.n_layers,
+                self.seed,
+                buttons,
+                self.progress,
+                self.status,
+                self.legend,
+            ]
+        )
 
         self.slide_file.changed.connect(self._on_slide_file)
         self.reference.changed.connect(lambda _=None: self._on_reference())
@@ -175,13 +211,20 @@ class DeconvolveWidget(Container):
 
     # ------------------------------------------------------------------ choices
     def _spot_choices(self, _widget=None):
-        return [(layer.name, layer) for layer in self._viewer.layers
-                if isinstance(layer, napari.layers.Points) and "adata" in layer.metadata
-                and SLIDE_TAG in layer.metadata]
+        return [
+            (layer.name, layer)
+            for layer in self._viewer.layers
+            if isinstance(layer, napari.layers.Points)
+            and "adata" in layer.metadata
+            and SLIDE_TAG in layer.metadata
+        ]
 
     def _image_choices(self, _widget=None):
-        return [(layer.name, layer) for layer in self._viewer.layers
-                if isinstance(layer, napari.layers.Image)]
+        return [
+            (layer.name, layer)
+            for layer in self._viewer.layers
+            if isinstance(layer, napari.layers.Image)
+        ]
 
     def _column_choices(self, _widget=None):
         return list(self._columns)
@@ -237,7 +280,7 @@ class DeconvolveWidget(Container):
             return
         try:
             layers = self._viewer.open(str(path), plugin="napari-stlnmf")
-        except Exception as err:  # reader errors: tell the user, keep the widget usable
+        except Exception as err:  # noqa: BLE001 -- any reader error: tell the user
             show_error(f"Could not open {path}: {err}")
             return
         for layer in layers:
@@ -248,35 +291,46 @@ class DeconvolveWidget(Container):
     def _job(self) -> Job:
         spots = self.spots.value
         if spots is None:
-            raise StlnmfError("No spots layer: open a slide (File > Open, a sample, or 'open "
-                              "slide' above) so its spots appear as a Points layer.")
+            raise StlnmfError(
+                "No spots layer: open a slide (File > Open, a sample, or 'open "
+                "slide' above) so its spots appear as a Points layer."
+            )
         reference = self._reference_path()
         if reference is None:
-            raise StlnmfError("Choose a reference: a single-cell .h5ad with a cell-type column "
-                              "or a signature table (genes x cell types).")
+            raise StlnmfError(
+                "Choose a reference: a single-cell .h5ad with a cell-type column "
+                "or a signature table (genes x cell types)."
+            )
         adata = spots.metadata["adata"]
         image = self.image.value if self.use_image.value else None
-        if image is not None and image.metadata.get(SLIDE_TAG, {}).get("slide_id") == \
-                spots.metadata[SLIDE_TAG].get("slide_id"):
+        if image is not None and image.metadata.get(SLIDE_TAG, {}).get(
+            "slide_id"
+        ) == spots.metadata[SLIDE_TAG].get("slide_id"):
             slide = adata  # the slide's own image, already in uns['spatial']
         elif image is not None:
             data = image.data[0] if image.multiscale else image.data
-            slide = slide_for_deconvolution(adata, data, scale=image.scale,
-                                            translate=image.translate)
+            slide = slide_for_deconvolution(
+                adata, data, scale=image.scale, translate=image.translate
+            )
         else:
             slide = adata
         key = self.cell_type_key.value if self._columns else None
-        kwargs = dict(
-            cell_type_key=key,
-            train=bool(self.train.value),
-            train_epochs=int(self.train_epochs.value),
-            n_layers=int(self.n_layers.value) or None,
-            use_image=image is not None,
-            n_neighbors=int(self.n_neighbors.value),
-            seed=int(self.seed.value),
+        kwargs = {
+            "cell_type_key": key,
+            "train": bool(self.train.value),
+            "train_epochs": int(self.train_epochs.value),
+            "n_layers": int(self.n_layers.value) or None,
+            "use_image": image is not None,
+            "n_neighbors": int(self.n_neighbors.value),
+            "seed": int(self.seed.value),
+        }
+        return Job(
+            slide=slide,
+            reference=str(reference),
+            kwargs=kwargs,
+            source=spots.metadata[SLIDE_TAG]["slide_id"],
+            spots_name=spots.name,
         )
-        return Job(slide=slide, reference=str(reference), kwargs=kwargs,
-                   source=spots.metadata[SLIDE_TAG]["slide_id"], spots_name=spots.name)
 
     def start(self):
         """Start a run in a worker thread (returns at once; see :attr:`worker`)."""
@@ -289,8 +343,13 @@ class DeconvolveWidget(Container):
             return
         self._stop.clear()
         self._job_running = job
-        worker = create_worker(run_deconvolution, job, progress=self._relay.progressed.emit,
-                               should_stop=self._stop.is_set, _start_thread=False)
+        worker = create_worker(
+            run_deconvolution,
+            job,
+            progress=self._relay.progressed.emit,
+            should_stop=self._stop.is_set,
+            _start_thread=False,
+        )
         worker.returned.connect(self._on_returned)
         worker.finished.connect(self._on_finished)
         self.worker = worker
@@ -340,8 +399,14 @@ class DeconvolveWidget(Container):
             if tag is not None and tag.get("source") == job.source:
                 self._viewer.layers.remove(layer)
         slide = result.adata if result.adata is not None else job.slide
-        layers = result_layers(result.proportions, result.fit_error, result.qc, slide,
-                               source=job.source, annotated=result.adata)
+        layers = result_layers(
+            result.proportions,
+            result.fit_error,
+            result.qc,
+            slide,
+            source=job.source,
+            annotated=result.adata,
+        )
         for data, kwargs, kind in layers:
             getattr(self._viewer, f"add_{kind}")(data, **kwargs)
         if job.spots_name in self._viewer.layers:

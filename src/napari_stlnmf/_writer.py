@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._constants import FIT_ERROR_KEY, PROPORTIONS_KEY, QC_KEY, SPATIAL_KEY
+from ._constants import PROPORTIONS_KEY, SPATIAL_KEY
 from ._layers import RESULT_TAG
 from .errors import StlnmfError
 
@@ -50,6 +50,5 @@ def write_proportions(path: str, data, meta: dict) -> list[str]:
     else:
         if p.suffix.lower() != ".csv":
             p = p.with_suffix(".csv")
-        table = table.rename(columns={FIT_ERROR_KEY: "fit_error", QC_KEY: "qc"})
         table.to_csv(p, index=False, float_format="%.6g")
     return [str(p)]

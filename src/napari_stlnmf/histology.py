@@ -35,9 +35,9 @@ from ._constants import SPATIAL_KEY
 
 __all__ = [
     "HISTOLOGY_IMAGE",
+    "HISTOLOGY_LIBRARY_ID",
     "HISTOLOGY_POSITIONS",
     "HISTOLOGY_SCALEFACTORS",
-    "HISTOLOGY_LIBRARY_ID",
     "image_regions",
     "load_histology_layout",
     "make_histology_slide",
@@ -70,8 +70,9 @@ def load_histology_layout() -> tuple[np.ndarray, pd.Index, np.ndarray, dict]:
     return xy, pd.Index(pos.index.astype(str)), image, scalefactors
 
 
-def image_regions(image: np.ndarray, xy_px: np.ndarray, *, n_regions: int = 4,
-                  radius_px: float = 10.0) -> np.ndarray:
+def image_regions(
+    image: np.ndarray, xy_px: np.ndarray, *, n_regions: int = 4, radius_px: float = 10.0
+) -> np.ndarray:
     """Cluster spots by the colour/texture of the image around them (deterministic k-means).
 
     Centres start at quantiles of the first principal component, so the labels do not
@@ -90,7 +91,9 @@ def image_regions(image: np.ndarray, xy_px: np.ndarray, *, n_regions: int = 4,
     return labels.astype(np.int64)
 
 
-def make_histology_slide(seed: int = 0, *, mean_cells: float = 8.0) -> tuple[ad.AnnData, ad.AnnData]:
+def make_histology_slide(
+    seed: int = 0, *, mean_cells: float = 8.0
+) -> tuple[ad.AnnData, ad.AnnData]:
     """``(slide, reference)``: real H&E + real spot layout, expression simulated (seeded).
 
     The reference is the bundled demo reference (``obs['cell_type']``); the slide's cells
@@ -109,7 +112,9 @@ def make_histology_slide(seed: int = 0, *, mean_cells: float = 8.0) -> tuple[ad.
     names = [str(c) for c in reference.obs[DEMO_CELL_TYPE_KEY].cat.categories]
     p = len(names)
     n_genes = reference.n_vars
-    cells = make_reference(n_types=p, n_genes=n_genes, type_names=names, seed=seed, cell_seed=seed + 1)
+    cells = make_reference(
+        n_types=p, n_genes=n_genes, type_names=names, seed=seed, cell_seed=seed + 1
+    )
     cells.var_names = reference.var_names.copy()
 
     # each image region favours a few types; smooth variation on top; sparse mixtures
@@ -125,14 +130,19 @@ def make_histology_slide(seed: int = 0, *, mean_cells: float = 8.0) -> tuple[ad.
 
     sim_ref = build_reference(cells, cell_type_key=DEMO_CELL_TYPE_KEY)
     counts, cell_frac, mrna_frac, _ = simulate_counts(
-        prob, sim_ref, mean_cells=mean_cells,
-        library_sizes=rng.lognormal(np.log(4000), 0.4, size=500), platform_sigma=0.2, rng=rng,
+        prob,
+        sim_ref,
+        mean_cells=mean_cells,
+        library_sizes=rng.lognormal(np.log(4000), 0.4, size=500),
+        platform_sigma=0.2,
+        rng=rng,
     )
     obs = pd.DataFrame(
         {"image_region": pd.Categorical([f"region_{r}" for r in region])}, index=barcodes
     )
-    slide = ad.AnnData(X=sp.csr_matrix(counts), obs=obs,
-                       var=pd.DataFrame(index=reference.var_names.copy()))
+    slide = ad.AnnData(
+        X=sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=reference.var_names.copy())
+    )
     slide.obsm[SPATIAL_KEY] = xy
     slide.obsm[TRUTH_KEY] = pd.DataFrame(cell_frac, index=barcodes, columns=names)
     slide.obsm["true_mrna_fractions"] = pd.DataFrame(mrna_frac, index=barcodes, columns=names)
