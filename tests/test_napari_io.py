@@ -8,19 +8,19 @@ import pytest
 
 napari = pytest.importorskip("napari")
 
-from napari_stlnmf import deconvolve  # noqa: E402
-from napari_stlnmf._layers import (  # noqa: E402
+from napari_stlnmf import deconvolve
+from napari_stlnmf._layers import (
     RESULT_TAG,
     SLIDE_TAG,
     result_layers,
     slide_for_deconvolution,
     slide_layers,
 )
-from napari_stlnmf._reader import napari_get_reader  # noqa: E402
-from napari_stlnmf._sample_data import make_demo_sample, make_histology_sample  # noqa: E402
-from napari_stlnmf._writer import write_proportions  # noqa: E402
-from napari_stlnmf.datasets import DEMO_REFERENCE, load_demo  # noqa: E402
-from napari_stlnmf.errors import StlnmfError  # noqa: E402
+from napari_stlnmf._reader import napari_get_reader
+from napari_stlnmf._sample_data import make_demo_sample, make_histology_sample
+from napari_stlnmf._writer import write_proportions
+from napari_stlnmf.datasets import DEMO_REFERENCE, load_demo
+from napari_stlnmf.errors import StlnmfError
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +51,16 @@ def _write_visium(folder, slide):
         feats["feature_type"] = np.array(["Gene Expression"] * slide.n_vars, dtype="S")
     lib = next(iter(slide.uns["spatial"].values()))
     xy = slide.obsm["spatial"]
-    pos = pd.DataFrame({
-        "barcode": slide.obs_names, "in_tissue": 1, "array_row": 0, "array_col": 0,
-        "pxl_row_in_fullres": xy[:, 1].round().astype(int),
-        "pxl_col_in_fullres": xy[:, 0].round().astype(int),
-    })
+    pos = pd.DataFrame(
+        {
+            "barcode": slide.obs_names,
+            "in_tissue": 1,
+            "array_row": 0,
+            "array_col": 0,
+            "pxl_row_in_fullres": xy[:, 1].round().astype(int),
+            "pxl_col_in_fullres": xy[:, 0].round().astype(int),
+        }
+    )
     pos.to_csv(outs / "spatial" / "tissue_positions.csv", index=False)
     Image.fromarray(lib["images"]["hires"]).save(outs / "spatial" / "tissue_hires_image.png")
     (outs / "spatial" / "scalefactors_json.json").write_text(json.dumps(lib["scalefactors"]))
@@ -63,7 +68,7 @@ def _write_visium(folder, slide):
 
 
 def test_get_reader_claims_only_slides(tmp_path):
-    slide, reference = load_demo()
+    slide, _ = load_demo()
     assert napari_get_reader(str(tmp_path / "missing.h5ad")) is None
     assert napari_get_reader(str(tmp_path)) is None  # empty folder
     assert napari_get_reader(str(DEMO_REFERENCE)) is None  # reference: no obsm['spatial']
@@ -83,14 +88,16 @@ def test_reader_space_ranger_folder(tmp_path):
         layers = reader(str(path))
         kinds = [kind for _, _, kind in layers]
         assert kinds == ["image", "points"]
-        (img, img_kw, _), (pts, pts_kw, _) = layers
+        (_, img_kw, _), (pts, pts_kw, _) = layers
         scalef = next(iter(slide.uns["spatial"].values()))["scalefactors"]["tissue_hires_scalef"]
         np.testing.assert_allclose(img_kw["scale"], [1 / scalef] * 2)
         np.testing.assert_allclose(pts, slide.obsm["spatial"][:, ::-1].round())
         assert list(pts_kw["features"]["barcode"]) == list(slide.obs_names)
         assert pts_kw["metadata"]["adata"].n_obs == slide.n_obs
         assert pts_kw["metadata"]["path"] == str(path)
-        assert img_kw["metadata"][SLIDE_TAG]["slide_id"] == pts_kw["metadata"][SLIDE_TAG]["slide_id"]
+        assert (
+            img_kw["metadata"][SLIDE_TAG]["slide_id"] == pts_kw["metadata"][SLIDE_TAG]["slide_id"]
+        )
 
 
 def test_viewer_opens_slide_with_plugin(make_napari_viewer, tmp_path):
@@ -104,8 +111,9 @@ def test_viewer_opens_slide_with_plugin(make_napari_viewer, tmp_path):
 def test_writer_round_trip(make_napari_viewer, demo_result, tmp_path):
     slide, result = demo_result
     viewer = make_napari_viewer()
-    for data, kwargs, kind in result_layers(result.proportions, result.fit_error, result.qc,
-                                            result.adata, annotated=result.adata):
+    for data, kwargs, kind in result_layers(
+        result.proportions, result.fit_error, result.qc, result.adata, annotated=result.adata
+    ):
         getattr(viewer, f"add_{kind}")(data, **kwargs)
     first = str(result.proportions.columns[0])
 
@@ -117,8 +125,12 @@ def test_writer_round_trip(make_napari_viewer, demo_result, tmp_path):
     assert written == [str(csv)]
     table = pd.read_csv(csv, index_col="barcode")
     assert list(table.index) == list(slide.obs_names)
-    np.testing.assert_allclose(table[result.proportions.columns].to_numpy(),
-                               result.proportions.to_numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        table[result.proportions.columns].to_numpy(),
+        result.proportions.to_numpy(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     assert {"dominant", "dominant_proportion", "fit_error", "qc"} <= set(table.columns)
 
     h5 = tmp_path / "result.h5ad"
@@ -132,15 +144,19 @@ def test_writer_round_trip(make_napari_viewer, demo_result, tmp_path):
     names = [kw["name"] for _, kw, _ in layers]
     assert first in names and "dominant cell type" in names and "fit error" in names
     back = next(kw for _, kw, _ in layers if kw["name"] == first)
-    np.testing.assert_allclose(back["features"][first].to_numpy(),
-                               result.proportions[first].to_numpy(), equal_nan=True)
+    np.testing.assert_allclose(
+        back["features"][first].to_numpy(), result.proportions[first].to_numpy(), equal_nan=True
+    )
     assert back["metadata"][RESULT_TAG]["role"] == "cell_type"
 
 
 def test_writer_refuses_plain_layers(tmp_path):
     with pytest.raises(StlnmfError, match="no STL NMF results"):
-        write_proportions(str(tmp_path / "x.csv"), np.zeros((2, 2)),
-                          {"name": "spots", "features": pd.DataFrame(), "metadata": {}})
+        write_proportions(
+            str(tmp_path / "x.csv"),
+            np.zeros((2, 2)),
+            {"name": "spots", "features": pd.DataFrame(), "metadata": {}},
+        )
 
 
 @pytest.mark.parametrize("make", [make_demo_sample, make_histology_sample])

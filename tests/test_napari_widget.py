@@ -10,11 +10,10 @@ import pytest
 
 napari = pytest.importorskip("napari")
 
-from napari_stlnmf._layers import DOMINANT_LAYER, FIT_ERROR_LAYER, RESULT_TAG  # noqa: E402
-from napari_stlnmf.datasets import DEMO_REFERENCE  # noqa: E402
+from napari_stlnmf._layers import DOMINANT_LAYER, FIT_ERROR_LAYER, RESULT_TAG
+from napari_stlnmf.datasets import DEMO_REFERENCE
 
 WIDGET = "Deconvolve (STL NMF)"
-FAST = dict(train=False)  # shipped parameters: seconds, not ~20 s of training
 
 
 def _dock(viewer):
@@ -130,7 +129,11 @@ def test_deconvolve_runs_and_makes_layers(make_napari_viewer, qtbot, errors):
     feats = viewer.layers[types[0]].features
     sums = feats[types].sum(1).to_numpy()
     assert np.allclose(sums[np.isfinite(sums) & (sums > 0)], 1.0, atol=1e-6)
-    assert {"barcode", "dominant", "stlnmf_fit_error"} <= set(feats.columns)
+    assert {"barcode", "dominant", "fit_error", "qc"} <= set(feats.columns)
+    # hovering a spot shows its values in the status bar
+    first_map = viewer.layers[types[0]]
+    status = first_map.get_status(first_map.data[0], world=True)
+    assert "barcode" in status["value"] and "dominant" in status["value"]
     # the maps lie on the spots (same world coordinates as the input)
     np.testing.assert_allclose(viewer.layers[types[0]].data, widget.spots.value.data)
 
@@ -236,4 +239,19 @@ def test_screenshot_shows_map_over_image(make_napari_viewer, qtbot, tmp_path):
     base = before[..., :3].astype(float)
     viridis_like = (rgb[..., 1] > rgb[..., 0] + 30) & (diff > 30)
     assert viridis_like.mean() > 0.005, "no viridis colours found in the screenshot"
-    assert ((base[..., 1] > base[..., 0] + 30)).mean() < 0.2 * viridis_like.mean()
+    assert (base[..., 1] > base[..., 0] + 30).mean() < 0.2 * viridis_like.mean()
+
+
+def test_open_slide_file_from_widget(make_napari_viewer, errors, tmp_path):
+    from napari_stlnmf.datasets import load_demo
+
+    slide, _ = load_demo()
+    slide.write_h5ad(tmp_path / "my_slide.h5ad")
+    viewer = make_napari_viewer()
+    widget = _dock(viewer)
+    widget.slide_file.value = tmp_path / "my_slide.h5ad"
+    assert not errors, errors
+    assert widget.spots.value is not None and widget.spots.value.name == "my_slide spots"
+    assert widget.image.value is not None and widget.image.value.name == "my_slide image"
+    widget.slide_file.value = tmp_path / "missing.h5ad"
+    assert errors  # a clear message, no exception

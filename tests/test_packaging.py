@@ -28,13 +28,14 @@ DATA_FILES = [
     "histology_tissue_lowres_image.png",
     "histology_tissue_positions.csv",
     "histology_scalefactors_json.json",
+    "histology_README.md",
     "LICENSE_scanpy.txt",
 ]
 WIDGET = "Deconvolve (STL NMF)"
 
 
 def _run(cmd, **kwargs):
-    proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, **kwargs)
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
@@ -55,8 +56,11 @@ def wheel(tmp_path_factory) -> Path:
         shutil.copy2(ROOT / name, src / name)
     shutil.copytree(ROOT / "src", src / "src", symlinks=True, ignore=ignore)
     out = tmp / "dist"
-    _run([sys.executable, "-m", "build", "--wheel", "--outdir", str(out), str(src)],
-         env=_clean_env(), timeout=600)
+    _run(
+        [sys.executable, "-m", "build", "--wheel", "--outdir", str(out), str(src)],
+        env=_clean_env(),
+        timeout=600,
+    )
     wheels = list(out.glob("napari_stlnmf-*.whl"))
     assert len(wheels) == 1
     return wheels[0]
@@ -103,10 +107,26 @@ def test_wheel_install_registers_plugin(wheel, tmp_path):
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
     py = venv / "bin" / "python"
-    site = Path(_run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
-                     ).stdout.strip())
-    _run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps",
-          "--no-index", "--quiet", str(wheel)], env=_clean_env())
+    site = Path(
+        _run(
+            [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
+        ).stdout.strip()
+    )
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(py),
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--quiet",
+            str(wheel),
+        ],
+        env=_clean_env(),
+    )
     (site / "_stlnmf_test_deps.pth").write_text(str(_deps_view(tmp_path / "deps")) + "\n")
     script = textwrap.dedent(f"""
         import importlib.metadata as md, json, sys

@@ -275,8 +275,24 @@ def run_destvi(slide, ref, key, a):
     st_epochs = a.epochs if a.epochs is not None else 2000  # DestVI default
     try:
         CondSCVI.setup_anndata(ref, labels_key=key)
-        scm = CondSCVI(ref, weight_obs=False)
+        # prior="normal" is CondSCVI's default; passing it explicitly works around
+        # scvi-tools 1.4.2 DestVI.from_rna_model reading module_kwargs["prior"]
+        # (KeyError: 'prior' when the default is used).
+        scm = CondSCVI(ref, weight_obs=False, prior="normal")
         scm.train(max_epochs=sc_epochs, accelerator="cpu")
+        # scvi-tools 1.4.2: CondSCVI.get_vamp_prior returns numpy arrays for the default
+        # (normal) prior but DestVI's module registers them as torch buffers -> TypeError.
+        # Convert them to float32 tensors (same values, same model).
+        import torch
+
+        _orig_vamp = scm.get_vamp_prior
+
+        def _vamp_as_tensors(*args, **kwargs):
+            out = _orig_vamp(*args, **kwargs)
+            return {k: (torch.as_tensor(v, dtype=torch.float32) if isinstance(v, np.ndarray)
+                        else v) for k, v in out.items()}
+
+        scm.get_vamp_prior = _vamp_as_tensors
         DestVI.setup_anndata(slide)
         stm = DestVI.from_rna_model(slide, scm)
         stm.train(max_epochs=st_epochs, accelerator="cpu")
@@ -291,7 +307,11 @@ def run_destvi(slide, ref, key, a):
         raise PeerUnavailable(
             f"DestVI.get_proportions() returned None in scvi-tools {_version('scvi-tools')} "
             "(the method computes the proportions but never returns them)")
-    params = {"sc_model": "CondSCVI(weight_obs=False)", "sc_epochs": sc_epochs,
+    params = {"sc_model": "CondSCVI(weight_obs=False, prior='normal')", "sc_epochs": sc_epochs,
+              "workaround": "prior='normal' (the default) passed explicitly: scvi-tools 1.4.2 "
+                            "DestVI.from_rna_model raises KeyError 'prior' otherwise; "
+                            "CondSCVI.get_vamp_prior output converted numpy->torch (TypeError "
+                            "registering buffer 'mean_vprior' otherwise)",
               "spatial_model": "DestVI.from_rna_model", "spatial_epochs": st_epochs,
               "n_genes_used": slide.n_vars}
     info = {"quantity": "mRNA fraction: normalised DestVI proportions (additional types dropped)"}
