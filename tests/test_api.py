@@ -180,6 +180,19 @@ def test_bad_inputs_raise_clear_errors(demo):
         deconvolve(small, sig, train=False)
 
 
+def test_image_not_covering_spots_is_reported(demo):
+    from napari_stlnmf.errors import ImageMismatchError
+
+    slide, reference = demo
+    wrong = slide.copy()
+    lib = next(iter(wrong.uns["spatial"]))
+    wrong.uns["spatial"][lib]["scalefactors"]["tissue_hires_scalef"] = 1.0  # full-res coords on a small image
+    with pytest.raises(ImageMismatchError, match="scale"):
+        deconvolve(wrong, reference, cell_type_key=KEY, train=False)
+    # the distance-only graph does not need the image
+    assert deconvolve(wrong, reference, cell_type_key=KEY, train=False, use_image=False).info["graph"]["features"] == "none"
+
+
 def test_user_objects_not_modified(demo):
     slide, reference = demo
     s, r = _copy_slide(slide), reference.copy()

@@ -111,6 +111,8 @@ def slide_features(adata, mask, *, library_id=None, use_image=True, region_key=N
     if not use_image:
         return None, "none"
     found = io.get_image(adata, library_id=library_id)
+    if found is not None:
+        io.check_image_covers_spots(adata, library_id=library_id)
     if found is None:
         return None, "none"
     image, scalef, spot_diameter = found

@@ -1,0 +1,103 @@
+"""Learn the shipped default parameters (λ's, σ's; no gene weights) on many simulated slides.
+
+    python benchmarks/train_defaults.py   # writes src/napari_stlnmf/data/default_params.pt
+
+Slides come from synthetic references of 5-30 types on hexagonal and square layouts with all
+three kinds of proportions, several depths and platform effects. Gene weights are not learned:
+they are specific to a reference, and users who train get their own.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+warnings.simplefilter("ignore")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def groups(seed=0):
+    from napari_stlnmf.datasets import hex_layout, make_reference
+    from napari_stlnmf.graph import build_graph
+    from napari_stlnmf.preprocess import build_reference, prepare
+    from napari_stlnmf.train import make_training_slides
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, n_types in enumerate([5, 8, 12, 20, 30, 10]):
+        ref = build_reference(make_reference(n_types=n_types, n_genes=max(600, 25 * n_types), cells_per_type=80, seed=500 + i),
+                              cell_type_key="cell_type")
+        if i % 2:
+            xy = hex_layout(28, 28)
+        else:
+            g = np.arange(26)
+            xy = np.column_stack([np.repeat(g, 26), np.tile(g, 26)]).astype(float) * 100
+        graph = build_graph(xy)
+        depth = float(rng.choice([1000, 3000, 10000]))
+        # prepare on a pilot simulation to pick genes and scales the way deconvolve would
+        slides = make_training_slides(xy, graph, ref, n_slides=4, max_spots=700, library_sizes=np.full(10, depth), seed=seed + i)
+        X_pilot = np.vstack([s.X.numpy() for s in slides]) * depth
+        prep = prepare(X_pilot, ref.genes, ref)
+        sel = ref.subset_genes(prep.genes)
+        slides = make_training_slides(xy, graph, sel, n_slides=4, max_spots=700, library_sizes=np.full(10, depth), seed=seed + 10 + i)
+        out.append((prep, slides))
+    return out
+
+
+def main(epochs: int = 40):
+    from napari_stlnmf.api import default_params_path
+    from napari_stlnmf.model import UnrolledNMF, to_cell_fractions
+    from napari_stlnmf.train import _stack
+
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    data = groups()
+    model = UnrolledNMF(1, 1, learn_gene_weights=False)
+    params = [model.log_lambda, model.raw_sigma]
+    opt = torch.optim.Adam(params, lr=0.05)
+    batches = [(torch.as_tensor(p.B), torch.as_tensor(p.gene_scale), torch.as_tensor(p.mrna_content, dtype=torch.float32),
+                _stack(sl[:3]), _stack(sl[3:])) for p, sl in data]
+
+    def loss_on(which):
+        total = 0.0
+        for B, g, c, tr, va in batches:
+            b = tr if which == "train" else va
+            model.log_type_weight = torch.nn.Parameter(torch.zeros(B.shape[1]), requires_grad=False)
+            model.log_gene_weight = torch.nn.Parameter(torch.zeros(B.shape[0]), requires_grad=False)
+            V = model(b.X, B, g, b.graph)
+            total = total + ((to_cell_fractions(V, c) - b.truth) ** 2).mean()
+        return total / len(batches)
+
+    with torch.no_grad():
+        start = float(loss_on("val").sqrt())
+    best, best_state = start, {k: v.detach().clone() for k, v in model.state_dict().items() if k in ("log_lambda", "raw_sigma")}
+    for epoch in range(epochs):
+        opt.zero_grad()
+        loss = loss_on("train")
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            val = float(loss_on("val").sqrt())
+        if val < best:
+            best, best_state = val, {"log_lambda": model.log_lambda.detach().clone(), "raw_sigma": model.raw_sigma.detach().clone()}
+        print(f"epoch {epoch + 1}: train {float(loss.sqrt()):.4f} val {val:.4f}", flush=True)
+    with torch.no_grad():
+        model.log_lambda.copy_(best_state["log_lambda"])
+        model.raw_sigma.copy_(best_state["raw_sigma"])
+    out = UnrolledNMF(1, 1, learn_gene_weights=False)
+    with torch.no_grad():
+        out.log_lambda.copy_(model.log_lambda)
+        out.raw_sigma.copy_(model.raw_sigma)
+    path = default_params_path()
+    out.save(path, extra={"trained_on": "6 synthetic references (5-30 types), hex and square layouts",
+                          "val_rmse_initial": start, "val_rmse": best, "seconds": time.perf_counter() - t0})
+    print(f"validation RMSE {start:.4f} -> {best:.4f}; {out.describe()}; wrote {path}")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 40)
