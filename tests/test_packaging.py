@@ -164,6 +164,16 @@ def test_wheel_install_registers_plugin(wheel, tmp_path):
     listed = _run([str(py), "-m", "npe2", "list"], env=_clean_env(), cwd=tmp_path).stdout
     assert "napari-stlnmf" in listed
     _run([str(py), "-m", "npe2", "validate", "napari-stlnmf"], env=_clean_env(), cwd=tmp_path)
+    # and napari, started from the wheel install, docks the widget as the Plugins menu does
+    dock = textwrap.dedent(f"""
+        import napari, napari_stlnmf
+        viewer = napari.Viewer(show=False)
+        dw, widget = viewer.window.add_plugin_dock_widget("napari-stlnmf", "{WIDGET}")
+        print("DOCKED", type(widget).__name__, napari_stlnmf.__file__)
+        viewer.close()
+    """)
+    docked = _run([str(py), "-c", dock], env=_clean_env(), cwd=tmp_path, timeout=300).stdout
+    assert "DOCKED DeconvolveWidget" in docked and str(site) in docked
 
 
 def test_editable_install_resolves_manifest(tmp_path):
