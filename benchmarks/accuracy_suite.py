@@ -205,8 +205,10 @@ def main(argv=None):
             tr = (info or {}).get("train")
             if tr:
                 row["train_s"] = tr["seconds"]
+                row["val0"], row["val"] = tr["val_rmse_initial"], tr["val_rmse"]
             rows.append(row)
-            print(f"{dn:30s} {vn:14s} rmse={row['rmse']:.4f} jsd={row['jsd']:.4f} t={row['seconds']:.1f}s", flush=True)
+            extra = f" train={row['train_s']:.1f}s val {row['val0']:.4f}->{row['val']:.4f}" if "val" in row else ""
+            print(f"{dn:30s} {vn:14s} rmse={row['rmse']:.4f} jsd={row['jsd']:.4f} t={row['seconds']:.1f}s{extra}", flush=True)
     df = pd.DataFrame(rows)
     print()
     for metric in ("rmse", "jsd"):

@@ -157,6 +157,7 @@ def train_unrolled(
     lr: float = 0.05,
     patience: int = 15,
     gene_weight_penalty: float = 1e-3,
+    min_improvement: float = 0.02,
     progress=None,
     should_stop=None,
     seed: int = 0,
@@ -164,6 +165,9 @@ def train_unrolled(
     """Adam on the RMSE of cell fractions, back-propagated through all layers.
 
     Keeps the parameters of the epoch with the best validation RMSE (early stopping).
+    Guard: unless that beats the initial parameters' validation RMSE by more than the
+    relative margin ``min_improvement``, the initial parameters are kept (a gain within
+    the noise of the validation estimate is not worth the risk of a simulator mismatch).
     ``progress(stage, i, n)`` and ``should_stop()`` are optional callbacks.
     """
     torch.manual_seed(seed)
@@ -179,6 +183,7 @@ def train_unrolled(
     best = _rmse(model, val_batch, Bt, st, ct)
     initial = best
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    initial_state = best_state
     best_epoch, since_best, history = 0, 0, []
     train_rmse = float("nan")
     for epoch in range(1, epochs + 1):
@@ -203,6 +208,8 @@ def train_unrolled(
             progress("training", epoch, epochs)
         if since_best >= patience:
             break
+    if best > initial * (1.0 - min_improvement):
+        best_state, best, best_epoch = initial_state, initial, 0
     model.load_state_dict(best_state)
     return TrainReport(initial, best, train_rmse, len(history), best_epoch, time.perf_counter() - t0, history)
 
