@@ -236,7 +236,7 @@ def deconvolve(
         elif params is not None:
             raise StlnmfError(f"parameter file {params} does not exist")
         else:
-            model = UnrolledNMF(m, p)
+            model = UnrolledNMF(m, p, omega=DEFAULTS.omega_start)
         if n_layers is not None and n_layers != model.n_layers:
             model.n_layers = int(n_layers)
             if not model.tied:

@@ -40,6 +40,7 @@ __all__ = [
 
 EPS = 1e-10
 SIGMA_RANGE = (0.25, 8.0)  # σ's in spot spacings / standardised feature units
+OMEGA_RANGE = (0.5, 2.0)  # over-relaxation exponent of the multiplicative update
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class Defaults:
     sigma_distance: float = 1.0
     sigma_feature: float = 1.0
     n_layers: int = 100
+    omega: float = 1.0  # over-relaxation exponent of the update (plain MU), in OMEGA_RANGE
+    omega_start: float = 1.5  # what deconvolve() starts a fresh unrolled model from
 
 
 DEFAULTS = Defaults()
@@ -89,8 +92,10 @@ def _graph_product(g: dict, w: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(V).index_add_(0, g["rows"], w[:, None] * V[g["cols"]])
 
 
-def update_step(V, BtX, BtB, lam1, lam2, ridge, graph_product=None, degree=None):
+def update_step(V, BtX, BtB, lam1, lam2, ridge, graph_product=None, degree=None, omega=None):
     """One multiplicative update (out of place, differentiable).
+
+    ``omega`` (optional) over-relaxes the step: ``V * (num / den) ** omega``.
 
     ``ridge`` is the per-type vector ``2 λ3 w3²``; ``graph_product(V)`` returns ``A V`` and
     ``degree`` is ``A 1``.
@@ -100,7 +105,9 @@ def update_step(V, BtX, BtB, lam1, lam2, ridge, graph_product=None, degree=None)
     if graph_product is not None and lam1 is not None:
         num = num + lam1 * graph_product(V)
         den = den + (lam1 * degree)[:, None] * V
-    return V * num / den
+    if omega is None:
+        return V * num / den
+    return V * (num / den) ** omega
 
 
 def objective(V, X, B, lam1, lam2, ridge, A=None) -> float:
@@ -155,6 +162,7 @@ def solve(
     tol: float | None = None,
     V0: torch.Tensor | None = None,
     callback=None,
+    omega: float = 1.0,
 ) -> torch.Tensor:
     """Run multiplicative updates with fixed parameters, in place and fused (inference path).
 
@@ -173,11 +181,11 @@ def solve(
     ridges = ridge_t if ridge_t.ndim == 2 else None
     V_prev = V.clone() if tol else None
     with flush_denormals():
-        _run_layers(V, BtX, BtB, A, deg, lam1, lam2, ridge_t, ridges, n_iter, tol, V_prev, callback)
+        _run_layers(V, BtX, BtB, A, deg, lam1, lam2, ridge_t, ridges, n_iter, tol, V_prev, callback, float(omega))
     return V
 
 
-def _run_layers(V, BtX, BtB, A, deg, lam1, lam2, ridge_t, ridges, n_iter, tol, V_prev, callback):
+def _run_layers(V, BtX, BtB, A, deg, lam1, lam2, ridge_t, ridges, n_iter, tol, V_prev, callback, omega=1.0):
     per_layer = lambda v, k: float(v[k]) if np.ndim(v) else float(v)  # noqa: E731
     num = torch.empty_like(V)
     den = torch.empty_like(V)
@@ -192,7 +200,10 @@ def _run_layers(V, BtX, BtB, A, deg, lam1, lam2, ridge_t, ridges, n_iter, tol, V
         if A is not None and l1:
             den.addcmul_(V, deg, value=l1)
             num.add_(torch.sparse.mm(A, V), alpha=l1)
-        V.mul_(num).div_(den)
+        if abs(omega - 1.0) < 1e-6:
+            V.mul_(num).div_(den)
+        else:
+            V.mul_(num.div_(den).pow_(omega))
         if callback is not None and (k % 10 == 9 or k == n_iter - 1):
             callback(k + 1, n_iter)
         if tol and (k % 10 == 9):
@@ -251,6 +262,7 @@ class UnrolledNMF(nn.Module):
         sigma_distance: float = DEFAULTS.sigma_distance,
         sigma_feature: float = DEFAULTS.sigma_feature,
         learn_gene_weights: bool = True,
+        omega: float = DEFAULTS.omega,
     ):
         super().__init__()
         self.n_layers = int(n_layers)
@@ -267,6 +279,11 @@ class UnrolledNMF(nn.Module):
         )
         self.log_type_weight = nn.Parameter(torch.zeros(n_types))
         self.log_gene_weight = nn.Parameter(torch.zeros(n_genes), requires_grad=learn_gene_weights)
+        self.raw_omega = nn.Parameter(torch.tensor(_inv_sigmoid_range(omega, *OMEGA_RANGE), dtype=torch.float32))
+
+    def omega(self) -> torch.Tensor:
+        lo, hi = OMEGA_RANGE
+        return lo + (hi - lo) * torch.sigmoid(self.raw_omega)
 
     # parameters in their natural units
     def lambdas(self) -> torch.Tensor:
@@ -304,6 +321,7 @@ class UnrolledNMF(nn.Module):
         V = torch.full((n, p), 1.0 / p, dtype=BtX.dtype, device=BtX.device) if V0 is None else V0
         lam = self.lambdas()
         ridge = self.ridge()
+        om = self.omega()
         gp = deg = None
         if graph is not None:
             s = self.sigmas()
@@ -313,7 +331,7 @@ class UnrolledNMF(nn.Module):
         with flush_denormals():
             for k in range(self.n_layers):
                 r = 0 if self.tied else k
-                V = update_step(V, BtX, BtB, lam[r, 0], lam[r, 1], ridge[r], gp, deg)
+                V = update_step(V, BtX, BtB, lam[r, 0], lam[r, 1], ridge[r], gp, deg, omega=om)
         return V
 
     @torch.no_grad()
@@ -329,7 +347,7 @@ class UnrolledNMF(nn.Module):
         else:
             l1, l2, r = lam[:, 0], lam[:, 1], ridge
         return solve(BtX, BtB, adjacency=adjacency, lam1=l1, lam2=l2, ridge=r,
-                     n_iter=n_layers or self.n_layers, callback=callback)
+                     n_iter=n_layers or self.n_layers, callback=callback, omega=float(self.omega()))
 
     def describe(self) -> dict:
         """Learned hyper-parameters as plain numbers (for reports and ``uns``)."""
@@ -343,6 +361,7 @@ class UnrolledNMF(nn.Module):
             "sigma_distance": float(s[0]),
             "sigma_feature": float(s[1]),
             "n_layers": self.n_layers,
+            "omega": float(self.omega().detach()),
             "tied": self.tied,
             "gene_weight_range": [float(gw.min()), float(gw.max())],
         }
@@ -385,6 +404,8 @@ class UnrolledNMF(nn.Module):
         with torch.no_grad():
             model.log_lambda.copy_(state["log_lambda"])
             model.raw_sigma.copy_(state["raw_sigma"])
+            if "raw_omega" in state:
+                model.raw_omega.copy_(state["raw_omega"])
             if state["log_type_weight"].numel() == p:
                 model.log_type_weight.copy_(state["log_type_weight"])
             if genes is not None and saved_genes is not None:
