@@ -150,9 +150,13 @@ DATASETS = {
 }
 
 
+SEED = [0]  # training seed of deconvolve (--seed)
+
+
 def _dc(**fixed):
     def run(d):
-        res = deconvolve(d["slide"], d["reference"], cell_type_key=d["key"], fractions=d["fractions"], seed=0, **fixed)
+        res = deconvolve(d["slide"], d["reference"], cell_type_key=d["key"], fractions=d["fractions"], seed=SEED[0],
+                         **fixed)
         return res.proportions, res.info
     return run
 
@@ -181,8 +185,10 @@ def main(argv=None):
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--datasets", default=",".join(DATASETS))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--seed", type=int, default=0, help="seed passed to deconvolve (training slides)")
     ap.add_argument("--extra", default=None, help="name=json-kwargs for deconvolve, e.g. 'big={\"n_layers\":300}'")
     args = ap.parse_args(argv)
+    SEED[0] = args.seed
     variants = dict(VARIANTS)
     if args.extra:
         for item in args.extra.split(";"):
