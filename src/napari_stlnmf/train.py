@@ -157,7 +157,7 @@ def train_unrolled(
     lr: float = 0.05,
     patience: int = 15,
     gene_weight_penalty: float = 1e-3,
-    min_improvement: float = 0.02,
+    min_improvement: float = 0.05,
     progress=None,
     should_stop=None,
     seed: int = 0,
