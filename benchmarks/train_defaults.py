@@ -1,4 +1,4 @@
-"""Learn the shipped default parameters (λ's, σ's; no gene weights) on many simulated slides.
+"""Learn the shipped default parameters (λ's, σ's, ω; no gene weights) on many simulated slides.
 
     python benchmarks/train_defaults.py   # writes src/napari_stlnmf/data/default_params.pt
 
@@ -51,14 +51,14 @@ def groups(seed=0):
 
 def main(epochs: int = 40):
     from napari_stlnmf.api import default_params_path
-    from napari_stlnmf.model import UnrolledNMF, to_cell_fractions
+    from napari_stlnmf.model import DEFAULTS, UnrolledNMF, to_cell_fractions
     from napari_stlnmf.train import _stack
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
     data = groups()
-    model = UnrolledNMF(1, 1, learn_gene_weights=False)
-    params = [model.log_lambda, model.raw_sigma]
+    model = UnrolledNMF(1, 1, learn_gene_weights=False, omega=DEFAULTS.omega_start)
+    params = [model.log_lambda, model.raw_sigma, model.raw_omega]
     opt = torch.optim.Adam(params, lr=0.05)
     batches = [(torch.as_tensor(p.B), torch.as_tensor(p.gene_scale), torch.as_tensor(p.mrna_content, dtype=torch.float32),
                 _stack(sl[:3]), _stack(sl[3:])) for p, sl in data]
@@ -75,7 +75,8 @@ def main(epochs: int = 40):
 
     with torch.no_grad():
         start = float(loss_on("val").sqrt())
-    best, best_state = start, {k: v.detach().clone() for k, v in model.state_dict().items() if k in ("log_lambda", "raw_sigma")}
+    keys = ("log_lambda", "raw_sigma", "raw_omega")
+    best, best_state = start, {k: v.detach().clone() for k, v in model.state_dict().items() if k in keys}
     for epoch in range(epochs):
         opt.zero_grad()
         loss = loss_on("train")
@@ -84,15 +85,12 @@ def main(epochs: int = 40):
         with torch.no_grad():
             val = float(loss_on("val").sqrt())
         if val < best:
-            best, best_state = val, {"log_lambda": model.log_lambda.detach().clone(), "raw_sigma": model.raw_sigma.detach().clone()}
+            best, best_state = val, {k: v.detach().clone() for k, v in model.state_dict().items() if k in keys}
         print(f"epoch {epoch + 1}: train {float(loss.sqrt()):.4f} val {val:.4f}", flush=True)
-    with torch.no_grad():
-        model.log_lambda.copy_(best_state["log_lambda"])
-        model.raw_sigma.copy_(best_state["raw_sigma"])
     out = UnrolledNMF(1, 1, learn_gene_weights=False)
     with torch.no_grad():
-        out.log_lambda.copy_(model.log_lambda)
-        out.raw_sigma.copy_(model.raw_sigma)
+        for k in keys:
+            getattr(out, k).copy_(best_state[k])
     path = default_params_path()
     out.save(path, extra={"trained_on": "6 synthetic references (5-30 types), hex and square layouts",
                           "val_rmse_initial": start, "val_rmse": best, "seconds": time.perf_counter() - t0})

@@ -24,7 +24,7 @@ from .errors import CoordinateError, StlnmfError
 from .graph import SpatialGraph, build_graph, region_features, spot_image_features
 from .model import DEFAULTS, UnrolledNMF, finalize_proportions, pick_device, solve, to_cell_fractions
 from .preprocess import Prepared, Reference, build_reference, prepare
-from .train import Cancelled, make_training_slides, train_unrolled
+from .train import Cancelled, calibrated_noise_ranges, estimate_noise, make_training_slides, train_unrolled
 
 __all__ = ["deconvolve", "DeconvolutionResult", "Cancelled", "default_params_path"]
 
@@ -149,6 +149,8 @@ def deconvolve(
     min_proportion: float = 0.05,
     save_params: str | Path | None = None,
     seed: int = 0,
+    train_options: dict | None = None,
+    calibrate_noise: bool = True,
     device: str = "auto",
     progress=None,
     should_stop=None,
@@ -175,6 +177,14 @@ def deconvolve(
         content); ``'mrna'``: share of the spot's transcripts. Both are returned.
     min_proportion
         Proportions below this are set to zero at the end (then rows are renormalised).
+    calibrate_noise
+        Before training, measure the slide's platform effect (and, for signature-only
+        references, its extra-Poisson noise) from a first fit, and simulate training slides
+        with noise around those levels instead of a fixed prior range.
+    train_options
+        Advanced: extra keyword arguments for the simulation of training slides
+        (:func:`napari_stlnmf.train.make_training_slides`) and for training
+        (:func:`napari_stlnmf.train.train_unrolled`), routed by name.
     progress, should_stop
         ``progress(stage, i, n)`` callback; ``should_stop()`` returning True cancels with
         :class:`Cancelled`.
@@ -228,7 +238,7 @@ def deconvolve(
         elif params is not None:
             raise StlnmfError(f"parameter file {params} does not exist")
         else:
-            model = UnrolledNMF(m, p)
+            model = UnrolledNMF(m, p, omega=DEFAULTS.omega_start)
         if n_layers is not None and n_layers != model.n_layers:
             model.n_layers = int(n_layers)
             if not model.tied:
@@ -242,16 +252,25 @@ def deconvolve(
             n_val = max(2, n_train_slides // 4)
             total = n_train_slides + n_val
             _report(progress, "simulating", 0, total)
+            sim_kw, fit_kw = _split_train_options(train_options)
+            noise = None
+            if calibrate_noise:
+                V_first = model.infer(prep.X, B, scale, graph).cpu().numpy().astype(np.float64)
+                V_first /= np.maximum(V_first.sum(1, keepdims=True), 1e-12)
+                noise = estimate_noise(prep.X, prep.library_size, prep.B, V_first)
+                for k, v in calibrated_noise_ranges(noise, signature_only=ref_sel.cell_counts is None).items():
+                    sim_kw.setdefault(k, v)
             slides = make_training_slides(
                 xy[mask], graph, ref_sel, n_slides=total, features=features,
-                library_sizes=prep.library_size, seed=rng_seed, device=dev,
+                library_sizes=prep.library_size, seed=rng_seed, device=dev, **sim_kw,
             )
             _check_stop(should_stop)
             train_report = train_unrolled(
                 model, prep.B, prep.gene_scale, prep.mrna_content,
                 slides[:n_train_slides], slides[n_train_slides:], epochs=train_epochs,
-                progress=progress, should_stop=should_stop, seed=rng_seed,
+                progress=progress, should_stop=should_stop, seed=rng_seed, **fit_kw,
             )
+            train_report.noise = noise
             if save_params is not None:
                 model.save(save_params, genes=prep.genes, cell_types=prep.cell_types,
                            extra={"train": train_report.as_dict()})
@@ -332,6 +351,23 @@ def deconvolve(
     result.adata = _annotated_copy(adata, result)
     _report(progress, "done", 1, 1)
     return result
+
+
+def _split_train_options(options: dict | None) -> tuple[dict, dict]:
+    """Route ``train_options`` to make_training_slides / train_unrolled by parameter name."""
+    import inspect
+
+    sim_names = set(inspect.signature(make_training_slides).parameters)
+    fit_names = set(inspect.signature(train_unrolled).parameters)
+    sim_kw, fit_kw = {}, {}
+    for k, v in (options or {}).items():
+        if k in sim_names:
+            sim_kw[k] = v
+        elif k in fit_names:
+            fit_kw[k] = v
+        else:
+            raise StlnmfError(f"unknown train option {k!r}")
+    return sim_kw, fit_kw
 
 
 def _fit_error(X, gene_scale, V, BtX, BtB) -> np.ndarray:

@@ -40,6 +40,7 @@ __all__ = [
 
 EPS = 1e-10
 SIGMA_RANGE = (0.25, 8.0)  # σ's in spot spacings / standardised feature units
+OMEGA_RANGE = (0.5, 2.0)  # over-relaxation exponent of the multiplicative update
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class Defaults:
     sigma_distance: float = 1.0
     sigma_feature: float = 1.0
     n_layers: int = 100
+    omega: float = 1.0  # over-relaxation exponent of the update (plain MU), in OMEGA_RANGE
+    omega_start: float = 1.5  # what deconvolve() starts a fresh unrolled model from
 
 
 DEFAULTS = Defaults()
@@ -120,8 +123,10 @@ def _graph_product(g: dict, w: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     return _GraphProduct.apply(w, V, g["crow"], g["cols"], g["rows"])
 
 
-def update_step(V, BtX, BtB, lam1, lam2, ridge, graph_product=None, degree=None):
+def update_step(V, BtX, BtB, lam1, lam2, ridge, graph_product=None, degree=None, omega=None):
     """One multiplicative update (out of place, differentiable; reference form).
+
+    ``omega`` (optional) over-relaxes the step: ``V * (num / den) ** omega``.
 
     ``ridge`` is the per-type vector ``2 λ3 w3²``; ``graph_product(V)`` returns ``A V`` and
     ``degree`` is ``A 1``.
@@ -131,15 +136,19 @@ def update_step(V, BtX, BtB, lam1, lam2, ridge, graph_product=None, degree=None)
     if graph_product is not None and lam1 is not None:
         num = num + lam1 * graph_product(V)
         den = den + (lam1 * degree)[:, None] * V
-    return V * num / den
+    if omega is None:
+        return V * num / den
+    return V * (num / den) ** omega
 
 
-def _fused_step(V, C, M, lam1, degree_col, graph_product):
+def _fused_step(V, C, M, lam1, degree_col, graph_product, omega=None):
     """The same update with constants folded: ``C = BtX + λ2``,
     ``M = BtB + diag(ridge) + λ2 11ᵀ``, ``degree_col = λ1 A1``: fewer passes per layer."""
     den = torch.addcmul(V @ M, degree_col, V) + EPS if degree_col is not None else V @ M + EPS
     num = C + lam1 * graph_product(V) if graph_product is not None else C
-    return V * num / den
+    if omega is None:
+        return V * num / den
+    return V * (num / den) ** omega
 
 
 def objective(V, X, B, lam1, lam2, ridge, A=None) -> float:
@@ -194,6 +203,7 @@ def solve(
     tol: float | None = None,
     V0: torch.Tensor | None = None,
     callback=None,
+    omega: float = 1.0,
 ) -> torch.Tensor:
     """Run multiplicative updates with fixed parameters, in place and fused (inference path).
 
@@ -213,7 +223,7 @@ def solve(
     ridges = ridge_t if ridge_t.ndim == 2 else None
     V_prev = V.clone() if tol else None
     with flush_denormals():
-        _run_layers(V, BtX, BtB, A, deg, lam1, lam2, ridge_t, ridges, n_iter, tol, V_prev, callback)
+        _run_layers(V, BtX, BtB, A, deg, lam1, lam2, ridge_t, ridges, n_iter, tol, V_prev, callback, float(omega))
     return V
 
 
@@ -252,7 +262,7 @@ class _TorchGraph:
         out.add_(torch.sparse.mm(self.A, V), alpha=scale)
 
 
-def _run_layers(V, BtX, BtB, A, deg, lam1, lam2, ridge_t, ridges, n_iter, tol, V_prev, callback):
+def _run_layers(V, BtX, BtB, A, deg, lam1, lam2, ridge_t, ridges, n_iter, tol, V_prev, callback, omega=1.0):
     """Six fused passes over V per layer (memory-bound at 10^6 spots):
     ``num = C; num += λ1 A V`` (in-place sparse product), ``den = ε + V M`` (one addmm),
     ``den += λ1 d ⊙ V``, ``V *= num``, ``V /= den``; with ``C = BtX + λ2`` and
@@ -278,7 +288,10 @@ def _run_layers(V, BtX, BtB, A, deg, lam1, lam2, ridge_t, ridges, n_iter, tol, V
         torch.addmm(eps, V, M, out=den)
         if dcol is not None:
             den.addcmul_(V, dcol)
-        V.mul_(num).div_(den)
+        if abs(omega - 1.0) < 1e-6:
+            V.mul_(num).div_(den)
+        else:  # over-relaxed step
+            V.mul_(num.div_(den).pow_(omega))
         if callback is not None and (k % 10 == 9 or k == n_iter - 1):
             callback(k + 1, n_iter)
         if tol and (k % 10 == 9):
@@ -337,6 +350,7 @@ class UnrolledNMF(nn.Module):
         sigma_distance: float = DEFAULTS.sigma_distance,
         sigma_feature: float = DEFAULTS.sigma_feature,
         learn_gene_weights: bool = True,
+        omega: float = DEFAULTS.omega,
     ):
         super().__init__()
         self.n_layers = int(n_layers)
@@ -353,6 +367,11 @@ class UnrolledNMF(nn.Module):
         )
         self.log_type_weight = nn.Parameter(torch.zeros(n_types))
         self.log_gene_weight = nn.Parameter(torch.zeros(n_genes), requires_grad=learn_gene_weights)
+        self.raw_omega = nn.Parameter(torch.tensor(_inv_sigmoid_range(omega, *OMEGA_RANGE), dtype=torch.float32))
+
+    def omega(self) -> torch.Tensor:
+        lo, hi = OMEGA_RANGE
+        return lo + (hi - lo) * torch.sigmoid(self.raw_omega)
 
     # parameters in their natural units
     def lambdas(self) -> torch.Tensor:
@@ -390,6 +409,7 @@ class UnrolledNMF(nn.Module):
         V = torch.full((n, p), 1.0 / p, dtype=BtX.dtype, device=BtX.device) if V0 is None else V0
         lam = self.lambdas()
         ridge = self.ridge()
+        om = self.omega()
         gp = deg = None
         if graph is not None:
             s = self.sigmas()
@@ -404,7 +424,7 @@ class UnrolledNMF(nn.Module):
                     C = BtX + lam[r, 1]
                     M = BtB + torch.diag(ridge[r]) + lam[r, 1] * ones
                     dcol = (lam[r, 0] * deg)[:, None] if gp is not None else None
-                V = _fused_step(V, C, M, lam[r, 0], dcol, gp)
+                V = _fused_step(V, C, M, lam[r, 0], dcol, gp, om)
         return V
 
     @torch.no_grad()
@@ -420,7 +440,7 @@ class UnrolledNMF(nn.Module):
         else:
             l1, l2, r = lam[:, 0], lam[:, 1], ridge
         return solve(BtX, BtB, adjacency=adjacency, lam1=l1, lam2=l2, ridge=r,
-                     n_iter=n_layers or self.n_layers, callback=callback)
+                     n_iter=n_layers or self.n_layers, callback=callback, omega=float(self.omega()))
 
     def describe(self) -> dict:
         """Learned hyper-parameters as plain numbers (for reports and ``uns``)."""
@@ -434,6 +454,7 @@ class UnrolledNMF(nn.Module):
             "sigma_distance": float(s[0]),
             "sigma_feature": float(s[1]),
             "n_layers": self.n_layers,
+            "omega": float(self.omega().detach()),
             "tied": self.tied,
             "gene_weight_range": [float(gw.min()), float(gw.max())],
         }
@@ -476,6 +497,8 @@ class UnrolledNMF(nn.Module):
         with torch.no_grad():
             model.log_lambda.copy_(state["log_lambda"])
             model.raw_sigma.copy_(state["raw_sigma"])
+            if "raw_omega" in state:
+                model.raw_omega.copy_(state["raw_omega"])
             if state["log_type_weight"].numel() == p:
                 model.log_type_weight.copy_(state["log_type_weight"])
             if genes is not None and saved_genes is not None:

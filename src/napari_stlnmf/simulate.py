@@ -186,6 +186,7 @@ def simulate_slide(
     platform_sigma: float = 0.0,
     max_types_per_spot: int = 6,
     spacing: float | None = None,
+    dispersion: float = 5.0,
     seed=None,
 ) -> SimulatedSlide:
     """A slide on ``coords`` with known cell and mRNA fractions."""
@@ -196,6 +197,6 @@ def simulate_slide(
     )
     counts, cf, mf, nc = simulate_counts(
         prob, reference, mean_cells=mean_cells, library_sizes=library_sizes,
-        platform_sigma=platform_sigma, rng=rng,
+        platform_sigma=platform_sigma, dispersion=dispersion, rng=rng,
     )
     return SimulatedSlide(counts, cf, mf, nc, kind)

@@ -19,7 +19,7 @@ from .model import UnrolledNMF, graph_tensors, to_cell_fractions
 from .preprocess import Reference, normalise_counts
 from .simulate import KINDS, simulate_slide
 
-__all__ = ["TrainingSlide", "make_training_slides", "train_unrolled", "TrainReport", "Cancelled"]
+__all__ = ["TrainingSlide", "make_training_slides", "train_unrolled", "TrainReport", "Cancelled", "estimate_noise", "calibrated_noise_ranges"]
 
 
 class Cancelled(Exception):
@@ -43,9 +43,13 @@ class TrainReport:
     best_epoch: int
     seconds: float
     history: list = field(default_factory=list)
+    noise: dict | None = None
 
     def as_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("val_rmse_initial", "val_rmse", "train_rmse", "epochs", "best_epoch", "seconds")}
+        out = {k: getattr(self, k) for k in ("val_rmse_initial", "val_rmse", "train_rmse", "epochs", "best_epoch", "seconds")}
+        if self.noise is not None:
+            out["noise"] = {k: float(v) for k, v in self.noise.items()}
+        return out
 
 
 def make_training_slides(
@@ -59,6 +63,7 @@ def make_training_slides(
     library_sizes: np.ndarray | None = None,
     platform_sigma: tuple[float, float] = (0.0, 0.4),
     mean_cells: tuple[float, float] = (3.0, 15.0),
+    dispersion: tuple[float, float] = (5.0, 5.0),
     seed: int = 0,
     device=None,
 ) -> list[TrainingSlide]:
@@ -82,11 +87,15 @@ def make_training_slides(
             idx = np.arange(n)
         sub = graph.subgraph(idx)
         feats = None if features is None else features[idx]
+        disp = 5.0  # NB noise of signature-only simulations (single cells bring their own)
+        if reference.cell_counts is None:
+            disp = float(np.exp(rng.uniform(np.log(dispersion[0]), np.log(dispersion[1]))))
         sim = simulate_slide(
             xy[idx], reference, kind=KINDS[i % len(KINDS)], features=feats,
             library_sizes=library_sizes, spacing=graph.spacing,
             mean_cells=float(rng.uniform(*mean_cells)),
             platform_sigma=float(rng.uniform(*platform_sigma)),
+            dispersion=disp,
             seed=int(rng.integers(2**31)),
         )
         X, lib = normalise_counts(sim.counts)
@@ -148,6 +157,7 @@ def train_unrolled(
     lr: float = 0.05,
     patience: int = 15,
     gene_weight_penalty: float = 1e-3,
+    min_improvement: float = 0.05,
     progress=None,
     should_stop=None,
     seed: int = 0,
@@ -155,6 +165,9 @@ def train_unrolled(
     """Adam on the RMSE of cell fractions, back-propagated through all layers.
 
     Keeps the parameters of the epoch with the best validation RMSE (early stopping).
+    Guard: unless that beats the initial parameters' validation RMSE by more than the
+    relative margin ``min_improvement``, the initial parameters are kept (a gain within
+    the noise of the validation estimate is not worth the risk of a simulator mismatch).
     ``progress(stage, i, n)`` and ``should_stop()`` are optional callbacks.
     """
     torch.manual_seed(seed)
@@ -170,6 +183,7 @@ def train_unrolled(
     best = _rmse(model, val_batch, Bt, st, ct)
     initial = best
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    initial_state = best_state
     best_epoch, since_best, history = 0, 0, []
     train_rmse = float("nan")
     for epoch in range(1, epochs + 1):
@@ -194,5 +208,58 @@ def train_unrolled(
             progress("training", epoch, epochs)
         if since_best >= patience:
             break
+    if best > initial * (1.0 - min_improvement):
+        best_state, best, best_epoch = initial_state, initial, 0
     model.load_state_dict(best_state)
     return TrainReport(initial, best, train_rmse, len(history), best_epoch, time.perf_counter() - t0, history)
+
+
+def estimate_noise(X, library_size: np.ndarray, B: np.ndarray, V: np.ndarray, *, min_mu: float = 2.0) -> dict:
+    """Noise of the real slide beyond the reference, from a first (untrained) fit.
+
+    ``X`` spots x genes (rows sum to one), ``library_size`` per spot, ``B`` genes x types
+    (columns sum to one), ``V`` mRNA fractions. Returns ``platform_sigma`` (robust spread
+    over genes of log(observed / predicted) slide totals: a per-gene platform effect) and
+    ``dispersion`` (gamma shape of extra-Poisson per-spot noise, inf if none), both measured
+    after the fit has absorbed what it can.
+    """
+    import scipy.sparse as sp
+
+    Xd = X.toarray() if sp.issparse(X) else np.asarray(X)
+    lib = np.asarray(library_size, dtype=np.float64)
+    obs = Xd.astype(np.float64) * lib[:, None]
+    mu = (np.asarray(V, dtype=np.float64) @ np.asarray(B, dtype=np.float64).T) * lib[:, None]
+    tot_o, tot_m = obs.sum(0), mu.sum(0)
+    ok = (tot_o > 20) & (tot_m > 0)
+    if ok.sum() < 10:
+        return {"platform_sigma": 0.0, "dispersion": float("inf")}
+    r = np.log(tot_o[ok] / tot_m[ok])
+    spread = 1.4826 * float(np.median(np.abs(r - np.median(r))))
+    # minus the Poisson noise of the totals themselves (var of log ~ 1/count)
+    sigma = float(np.sqrt(max(spread**2 - float(np.median(1.0 / tot_o[ok])), 0.0)))
+    # remove the platform effect, then excess variance over Poisson: E[(x-mu)^2 - x] = mu^2/shape
+    mu_c = mu.copy()
+    mu_c[:, ok] *= np.exp(r - np.median(r))[None, :]
+    mu_c *= (obs.sum(1) / np.maximum(mu_c.sum(1), 1e-12))[:, None]
+    sel = mu_c >= min_mu
+    if sel.sum() < 50:
+        return {"platform_sigma": sigma, "dispersion": float("inf")}
+    excess = ((obs - mu_c) ** 2 - obs)[sel]
+    phi = float(np.sum(excess) / np.sum(mu_c[sel] ** 2))
+    return {"platform_sigma": sigma, "dispersion": float(1.0 / phi) if phi > 1e-6 else float("inf")}
+
+
+def calibrated_noise_ranges(noise: dict, *, signature_only: bool) -> dict:
+    """Simulation noise ranges for training, bracketing what :func:`estimate_noise` measured.
+
+    The platform effect is drawn around the measured one (never far above it: parameters
+    trained to undo a platform effect the slide does not have hurt on clean slides); for
+    signature-only references the extra-Poisson noise is bracketed the same way.
+    """
+    s = float(noise.get("platform_sigma", 0.0))
+    out = {"platform_sigma": (0.5 * s, min(1.5 * s + 0.02, 0.6))}
+    if signature_only:
+        d = float(noise.get("dispersion", float("inf")))
+        d = min(max(d, 2.0), 1e4) if np.isfinite(d) else 1e4
+        out["dispersion"] = (max(0.5 * d, 2.0), min(2.0 * d, 2e4))
+    return out
