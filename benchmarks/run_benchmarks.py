@@ -39,6 +39,10 @@ PEER_VENVS = {  # method -> venv made by `make bench-peers`
 }
 
 
+# slow peers (~5-10 min per slide here): run on the slides named by --heavy-peers-on only
+HEAVY_PEERS = {"cell2location", "Stereoscope"}
+
+
 def ours(method, **kw):
     from napari_stlnmf import deconvolve
 
@@ -92,7 +96,7 @@ def score_slide(est: pd.DataFrame, truth: pd.DataFrame) -> dict:
     return score(e, truth.to_numpy()[ok])
 
 
-def accuracy(quick: bool, peers: bool, peer_timeout: int):
+def accuracy(quick: bool, peers: bool, peer_timeout: int, heavy_on: str = "bundled demo"):
     import datasets as bd
 
     methods = {
@@ -111,6 +115,8 @@ def accuracy(quick: bool, peers: bool, peer_timeout: int):
     for name, slide, reference, key, truth, note in bd.all_slides(quick):
         print(f"== {name}: {slide.n_obs} spots, {truth.shape[1]} types", flush=True)
         for mname, fn in methods.items():
+            if mname in HEAVY_PEERS and not name.startswith(heavy_on):
+                continue
             t0 = time.perf_counter()
             try:
                 est, info = fn(slide, reference, key)
@@ -248,6 +254,11 @@ def write_page(acc, sc, figs, args, started):
     (DOCS / "benchmarks.md").write_text("\n".join(lines) + "\n")
 
 
+def _cached(name, args) -> pd.DataFrame:
+    path = DOCS / name
+    return pd.read_csv(path).fillna({"note": ""}) if args.reuse and path.exists() else pd.DataFrame()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -255,13 +266,15 @@ def main():
     ap.add_argument("--no-accuracy", dest="accuracy", action="store_false")
     ap.add_argument("--no-scaling", dest="scaling", action="store_false")
     ap.add_argument("--peer-timeout", type=int, default=1800)
+    ap.add_argument("--heavy-peers-on", default="bundled demo", help="slide-name prefix on which cell2location/Stereoscope run")
+    ap.add_argument("--reuse", action="store_true", help="reuse docs/bench_*.csv of sections not re-run")
     args = ap.parse_args()
     started = time.time()
     DOCS.mkdir(exist_ok=True)
-    acc, maps = accuracy(args.quick, args.peers, args.peer_timeout) if args.accuracy else (pd.DataFrame(), {})
+    acc, maps = accuracy(args.quick, args.peers, args.peer_timeout, args.heavy_peers_on) if args.accuracy else (_cached("bench_accuracy.csv", args), {})
     if len(acc):
         acc.to_csv(DOCS / "bench_accuracy.csv", index=False)
-    sc = scaling(args.quick) if args.scaling else pd.DataFrame()
+    sc = scaling(args.quick) if args.scaling else _cached("bench_scaling.csv", args)
     if len(sc):
         sc.to_csv(DOCS / "bench_scaling.csv", index=False)
     figs = plots(acc, sc, maps)
