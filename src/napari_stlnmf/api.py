@@ -280,8 +280,9 @@ def deconvolve(
             _report(progress, "deconvolving", i, n)
             _check_stop(should_stop)
 
-        V = model.infer(prep.X, B, scale, graph, callback=cb)
-        BtX, BtB = model.gram(prep.X, B, scale)
+        with torch.no_grad():
+            BtX, BtB = model.gram(prep.X, B, scale)
+        V = model.infer(prep.X, B, scale, graph, callback=cb, gram=(BtX, BtB))
         gene_scale_eff = (scale * model.gene_weights()).detach()
         described = model.describe()
     else:

@@ -428,9 +428,12 @@ class UnrolledNMF(nn.Module):
         return V
 
     @torch.no_grad()
-    def infer(self, X, B, gene_scale, graph: SpatialGraph | None = None, callback=None, n_layers=None):
-        """Fast in-place inference (no autograd, sparse CSR graph built once)."""
-        BtX, BtB = self.gram(X, B, gene_scale)
+    def infer(self, X, B, gene_scale, graph: SpatialGraph | None = None, callback=None, n_layers=None, gram=None):
+        """Fast in-place inference (no autograd, sparse CSR graph built once).
+
+        ``gram``: ``(BtX, BtB)`` from :meth:`gram` when the caller already has them.
+        """
+        BtX, BtB = gram if gram is not None else self.gram(X, B, gene_scale)
         lam = self.lambdas().cpu().numpy().astype(np.float64)
         s = self.sigmas().cpu().numpy()
         adjacency = None if graph is None or graph.n_edges == 0 else graph.adjacency(float(s[0]), float(s[1]))
