@@ -54,3 +54,20 @@ def test_signature_only_reference_simulates(demo_reference):
     assert sig.cell_counts is None
     sim = simulate_slide(hex_layout(6, 6), sig, seed=0)
     assert sim.counts.sum() > 0
+
+
+def test_noise_estimate_sees_the_platform_effect(demo_reference):
+    """The calibration of training noise measures a per-gene platform effect from a fit."""
+    from napari_stlnmf.preprocess import prepare
+    from napari_stlnmf.train import estimate_noise
+
+    xy = hex_layout(20, 20)
+    sigmas = []
+    for platform in (0.0, 0.4):
+        sim = simulate_slide(xy, demo_reference, library_sizes=np.full(10, 5000.0), platform_sigma=platform, seed=2)
+        prep = prepare(sim.counts, demo_reference.genes, demo_reference)
+        truth_mrna = sim.mrna_fractions * prep.gene_share[None, :]  # on the selected genes
+        truth_mrna /= truth_mrna.sum(1, keepdims=True)
+        sigmas.append(estimate_noise(prep.X, prep.library_size, prep.B, truth_mrna)["platform_sigma"])
+    assert sigmas[0] < 0.1
+    assert 0.25 < sigmas[1] < 0.6

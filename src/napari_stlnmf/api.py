@@ -26,6 +26,8 @@ from .model import DEFAULTS, UnrolledNMF, finalize_proportions, pick_device, sol
 from .preprocess import Prepared, Reference, build_reference, prepare
 from .train import Cancelled, calibrated_noise_ranges, estimate_noise, make_training_slides, train_unrolled
 
+NOISE_SAMPLE_SPOTS = 5000  # spots used to measure the slide's noise before training
+
 __all__ = ["deconvolve", "DeconvolutionResult", "Cancelled", "default_params_path"]
 
 
@@ -257,7 +259,11 @@ def deconvolve(
             if calibrate_noise:
                 V_first = model.infer(prep.X, B, scale, graph).cpu().numpy().astype(np.float64)
                 V_first /= np.maximum(V_first.sum(1, keepdims=True), 1e-12)
-                noise = estimate_noise(prep.X, prep.library_size, prep.B, V_first)
+                # a seeded subsample of spots: the estimate densifies its rows (10^6 bins would not fit)
+                rows = np.arange(prep.X.shape[0])
+                if rows.size > NOISE_SAMPLE_SPOTS:
+                    rows = np.sort(np.random.default_rng(rng_seed).choice(rows, NOISE_SAMPLE_SPOTS, replace=False))
+                noise = estimate_noise(prep.X[rows], prep.library_size[rows], prep.B, V_first[rows])
                 for k, v in calibrated_noise_ranges(noise, signature_only=ref_sel.cell_counts is None).items():
                     sim_kw.setdefault(k, v)
             slides = make_training_slides(
