@@ -1,7 +1,10 @@
 """Benchmark slides with ground truth: shared data sets and simulations on real layouts.
 
-Every slide is ``(name, slide AnnData, reference, cell_type_key, truth DataFrame, note)``;
-the reference is a single-cell AnnData where one exists (peers need it), else a signature.
+Every slide is ``(name, slide AnnData, reference, cell_type_key, truth, truth_mrna, note)``:
+``truth`` holds the true cell fractions (share of each spot's cells), ``truth_mrna`` the true
+mRNA fractions (share of each spot's transcripts); they differ where cell types differ in
+mRNA per cell. The reference is a single-cell AnnData where one exists (peers need it),
+else a signature.
 """
 
 from __future__ import annotations
@@ -26,8 +29,15 @@ def _slide(counts: np.ndarray, xy: np.ndarray, genes, barcodes=None) -> ad.AnnDa
     return a
 
 
+def mrna_truth(truth: pd.DataFrame, mrna_per_cell) -> pd.DataFrame:
+    """mRNA fractions implied by cell fractions and each type's mRNA per cell."""
+    w = truth.to_numpy(float) * np.asarray(mrna_per_cell, dtype=float)[None, :]
+    return pd.DataFrame(w / np.maximum(w.sum(1, keepdims=True), 1e-12), index=truth.index, columns=truth.columns)
+
+
 def paper_grids(noise_counts=(2000,)):
-    """The original paper's synthetic grids (signature references; truth = cell fractions)."""
+    """The original paper's synthetic grids: X = B V with B the types' mean profiles per cell,
+    so V (the truth) is cell fractions and mRNA fractions weight V by B's column totals."""
     out = []
     for name in ("synthetic_square_2x2", "synthetic_circle_2x2"):
         folder = SHARED / name
@@ -43,11 +53,12 @@ def paper_grids(noise_counts=(2000,)):
             sc = _square_sc(folder)
             for depth in noise_counts:
                 noisy = np.random.default_rng(0).poisson(X / X.sum(1, keepdims=True) * depth)
+                content = pd.DataFrame(sc.X.toarray(), columns=sc.var_names).groupby(sc.obs[KEY].to_numpy()).mean().sum(1)
                 out.append((f"paper square 2x2 + Poisson ({depth}/spot)", _slide(noisy, xy, counts.columns, counts.index),
-                            sc, KEY, truth, "original paper's grid; noiseless X given Poisson noise; sc reference (B = its type means)"))
+                            sc, KEY, truth, mrna_truth(truth, content.reindex(truth.columns).to_numpy()), "original paper's grid; noiseless X given Poisson noise; sc reference (B = its type means)"))
         else:
             out.append(("paper circle 2x2", _slide(X, xy, counts.columns, counts.index), sig, None, truth,
-                        "original paper's noisy grid; collinear signature; no sc reference"))
+                        mrna_truth(truth, sig[truth.columns].sum(0).to_numpy()), "original paper's noisy grid; collinear signature; no sc reference"))
     return out
 
 
@@ -123,7 +134,8 @@ def simulated(quick: bool = False):
         slide = _slide(sim.counts, xy, full.var_names)
         types_ = build_reference(slide_cells, cell_type_key=KEY).cell_types
         truth = pd.DataFrame(sim.cell_fractions, index=slide.obs_names, columns=types_)
-        out.append((name, slide, reference, KEY, truth, f"{kind}; {layout}; {depth} counts/spot; platform σ={platform}"))
+        truth_mrna = pd.DataFrame(sim.mrna_fractions, index=slide.obs_names, columns=types_)
+        out.append((name, slide, reference, KEY, truth, truth_mrna, f"{kind}; {layout}; {depth} counts/spot; platform σ={platform}"))
     return out
 
 
@@ -131,7 +143,10 @@ def demo():
     from napari_stlnmf.datasets import TRUTH_KEY, load_demo
 
     slide, reference = load_demo()
-    return [("bundled demo (8 types, synthetic H&E)", slide, reference, KEY, slide.obsm[TRUTH_KEY], "package demo slide")]
+    truth, truth_mrna = slide.obsm[TRUTH_KEY], slide.obsm["true_mrna_fractions"]
+    for key in (TRUTH_KEY, "true_mrna_fractions"):  # methods never see the truth
+        del slide.obsm[key]
+    return [("bundled demo (8 types, synthetic H&E)", slide, reference, KEY, truth, truth_mrna, "package demo slide")]
 
 
 def all_slides(quick: bool = False):

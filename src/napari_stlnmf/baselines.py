@@ -10,12 +10,17 @@ from .model import to_cell_fractions
 from .preprocess import build_reference, prepare
 
 
-def nnls_proportions(slide, reference, *, cell_type_key=None, smooth: bool = False, n_markers: int = 100) -> pd.DataFrame:
-    """Cell fractions by per-spot NNLS on the same genes and gene weights as STL NMF.
+def nnls_proportions(
+    slide, reference, *, cell_type_key=None, smooth: bool = False, n_markers: int = 100, fractions: str = "cell"
+) -> pd.DataFrame:
+    """Cell fractions (or, ``fractions='mrna'``, mRNA fractions) by per-spot NNLS on the same
+    genes and gene weights as STL NMF, with the same conversions.
 
     ``smooth=True`` averages each spot's estimate with its graph neighbours' afterwards.
     Spots without counts get NaN.
     """
+    if fractions not in ("cell", "mrna"):
+        raise ValueError(f"fractions must be 'cell' or 'mrna', not {fractions!r}")
     ref = build_reference(reference, cell_type_key=cell_type_key)
     prep = prepare(slide.X, slide.var_names, ref, n_markers=n_markers)
     B = prep.B * prep.gene_scale[:, None]
@@ -30,5 +35,9 @@ def nnls_proportions(slide, reference, *, cell_type_key=None, smooth: bool = Fal
         A.setdiag(1.0)
         V = (A @ V) / np.asarray(A.sum(1))
     out = np.full((slide.n_obs, V.shape[1]), np.nan)
-    out[prep.spot_mask] = to_cell_fractions(V, prep.mrna_content)
+    if fractions == "cell":
+        out[prep.spot_mask] = to_cell_fractions(V, prep.mrna_content)
+    else:  # shares of the selected genes' mRNA -> shares of all mRNA
+        V = V / prep.gene_share[None, :]
+        out[prep.spot_mask] = V / np.maximum(V.sum(1, keepdims=True), 1e-12)
     return pd.DataFrame(out, index=slide.obs_names, columns=prep.cell_types)
