@@ -56,7 +56,8 @@ def _slide(counts: np.ndarray, xy: np.ndarray, genes, spots=None) -> ad.AnnData:
 
 def ds_demo():
     slide, ref = load_demo()
-    return dict(slide=slide, reference=ref, key="cell_type", truth=slide.obsm["true_proportions"], fractions="cell")
+    return dict(slide=slide, reference=ref, key="cell_type", truth=slide.obsm["true_proportions"],
+                truth_mrna=slide.obsm["true_mrna_fractions"], fractions="cell")
 
 
 def _shared(name):
@@ -108,7 +109,8 @@ def ds_sim(layout, kind, platform, depth, seed, mean_cells=8.0):
                              mean_cells=mean_cells, platform_sigma=platform, seed=seed)
         slide = _slide(sim.counts, xy, cells.genes)
         truth = pd.DataFrame(sim.cell_fractions, index=slide.obs_names, columns=cells.cell_types)
-        return dict(slide=slide, reference=ref, key="cell_type", truth=truth, fractions="cell")
+        truth_mrna = pd.DataFrame(sim.mrna_fractions, index=slide.obs_names, columns=cells.cell_types)
+        return dict(slide=slide, reference=ref, key="cell_type", truth=truth, truth_mrna=truth_mrna, fractions="cell")
     return make
 
 
@@ -134,7 +136,8 @@ def ds_sc_square():
                          mean_cells=6.0, platform_sigma=0.2, seed=5)
     slide = _slide(sim.counts, xy, cells.genes)
     truth = pd.DataFrame(sim.cell_fractions, index=slide.obs_names, columns=cells.cell_types)
-    return dict(slide=slide, reference=ref, key="cell_type", truth=truth, fractions="cell")
+    truth_mrna = pd.DataFrame(sim.mrna_fractions, index=slide.obs_names, columns=cells.cell_types)
+    return dict(slide=slide, reference=ref, key="cell_type", truth=truth, truth_mrna=truth_mrna, fractions="cell")
 
 
 DATASETS = {
@@ -157,7 +160,7 @@ def _dc(**fixed):
     def run(d):
         res = deconvolve(d["slide"], d["reference"], cell_type_key=d["key"], fractions=d["fractions"], seed=SEED[0],
                          **fixed)
-        return res.proportions, res.info
+        return res.proportions, res.info, res.mrna_fractions
     return run
 
 
@@ -169,7 +172,8 @@ def _nnls(d):
         prep = prepare(d["slide"].X, d["slide"].var_names, ref)
         v = props.to_numpy() * (prep.mrna_content / prep.gene_share)[None, :]
         props = pd.DataFrame(v / v.sum(1, keepdims=True), index=props.index, columns=props.columns)
-    return props, {}
+    mrna = nnls_proportions(d["slide"], d["reference"], cell_type_key=d["key"], fractions="mrna")
+    return props, {}, mrna
 
 
 VARIANTS = {
@@ -204,20 +208,27 @@ def main(argv=None):
         truth = d["truth"]
         for vn in vnames:
             t0 = time.perf_counter()
-            props, info = variants[vn](d)
+            props, info, mrna = variants[vn](d)
             est = props.loc[truth.index, truth.columns].to_numpy()
             row = {"dataset": dn, "variant": vn, "rmse": rmse(est, truth.to_numpy()),
                    "jsd": mean_jensen_shannon(est, truth.to_numpy()), "seconds": time.perf_counter() - t0}
+            tm = d.get("truth_mrna")
+            if tm is not None:
+                em = mrna.loc[tm.index, tm.columns].to_numpy()
+                row["rmse_mrna"], row["jsd_mrna"] = rmse(em, tm.to_numpy()), mean_jensen_shannon(em, tm.to_numpy())
             tr = (info or {}).get("train")
             if tr:
                 row["train_s"] = tr["seconds"]
                 row["val0"], row["val"] = tr["val_rmse_initial"], tr["val_rmse"]
             rows.append(row)
             extra = f" train={row['train_s']:.1f}s val {row['val0']:.4f}->{row['val']:.4f}" if "val" in row else ""
-            print(f"{dn:30s} {vn:14s} rmse={row['rmse']:.4f} jsd={row['jsd']:.4f} t={row['seconds']:.1f}s{extra}", flush=True)
+            mr = f" mrna rmse={row['rmse_mrna']:.4f} jsd={row['jsd_mrna']:.4f}" if "rmse_mrna" in row else ""
+            print(f"{dn:30s} {vn:14s} rmse={row['rmse']:.4f} jsd={row['jsd']:.4f}{mr} t={row['seconds']:.1f}s{extra}", flush=True)
     df = pd.DataFrame(rows)
     print()
-    for metric in ("rmse", "jsd"):
+    for metric in ("rmse", "jsd", "rmse_mrna", "jsd_mrna"):
+        if metric not in df:
+            continue
         tab = df.pivot(index="dataset", columns="variant", values=metric).loc[dnames, vnames]
         tab.loc["MEAN"] = tab.mean()
         print(f"== {metric} ==")
