@@ -23,8 +23,15 @@ from ._constants import (
 from .errors import CoordinateError, StlnmfError
 from .graph import SpatialGraph, build_graph, region_features, spot_image_features
 from .model import DEFAULTS, UnrolledNMF, finalize_proportions, pick_device, solve, to_cell_fractions
-from .preprocess import Prepared, Reference, build_reference, prepare
-from .train import Cancelled, calibrated_noise_ranges, estimate_noise, make_training_slides, train_unrolled
+from .preprocess import Prepared, Reference, build_reference, prepare, with_platform_effect
+from .train import (
+    Cancelled,
+    calibrated_noise_ranges,
+    estimate_noise,
+    estimate_platform_effect,
+    make_training_slides,
+    train_unrolled,
+)
 
 NOISE_SAMPLE_SPOTS = 5000  # spots used to measure the slide's noise before training
 
@@ -153,6 +160,7 @@ def deconvolve(
     seed: int = 0,
     train_options: dict | None = None,
     calibrate_noise: bool = True,
+    fit_platform_effect: bool = True,
     device: str = "auto",
     progress=None,
     should_stop=None,
@@ -183,6 +191,10 @@ def deconvolve(
         Before training, measure the slide's platform effect (and, for signature-only
         references, its extra-Poisson noise) from a first fit, and simulate training slides
         with noise around those levels instead of a fixed prior range.
+    fit_platform_effect
+        Unrolled model: before anything else, estimate how the slide's platform measures each
+        gene differently from the reference (slide totals against a first fit, shrunk by their
+        Poisson noise, as RCTD's platform-effect step) and rescale the reference's genes by it.
     train_options
         Advanced: extra keyword arguments for the simulation of training slides
         (:func:`napari_stlnmf.train.make_training_slides`) and for training
@@ -250,6 +262,11 @@ def deconvolve(
             model.log_lambda = torch.nn.Parameter(rows)
             model.tied = False
         model.to(dev)
+        if fit_platform_effect:
+            prep, log_factor = _fit_platform_effect(model, prep, rng_seed)
+            ref_sel = ref_sel.scale_genes(np.exp(log_factor))
+            B = torch.as_tensor(prep.B, device=dev)
+            _check_stop(should_stop)
         if train:
             n_val = max(2, n_train_slides // 4)
             total = n_train_slides + n_val
@@ -358,6 +375,28 @@ def deconvolve(
     result.adata = _annotated_copy(adata, result)
     _report(progress, "done", 1, 1)
     return result
+
+
+PLATFORM_SAMPLE_SPOTS = 20_000  # gene totals are stable long before 10^6 bins
+PLATFORM_PASSES = 2
+
+
+def _fit_platform_effect(model: UnrolledNMF, prep: Prepared, seed: int) -> tuple[Prepared, np.ndarray]:
+    """Per-gene platform factors from the slide totals of a quick non-spatial fit (on a seeded
+    subsample of spots), refined once after correcting; returns the corrected inputs."""
+    rows = np.arange(prep.X.shape[0])
+    if rows.size > PLATFORM_SAMPLE_SPOTS:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, PLATFORM_SAMPLE_SPOTS, replace=False))
+    X, lib = prep.X[rows], prep.library_size[rows]
+    scale = torch.as_tensor(prep.gene_scale)
+    log_factor = np.zeros(prep.B.shape[0])
+    current = prep
+    for _ in range(PLATFORM_PASSES):
+        V = model.infer(X, torch.as_tensor(current.B), scale, None, n_layers=50).cpu().numpy().astype(np.float64)
+        V /= np.maximum(V.sum(1, keepdims=True), 1e-12)
+        log_factor = log_factor + estimate_platform_effect(X, lib, current.B, V)
+        current = with_platform_effect(prep, log_factor)
+    return current, log_factor
 
 
 def _split_train_options(options: dict | None) -> tuple[dict, dict]:

@@ -9,7 +9,7 @@ inert because counts in the thousands swamped them).
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -71,6 +71,17 @@ class Reference:
             cell_counts=None if self.cell_counts is None else self.cell_counts[:, pos],
             cell_labels=self.cell_labels,
             dispersion=None if self.dispersion is None else self.dispersion.iloc[pos],
+        )
+
+    def scale_genes(self, factors) -> "Reference":
+        """The reference as the slide's platform would measure it: gene g scaled by ``factors[g]``."""
+        f = np.asarray(factors, dtype=np.float64)
+        return Reference(
+            profiles=self.profiles * f[:, None],
+            mrna_content=self.mrna_content,
+            cell_counts=None if self.cell_counts is None else (self.cell_counts @ sp.diags(f.astype(np.float32))).tocsr(),
+            cell_labels=self.cell_labels,
+            dispersion=self.dispersion,
         )
 
 
@@ -262,6 +273,20 @@ class Prepared:
     spot_mask: np.ndarray  # spots of the slide kept (with counts on the selected genes)
     library_size: np.ndarray  # counts per kept spot on the selected genes
     info: dict = field(default_factory=dict)
+
+
+def with_platform_effect(prep: "Prepared", log_factor: np.ndarray) -> "Prepared":
+    """``prep`` with B's genes scaled by ``exp(log_factor)`` (columns renormalised); each
+    type's mRNA content and gene share follow the change of its total in these genes."""
+    Bf = prep.B.astype(np.float64) * np.exp(log_factor)[:, None]
+    total = Bf.sum(0)
+    return replace(
+        prep,
+        B=(Bf / total).astype(np.float32),
+        mrna_content=prep.mrna_content * total,
+        gene_share=prep.gene_share * total,
+        info={**prep.info, "platform_effect_sd": float(np.std(log_factor))},
+    )
 
 
 def gene_scale_for(B: np.ndarray, weighting: str = "sqrt") -> np.ndarray:

@@ -19,7 +19,10 @@ from .model import UnrolledNMF, graph_tensors, to_cell_fractions
 from .preprocess import Reference, normalise_counts
 from .simulate import KINDS, simulate_slide
 
-__all__ = ["TrainingSlide", "make_training_slides", "train_unrolled", "TrainReport", "Cancelled", "estimate_noise", "calibrated_noise_ranges"]
+__all__ = [
+    "TrainingSlide", "make_training_slides", "train_unrolled", "TrainReport", "Cancelled", "estimate_noise",
+    "calibrated_noise_ranges", "estimate_platform_effect",
+]
 
 
 class Cancelled(Exception):
@@ -212,6 +215,31 @@ def train_unrolled(
         best_state, best, best_epoch = initial_state, initial, 0
     model.load_state_dict(best_state)
     return TrainReport(initial, best, train_rmse, len(history), best_epoch, time.perf_counter() - t0, history)
+
+
+def estimate_platform_effect(X, library_size: np.ndarray, B: np.ndarray, V: np.ndarray, *, min_count: float = 20.0) -> np.ndarray:
+    """Per-gene log factor by which the slide's platform measures each gene differently from
+    the reference (as RCTD's platform-effect fit), from the slide totals: observed
+    ``Σ_s x_sg`` against predicted ``Σ_s lib_s (B V)_sg``.
+
+    Each gene's log ratio is centred and shrunk towards zero by its Poisson noise
+    (``r σ² / (σ² + 1/count)``, σ² the spread beyond that noise), so a slide without a platform
+    effect gets factors of ~1, and genes with few counts are left alone. ``X`` may be sparse
+    (never densified); ``V`` are mRNA fractions over the same genes.
+    """
+    lib = np.asarray(library_size, dtype=np.float64)
+    obs = np.asarray(X.T @ lib).ravel() if hasattr(X, "tocsr") else np.asarray(X, dtype=np.float64).T @ lib
+    pred = np.asarray(B, dtype=np.float64) @ (np.asarray(V, dtype=np.float64).T @ lib)
+    ok = (obs >= min_count) & (pred > 0)
+    out = np.zeros(obs.size)
+    if ok.sum() < 10:
+        return out
+    r = np.log(obs[ok] / pred[ok])
+    r -= np.median(r)
+    noise_var = 1.0 / obs[ok]
+    sigma2 = max((1.4826 * float(np.median(np.abs(r)))) ** 2 - float(np.median(noise_var)), 0.0)
+    out[ok] = r * sigma2 / (sigma2 + noise_var)
+    return np.clip(out, -3.0, 3.0)
 
 
 def estimate_noise(X, library_size: np.ndarray, B: np.ndarray, V: np.ndarray, *, min_mu: float = 2.0) -> dict:
