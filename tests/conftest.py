@@ -34,12 +34,19 @@ def demo_reference(demo):
 
 
 @pytest.fixture(scope="session")
-def trained_demo_result(demo):
-    """The full pipeline (training included) on the demo slide, computed once."""
+def trained_demo(demo, tmp_path_factory):
+    """The full pipeline (training included) on the demo slide, computed once; with the path
+    of the saved trained parameters."""
     from napari_stlnmf import deconvolve
 
     slide, reference = demo
-    return deconvolve(slide, reference, cell_type_key="cell_type", train=True, seed=0)
+    path = tmp_path_factory.mktemp("model") / "demo_model.pt"
+    return deconvolve(slide, reference, cell_type_key="cell_type", train=True, seed=0, save_params=path), path
+
+
+@pytest.fixture(scope="session")
+def trained_demo_result(trained_demo):
+    return trained_demo[0]
 
 
 @pytest.fixture

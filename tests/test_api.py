@@ -67,6 +67,18 @@ def test_result_h5ad_roundtrip(tmp_path, trained_demo_result):
     np.testing.assert_allclose(back.obsm[PROPORTIONS_KEY].to_numpy(), trained_demo_result.proportions.to_numpy())
 
 
+def test_saved_model_reused_without_training(demo, trained_demo):
+    """Train once, save, reuse: the saved model gives the trained maps again without training
+    (what a lab does for several slides with one reference)."""
+    slide, reference = demo
+    trained, path = trained_demo
+    assert path.exists()
+    reused = deconvolve(slide, reference, cell_type_key=KEY, params=path, train=False, seed=0)
+    assert reused.info["train"] is None
+    assert reused.info["params"] == trained.info["params"]
+    np.testing.assert_allclose(reused.proportions.to_numpy(), trained.proportions.to_numpy(), atol=1e-5)
+
+
 def test_same_seed_same_output(demo):
     slide, reference = demo
     kw = dict(cell_type_key=KEY, train=True, train_epochs=3, n_train_slides=3)

@@ -263,7 +263,7 @@ def deconvolve(
             model.tied = False
         model.to(dev)
         if fit_platform_effect:
-            prep, log_factor = _fit_platform_effect(model, prep, rng_seed)
+            prep, log_factor = _fit_platform_effect(prep, rng_seed)
             ref_sel = ref_sel.scale_genes(np.exp(log_factor))
             B = torch.as_tensor(prep.B, device=dev)
             _check_stop(should_stop)
@@ -381,9 +381,13 @@ PLATFORM_SAMPLE_SPOTS = 20_000  # gene totals are stable long before 10^6 bins
 PLATFORM_PASSES = 2
 
 
-def _fit_platform_effect(model: UnrolledNMF, prep: Prepared, seed: int) -> tuple[Prepared, np.ndarray]:
+def _fit_platform_effect(prep: Prepared, seed: int) -> tuple[Prepared, np.ndarray]:
     """Per-gene platform factors from the slide totals of a quick non-spatial fit (on a seeded
-    subsample of spots), refined once after correcting; returns the corrected inputs."""
+    subsample of spots), refined once after correcting; returns the corrected inputs.
+
+    The first fit uses the default parameters, not the model's learned ones, so a saved model
+    reused on the same slide sees the same corrected inputs as when it was trained."""
+    model = UnrolledNMF(*prep.B.shape, omega=DEFAULTS.omega_start)
     rows = np.arange(prep.X.shape[0])
     if rows.size > PLATFORM_SAMPLE_SPOTS:
         rows = np.sort(np.random.default_rng(seed).choice(rows, PLATFORM_SAMPLE_SPOTS, replace=False))
