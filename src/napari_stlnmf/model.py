@@ -264,9 +264,9 @@ class _TorchGraph:
 
 def _run_layers(V, BtX, BtB, A, deg, lam1, lam2, ridge_t, ridges, n_iter, tol, V_prev, callback, omega=1.0):
     """Six fused passes over V per layer (memory-bound at 10^6 spots):
-    ``num = C; num += λ1 A V`` (in-place sparse product), ``den = ε + V M`` (one addmm),
-    ``den += λ1 d ⊙ V``, ``V *= num``, ``V /= den``; with ``C = BtX + λ2`` and
-    ``M = BtB + diag(ridge) + λ2 11ᵀ`` computed once per distinct parameter set."""
+    ``num = BtX + λ2; num += λ1 A V`` (in-place sparse product), ``den = ε + V M`` (one addmm),
+    ``den += λ1 d ⊙ V``, ``V *= num``, ``V /= den``; with ``M = BtB + diag(ridge) + λ2 11ᵀ``
+    computed once per distinct parameter set."""
     per_layer = lambda v, k: float(v[k]) if np.ndim(v) else float(v)  # noqa: E731
     p = V.shape[1]
     num = torch.empty_like(V)
@@ -277,12 +277,11 @@ def _run_layers(V, BtX, BtB, A, deg, lam1, lam2, ridge_t, ridges, n_iter, tol, V
     for k in range(n_iter):
         l1, l2 = per_layer(lam1, k), per_layer(lam2, k)
         r = ridges[k] if ridges is not None else ridge_t
-        if key != (l1, l2) or ridges is not None:
+        if key != (l1, l2) or ridges is not None:  # p x p constants of this layer's parameters
             key = (l1, l2)
-            C = BtX + l2
             M = BtB + torch.diag(r) + l2 * ones
             dcol = deg * l1 if A is not None and l1 else None
-        num.copy_(C)
+        torch.add(BtX, l2, out=num)  # C = BtX + λ2 in the pass that fills num (per-layer λ2 for free)
         if dcol is not None:
             A.accumulate(V, num, l1)
         torch.addmm(eps, V, M, out=den)
