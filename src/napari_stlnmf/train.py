@@ -157,7 +157,7 @@ def train_unrolled(
     val_slides: list[TrainingSlide],
     *,
     epochs: int = 60,
-    lr: float = 0.05,
+    lr: float = 0.1,
     patience: int = 15,
     gene_weight_penalty: float = 1e-3,
     min_improvement: float = 0.05,
