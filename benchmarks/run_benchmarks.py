@@ -309,8 +309,9 @@ def win_summary(acc: pd.DataFrame) -> list[str]:
         own = []
         for _, r in g.iterrows():
             judge = ESTIMATES.get(r.method, ("", ""))[1]
-            if judge in ("mRNA", "cells") and np.isfinite(r.rmse):
-                own.append((r.rmse_mrna if judge == "mRNA" else r.rmse, r.method, judge))
+            value = r.rmse_mrna if judge == "mRNA" else r.rmse
+            if judge in ("mRNA", "cells") and np.isfinite(value):
+                own.append((value, r.method, judge))
         own_s = "–" if not own else "{1} {0:.4f} ({2})".format(*min(own))
         out.append(f"| {slide} | {best('rmse')} | {best('jsd')} | {best('rmse_mrna')} | {best('jsd_mrna')} | {ours_s} | {own_s} |")
     return out + [""]
@@ -337,12 +338,16 @@ def write_page(acc, sc, figs, args, started):
                   "mixing weight of per-type mean profiles per cell, i.e. cell fractions; their mRNA truth weights it by the "
                   "profiles' totals.", "",
                   "| method | output | judge it on |", "|---|---|---|"]
-        lines += [f"| {m} | {ESTIMATES.get(m, ('', ''))[0]} | {ESTIMATES.get(m, ('', ''))[1]} |" for m in acc.method.unique()]
+        present = [m for m in ESTIMATES if m in set(acc.method)] + [m for m in acc.method.unique() if m not in ESTIMATES]
+        lines += [f"| {m} | {ESTIMATES.get(m, ('', ''))[0]} | {ESTIMATES.get(m, ('', ''))[1]} |" for m in present]
         lines += ["", "Peers run with their documented defaults except where recorded in benchmarks/peers/README.md "
                   "(cell2location 250 + 10,000 epochs, Stereoscope ~30,000 steps, DestVI; being slow here (5-15 min per slide), "
                   "these three run on the demo slide only). "
                   "Peers need a single-cell reference: they have no score on the signature-only slide.", ""]
         lines += win_summary(acc)
+        analysis = HERE / "analysis.md"  # hand-written reading of the results, kept across runs
+        if analysis.exists():
+            lines += [analysis.read_text().strip(), ""]
         if "accuracy" in figs:
             lines += [f"![RMSE per method]({figs['accuracy']})", ""]
         for slide, grp in acc.groupby("slide", sort=False):
