@@ -153,7 +153,7 @@ def deconvolve(
     n_neighbors: int = 6,
     n_markers: int = 100,
     case_insensitive: bool = False,
-    gene_weighting: str = "sqrt",
+    gene_weighting: str | None = None,
     fractions: str = "cell",
     min_proportion: float = 0.05,
     save_params: str | Path | None = None,
@@ -187,6 +187,14 @@ def deconvolve(
         content); ``'mrna'``: share of the spot's transcripts. Both are returned.
     min_proportion
         Proportions below this are set to zero at the end (then rows are renormalised).
+    gene_weighting
+        Weight of each gene in the data term: ``'sqrt'`` (1/√mean, Poisson-like), ``'mean'``
+        (1/mean, closer to RCTD's overdispersed likelihood) or ``'none'``. Default (``None``):
+        ``'mean'`` when training from a single-cell reference (held-out suite: mean RMSE
+        0.0470 → 0.0442 on four slides built from cells, within ±1 % on two others; worse on
+        grids with pure Poisson noise around mean profiles and with signature references, which
+        keep ``'sqrt'``); the weighting a saved model was trained with when ``params`` is given;
+        else ``'sqrt'`` (what the shipped untrained defaults are tuned for).
     tied
         Training: one set of λ1, λ2, λ3 for all layers (``True``, as the original) or one per
         layer (``False``, default: lower RMSE on every slide of the held-out suite).
@@ -229,6 +237,8 @@ def deconvolve(
     ref = _as_reference(reference, cell_type_key)
     _check_stop(should_stop)
 
+    if gene_weighting is None:
+        gene_weighting = _default_gene_weighting(method, train, params, single_cells=ref.cell_counts is not None)
     _report(progress, "preparing", 0, 1)
     prep: Prepared = prepare(
         adata.X, adata.var_names, ref, n_markers=n_markers,
@@ -299,7 +309,7 @@ def deconvolve(
             train_report.noise = noise
             if save_params is not None:
                 model.save(save_params, genes=prep.genes, cell_types=prep.cell_types,
-                           extra={"train": train_report.as_dict()})
+                           extra={"train": train_report.as_dict(), "gene_weighting": gene_weighting})
         _report(progress, "deconvolving", 0, model.n_layers)
 
         def cb(i, n):
@@ -363,6 +373,7 @@ def deconvolve(
         "params": described,
         "train": None if train_report is None else train_report.as_dict(),
         "min_proportion": min_proportion,
+        "gene_weighting": gene_weighting,
         "seed": rng_seed,
         "seconds": time.perf_counter() - t_start,
     }
@@ -404,6 +415,18 @@ def _fit_platform_effect(prep: Prepared, seed: int) -> tuple[Prepared, np.ndarra
         log_factor = log_factor + estimate_platform_effect(X, lib, current.B, V)
         current = with_platform_effect(prep, log_factor)
     return current, log_factor
+
+
+TRAINED_GENE_WEIGHTING = "mean"
+
+
+def _default_gene_weighting(method: str, train: bool, params, *, single_cells: bool) -> str:
+    """A saved model's own weighting; 'mean' for a model trained from single cells (spots sum
+    real cells, whose cell-to-cell variation makes the variance grow like mean², as in RCTD's
+    likelihood); else 'sqrt' (Poisson-like; what the shipped untrained defaults are tuned for)."""
+    if method == "unrolled" and params is not None and Path(params).exists():
+        return UnrolledNMF.saved_extra(params).get("gene_weighting", "sqrt")
+    return TRAINED_GENE_WEIGHTING if (method == "unrolled" and train and single_cells) else "sqrt"
 
 
 def _split_train_options(options: dict | None) -> tuple[dict, dict]:

@@ -478,6 +478,18 @@ class UnrolledNMF(nn.Module):
         )
         return path
 
+    @staticmethod
+    def saved_extra(path) -> dict:
+        """The ``extra`` dict stored with saved parameters (e.g. the gene weighting they were
+        trained with)."""
+        try:
+            blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is a format error
+            raise FileFormatError(f"cannot read model parameters from {path}: {exc}") from exc
+        if not isinstance(blob, dict) or blob.get("format") != "napari-stlnmf/unrolled-v1":
+            raise FileFormatError(f"{path} is not a napari-stlnmf parameter file")
+        return dict(blob.get("extra") or {})
+
     @classmethod
     def load(cls, path, *, genes=None, n_types: int | None = None) -> tuple["UnrolledNMF", dict]:
         """Load saved parameters; gene weights are mapped by name onto ``genes``.
