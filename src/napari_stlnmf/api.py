@@ -190,11 +190,7 @@ def deconvolve(
     gene_weighting
         Weight of each gene in the data term: ``'sqrt'`` (1/√mean, Poisson-like), ``'mean'``
         (1/mean, closer to RCTD's overdispersed likelihood) or ``'none'``. Default (``None``):
-        ``'mean'`` when training from a single-cell reference (held-out suite: mean RMSE
-        0.0470 → 0.0442 on four slides built from cells, within ±1 % on two others; worse on
-        grids with pure Poisson noise around mean profiles and with signature references, which
-        keep ``'sqrt'``); the weighting a saved model was trained with when ``params`` is given;
-        else ``'sqrt'`` (what the shipped untrained defaults are tuned for).
+        the weighting a saved model was trained with when ``params`` is given, else ``'sqrt'``.
     tied
         Training: one set of λ1, λ2, λ3 for all layers (``True``, as the original) or one per
         layer (``False``, default: lower RMSE on every slide of the held-out suite).
@@ -238,7 +234,7 @@ def deconvolve(
     _check_stop(should_stop)
 
     if gene_weighting is None:
-        gene_weighting = _default_gene_weighting(method, train, params, single_cells=ref.cell_counts is not None)
+        gene_weighting = _default_gene_weighting(method, params)
     _report(progress, "preparing", 0, 1)
     prep: Prepared = prepare(
         adata.X, adata.var_names, ref, n_markers=n_markers,
@@ -417,16 +413,11 @@ def _fit_platform_effect(prep: Prepared, seed: int) -> tuple[Prepared, np.ndarra
     return current, log_factor
 
 
-TRAINED_GENE_WEIGHTING = "mean"
-
-
-def _default_gene_weighting(method: str, train: bool, params, *, single_cells: bool) -> str:
-    """A saved model's own weighting; 'mean' for a model trained from single cells (spots sum
-    real cells, whose cell-to-cell variation makes the variance grow like mean², as in RCTD's
-    likelihood); else 'sqrt' (Poisson-like; what the shipped untrained defaults are tuned for)."""
+def _default_gene_weighting(method: str, params) -> str:
+    """The weighting a saved model was trained with, else 'sqrt'."""
     if method == "unrolled" and params is not None and Path(params).exists():
         return UnrolledNMF.saved_extra(params).get("gene_weighting", "sqrt")
-    return TRAINED_GENE_WEIGHTING if (method == "unrolled" and train and single_cells) else "sqrt"
+    return "sqrt"
 
 
 def _split_train_options(options: dict | None) -> tuple[dict, dict]:
