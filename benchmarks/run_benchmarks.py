@@ -78,7 +78,10 @@ def peer(name, timeout):
             reference.write_h5ad(tmp / "ref.h5ad")
             cmd = [str(python), str(HERE / "peers" / "run_peer.py"), "--method", method, "--slide", str(tmp / "slide.h5ad"),
                    "--reference", str(tmp / "ref.h5ad"), "--cell-type-key", key, "--out", str(tmp / "p.csv"), "--seed", "0"]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"timed out after {timeout} s (--peer-timeout)") from None
             if proc.returncode != 0:
                 lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
                 raise RuntimeError(lines[-1][:200])
@@ -212,6 +215,7 @@ def plots(acc: pd.DataFrame, sc: pd.DataFrame, maps: dict):
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.ticker  # noqa: F401 - used as matplotlib.ticker below
     import matplotlib.pyplot as plt
 
     figs = {}
@@ -221,13 +225,17 @@ def plots(acc: pd.DataFrame, sc: pd.DataFrame, maps: dict):
         fig, axes = plt.subplots(1, len(cols), figsize=(7 * len(cols), 0.5 * len(acc) / max(len(cols), 1) + 3), sharey=True, squeeze=False)
         for ax, col in zip(axes[0], cols):
             piv = acc.pivot_table(index="slide", columns="method", values=col, sort=False)
-            piv.plot.barh(ax=ax, width=0.85, legend=ax is axes[0][-1])
-            ax.set_xlabel(f"RMSE vs true {'cell' if col == 'rmse' else 'mRNA'} fractions (lower is better)")
+            piv = piv[[m for m in ESTIMATES if m in piv.columns] + [m for m in piv.columns if m not in ESTIMATES]]
+            piv.plot.barh(ax=ax, width=0.85, legend=False, logx=True)
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xlabel(f"RMSE vs true {'cell' if col == 'rmse' else 'mRNA'} fractions (log scale; lower is better)")
             ax.set_ylabel("")
+            ax.grid(axis="x", which="both", alpha=0.3)
         axes[0][0].invert_yaxis()
-        axes[0][-1].legend(fontsize=7, loc="lower right")
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
         fig.suptitle(f"Accuracy on {n_slides} slides with ground truth")
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.05, 1, 0.98))
         fig.savefig(DOCS / "bench_accuracy.png", dpi=90)
         plt.close(fig)
         figs["accuracy"] = "bench_accuracy.png"
