@@ -35,9 +35,6 @@ def nnls_proportions(
         A.setdiag(1.0)
         V = (A @ V) / np.asarray(A.sum(1))
     out = np.full((slide.n_obs, V.shape[1]), np.nan)
-    if fractions == "cell":
-        out[prep.spot_mask] = to_cell_fractions(V, prep.mrna_content)
-    else:  # shares of the selected genes' mRNA -> shares of all mRNA
-        V = V / prep.gene_share[None, :]
-        out[prep.spot_mask] = V / np.maximum(V.sum(1, keepdims=True), 1e-12)
+    # divide by each type's mRNA per cell (cells) or share of mRNA in these genes (all mRNA), renormalise
+    out[prep.spot_mask] = to_cell_fractions(V, prep.mrna_content if fractions == "cell" else prep.gene_share)
     return pd.DataFrame(out, index=slide.obs_names, columns=prep.cell_types)

@@ -479,16 +479,21 @@ class UnrolledNMF(nn.Module):
         return path
 
     @staticmethod
-    def saved_extra(path) -> dict:
-        """The ``extra`` dict stored with saved parameters (e.g. the gene weighting they were
-        trained with)."""
+    def _read(path) -> dict:
+        """The saved blob, checked to be a napari-stlnmf parameter file."""
         try:
             blob = torch.load(Path(path), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is a format error
             raise FileFormatError(f"cannot read model parameters from {path}: {exc}") from exc
         if not isinstance(blob, dict) or blob.get("format") != "napari-stlnmf/unrolled-v1":
             raise FileFormatError(f"{path} is not a napari-stlnmf parameter file")
-        return dict(blob.get("extra") or {})
+        return blob
+
+    @classmethod
+    def saved_extra(cls, path) -> dict:
+        """The ``extra`` dict stored with saved parameters (e.g. the gene weighting they were
+        trained with)."""
+        return dict(cls._read(path).get("extra") or {})
 
     @classmethod
     def load(cls, path, *, genes=None, n_types: int | None = None) -> tuple["UnrolledNMF", dict]:
@@ -497,12 +502,7 @@ class UnrolledNMF(nn.Module):
         Genes the file does not know get weight 1; per-type weights are only kept when the
         cell types match.
         """
-        try:
-            blob = torch.load(Path(path), map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is a format error
-            raise FileFormatError(f"cannot read model parameters from {path}: {exc}") from exc
-        if not isinstance(blob, dict) or blob.get("format") != "napari-stlnmf/unrolled-v1":
-            raise FileFormatError(f"{path} is not a napari-stlnmf parameter file")
+        blob = cls._read(path)
         state = blob["state"]
         saved_genes = blob.get("genes")
         m = len(genes) if genes is not None else state["log_gene_weight"].numel()

@@ -234,12 +234,20 @@ def estimate_platform_effect(X, library_size: np.ndarray, B: np.ndarray, V: np.n
     out = np.zeros(obs.size)
     if ok.sum() < 10:
         return out
-    r = np.log(obs[ok] / pred[ok])
-    r -= np.median(r)
+    r, sigma2 = _log_ratio_spread(obs[ok], pred[ok])
     noise_var = 1.0 / obs[ok]
-    sigma2 = max((1.4826 * float(np.median(np.abs(r)))) ** 2 - float(np.median(noise_var)), 0.0)
     out[ok] = r * sigma2 / (sigma2 + noise_var)
     return np.clip(out, -3.0, 3.0)
+
+
+def _log_ratio_spread(observed: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, float]:
+    """Per-gene log(observed / predicted slide total), centred on its median, and its robust
+    variance (MAD²) minus the Poisson part of the totals (var of log ≈ 1/count): the spread of a
+    per-gene platform effect."""
+    r = np.log(observed / predicted)
+    r = r - np.median(r)
+    spread = 1.4826 * float(np.median(np.abs(r)))
+    return r, max(spread**2 - float(np.median(1.0 / observed)), 0.0)
 
 
 def estimate_noise(X, library_size: np.ndarray, B: np.ndarray, V: np.ndarray, *, min_mu: float = 2.0) -> dict:
@@ -261,13 +269,11 @@ def estimate_noise(X, library_size: np.ndarray, B: np.ndarray, V: np.ndarray, *,
     ok = (tot_o > 20) & (tot_m > 0)
     if ok.sum() < 10:
         return {"platform_sigma": 0.0, "dispersion": float("inf")}
-    r = np.log(tot_o[ok] / tot_m[ok])
-    spread = 1.4826 * float(np.median(np.abs(r - np.median(r))))
-    # minus the Poisson noise of the totals themselves (var of log ~ 1/count)
-    sigma = float(np.sqrt(max(spread**2 - float(np.median(1.0 / tot_o[ok])), 0.0)))
+    r, sigma2 = _log_ratio_spread(tot_o[ok], tot_m[ok])
+    sigma = float(np.sqrt(sigma2))
     # remove the platform effect, then excess variance over Poisson: E[(x-mu)^2 - x] = mu^2/shape
     mu_c = mu.copy()
-    mu_c[:, ok] *= np.exp(r - np.median(r))[None, :]
+    mu_c[:, ok] *= np.exp(r)[None, :]
     mu_c *= (obs.sum(1) / np.maximum(mu_c.sum(1), 1e-12))[:, None]
     sel = mu_c >= min_mu
     if sel.sum() < 50:
