@@ -14,6 +14,7 @@ Options: ``--variants a,b`` ``--datasets x,y`` ``--json out.json``. Datasets:
   (``make_reference(12, seed=7)``); slide cells are a different draw of the same types
   (``cell_seed=8``), on hex / square layouts, kinds smooth / regions / gradient, platform
   effect 0 / 0.3, 1,000 or 10,000 counts per spot; cell fractions.
+- ``sim_r*``: the same on three other references (8, 20 and 6 types, seeds 31-33).
 - ``sc_square``: single cells of synthetic_square_2x2; half of each type's cells is the
   reference, the other half builds the slide; cell fractions.
 
@@ -91,19 +92,21 @@ def square_layout(n_rows, n_cols, pitch=1.0):
     return np.column_stack([c.ravel() * pitch, r.ravel() * pitch]).astype(np.float64)
 
 
-_REF12 = {}
+_REFS = {}
 
 
-def _ref12():
-    if not _REF12:
-        _REF12["ref"] = make_reference(n_types=12, seed=7)
-        _REF12["cells"] = build_reference(make_reference(n_types=12, seed=7, cell_seed=8), cell_type_key="cell_type")
-    return _REF12["ref"], _REF12["cells"]
+def _reference(n_types=12, seed=7):
+    """A synthetic reference and, from another draw of the same types, the slide's cells."""
+    if (n_types, seed) not in _REFS:
+        ref = make_reference(n_types=n_types, seed=seed)
+        cells = build_reference(make_reference(n_types=n_types, seed=seed, cell_seed=seed + 1), cell_type_key="cell_type")
+        _REFS[n_types, seed] = ref, cells
+    return _REFS[n_types, seed]
 
 
-def ds_sim(layout, kind, platform, depth, seed, mean_cells=8.0):
+def ds_sim(layout, kind, platform, depth, seed, mean_cells=8.0, reference=(12, 7)):
     def make():
-        ref, cells = _ref12()
+        ref, cells = _reference(*reference)
         xy = hex_layout(22, 22, pitch=100.0) if layout == "hex" else square_layout(20, 20)
         sim = simulate_slide(xy, cells, kind=kind, library_sizes=np.array([float(depth)]),
                              mean_cells=mean_cells, platform_sigma=platform, seed=seed)
@@ -150,6 +153,10 @@ DATASETS = {
     "sim_sq_gradient_p03_deep": ds_sim("square", "gradient", 0.3, 10000, seed=103),
     "sim_sq_smooth_p03_shallow": ds_sim("square", "smooth", 0.3, 1000, seed=104, mean_cells=4.0),
     "sc_square": ds_sc_square,
+    # other references: a lever's effect can depend on the reference (1/mean weights did)
+    "sim_r8_hex_smooth_p0_deep": ds_sim("hex", "smooth", 0.0, 10000, seed=105, reference=(8, 31)),
+    "sim_r20_sq_regions_p03": ds_sim("square", "regions", 0.3, 3000, seed=106, reference=(20, 32)),
+    "sim_r6_hex_gradient_p03_shallow": ds_sim("hex", "gradient", 0.3, 1000, seed=107, reference=(6, 33)),
 }
 
 

@@ -21,7 +21,7 @@ warnings.simplefilter("ignore")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def groups(seed=0):
+def groups(seed=0, gene_weighting="sqrt"):
     from napari_stlnmf.datasets import hex_layout, make_reference
     from napari_stlnmf.graph import build_graph
     from napari_stlnmf.preprocess import build_reference, prepare
@@ -42,21 +42,22 @@ def groups(seed=0):
         # prepare on a pilot simulation to pick genes and scales the way deconvolve would
         slides = make_training_slides(xy, graph, ref, n_slides=4, max_spots=700, library_sizes=np.full(10, depth), seed=seed + i)
         X_pilot = np.vstack([s.X.numpy() for s in slides]) * depth
-        prep = prepare(X_pilot, ref.genes, ref)
+        prepare_kw = {"gene_weighting": gene_weighting}
+        prep = prepare(X_pilot, ref.genes, ref, **prepare_kw)
         sel = ref.subset_genes(prep.genes)
         slides = make_training_slides(xy, graph, sel, n_slides=4, max_spots=700, library_sizes=np.full(10, depth), seed=seed + 10 + i)
         out.append((prep, slides))
     return out
 
 
-def main(epochs: int = 40):
+def main(epochs: int = 40, gene_weighting: str = "sqrt", out_path: str | None = None):
     from napari_stlnmf.api import default_params_path
     from napari_stlnmf.model import DEFAULTS, UnrolledNMF, to_cell_fractions
     from napari_stlnmf.train import _stack
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    data = groups()
+    data = groups(gene_weighting=gene_weighting)
     model = UnrolledNMF(1, 1, learn_gene_weights=False, omega=DEFAULTS.omega_start)
     params = [model.log_lambda, model.raw_sigma, model.raw_omega]
     opt = torch.optim.Adam(params, lr=0.05)
@@ -91,11 +92,18 @@ def main(epochs: int = 40):
     with torch.no_grad():
         for k in keys:
             getattr(out, k).copy_(best_state[k])
-    path = default_params_path()
-    out.save(path, extra={"trained_on": "6 synthetic references (5-30 types), hex and square layouts",
+    path = Path(out_path) if out_path else default_params_path()
+    out.save(path, extra={"gene_weighting": gene_weighting, "trained_on": "6 synthetic references (5-30 types), hex and square layouts",
                           "val_rmse_initial": start, "val_rmse": best, "seconds": time.perf_counter() - t0})
     print(f"validation RMSE {start:.4f} -> {best:.4f}; {out.describe()}; wrote {path}")
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 40)
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("epochs", nargs="?", type=int, default=40)
+    ap.add_argument("--gene-weighting", default="sqrt", choices=["sqrt", "mean", "none"])
+    ap.add_argument("--out", default=None, help="parameter file to write (default: the shipped one)")
+    a = ap.parse_args()
+    main(a.epochs, a.gene_weighting, a.out)
