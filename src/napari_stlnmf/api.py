@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,15 @@ from ._constants import (
 from .errors import CoordinateError, StlnmfError
 from .graph import SpatialGraph, build_graph, region_features, spot_image_features
 from .model import DEFAULTS, UnrolledNMF, finalize_proportions, pick_device, solve, to_cell_fractions
-from .preprocess import Prepared, Reference, build_reference, prepare, with_platform_effect
+from .preprocess import (
+    GENE_WEIGHTINGS,
+    Prepared,
+    Reference,
+    build_reference,
+    fitted_gene_scale,
+    prepare,
+    with_platform_effect,
+)
 from .train import (
     Cancelled,
     calibrated_noise_ranges,
@@ -188,9 +196,11 @@ def deconvolve(
     min_proportion
         Proportions below this are set to zero at the end (then rows are renormalised).
     gene_weighting
-        Weight of each gene in the data term: ``'sqrt'`` (1/√mean, Poisson-like), ``'mean'``
-        (1/mean, closer to RCTD's overdispersed likelihood) or ``'none'``. Default (``None``):
-        the weighting a saved model was trained with when ``params`` is given, else ``'sqrt'``.
+        Weight of each gene in the data term: ``'fitted'`` (1/sd measured on the slide: Poisson
+        variance plus the gene's excess residual after a quick first fit), ``'sqrt'`` (1/√mean,
+        Poisson), ``'mean'`` (1/mean) or ``'none'``. Default (``None``): the weighting a saved
+        model was trained with when ``params`` is given; ``'fitted'`` when training; else
+        ``'sqrt'`` (what the shipped parameters were tuned with).
     tied
         Training: one set of λ1, λ2, λ3 for all layers (``True``, as the original) or one per
         layer (``False``, default: lower RMSE on every slide of the held-out suite).
@@ -234,7 +244,9 @@ def deconvolve(
     _check_stop(should_stop)
 
     if gene_weighting is None:
-        gene_weighting = _default_gene_weighting(method, params)
+        gene_weighting = _default_gene_weighting(method, params, train)
+    if gene_weighting not in GENE_WEIGHTINGS:
+        raise StlnmfError(f"gene_weighting must be one of {GENE_WEIGHTINGS}, not {gene_weighting!r}")
     _report(progress, "preparing", 0, 1)
     prep: Prepared = prepare(
         adata.X, adata.var_names, ref, n_markers=n_markers,
@@ -254,6 +266,16 @@ def deconvolve(
     B = torch.as_tensor(prep.B, device=dev)
     scale = torch.as_tensor(prep.gene_scale, device=dev)
     train_report = None
+    if method == "unrolled" and fit_platform_effect:
+        prep, log_factor = _fit_platform_effect(prep, rng_seed)
+        ref_sel = ref_sel.scale_genes(np.exp(log_factor))
+        B = torch.as_tensor(prep.B, device=dev)
+        _check_stop(should_stop)
+    if gene_weighting == "fitted":
+        sample = _sample_rows(prep.X.shape[0], NOISE_SAMPLE_SPOTS, rng_seed)
+        V_first = _quick_fit(prep, sample, prep.gene_scale)
+        prep = replace(prep, gene_scale=fitted_gene_scale(prep.X[sample], prep.library_size[sample], prep.B, V_first))
+        scale = torch.as_tensor(prep.gene_scale, device=dev)
     if method == "unrolled":
         param_file = params if params is not None else default_params_path()
         if Path(param_file).exists():
@@ -271,11 +293,6 @@ def deconvolve(
             model.log_lambda = torch.nn.Parameter(rows)
             model.tied = False
         model.to(dev)
-        if fit_platform_effect:
-            prep, log_factor = _fit_platform_effect(prep, rng_seed)
-            ref_sel = ref_sel.scale_genes(np.exp(log_factor))
-            B = torch.as_tensor(prep.B, device=dev)
-            _check_stop(should_stop)
         if train:
             n_val = max(2, n_train_slides // 4)
             total = n_train_slides + n_val
@@ -286,9 +303,7 @@ def deconvolve(
                 V_first = model.infer(prep.X, B, scale, graph).cpu().numpy().astype(np.float64)
                 V_first /= np.maximum(V_first.sum(1, keepdims=True), 1e-12)
                 # a seeded subsample of spots: the estimate densifies its rows (10^6 bins would not fit)
-                rows = np.arange(prep.X.shape[0])
-                if rows.size > NOISE_SAMPLE_SPOTS:
-                    rows = np.sort(np.random.default_rng(rng_seed).choice(rows, NOISE_SAMPLE_SPOTS, replace=False))
+                rows = _sample_rows(prep.X.shape[0], NOISE_SAMPLE_SPOTS, rng_seed)
                 noise = estimate_noise(prep.X[rows], prep.library_size[rows], prep.B, V_first[rows])
                 for k, v in calibrated_noise_ranges(noise, signature_only=ref_sel.cell_counts is None).items():
                     sim_kw.setdefault(k, v)
@@ -397,27 +412,41 @@ def _fit_platform_effect(prep: Prepared, seed: int) -> tuple[Prepared, np.ndarra
 
     The first fit uses the default parameters, not the model's learned ones, so a saved model
     reused on the same slide sees the same corrected inputs as when it was trained."""
-    model = UnrolledNMF(*prep.B.shape, omega=DEFAULTS.omega_start)
-    rows = np.arange(prep.X.shape[0])
-    if rows.size > PLATFORM_SAMPLE_SPOTS:
-        rows = np.sort(np.random.default_rng(seed).choice(rows, PLATFORM_SAMPLE_SPOTS, replace=False))
+    rows = _sample_rows(prep.X.shape[0], PLATFORM_SAMPLE_SPOTS, seed)
     X, lib = prep.X[rows], prep.library_size[rows]
-    scale = torch.as_tensor(prep.gene_scale)
     log_factor = np.zeros(prep.B.shape[0])
     current = prep
     for _ in range(PLATFORM_PASSES):
-        V = model.infer(X, torch.as_tensor(current.B), scale, None, n_layers=50).cpu().numpy().astype(np.float64)
-        V /= np.maximum(V.sum(1, keepdims=True), 1e-12)
+        V = _quick_fit(current, rows, prep.gene_scale)
         log_factor = log_factor + estimate_platform_effect(X, lib, current.B, V)
         current = with_platform_effect(prep, log_factor)
     return current, log_factor
 
 
-def _default_gene_weighting(method: str, params) -> str:
-    """The weighting a saved model was trained with, else 'sqrt'."""
-    if method == "unrolled" and params is not None and Path(params).exists():
+def _sample_rows(n: int, at_most: int, seed: int) -> np.ndarray:
+    """All rows, or a seeded sorted sample of ``at_most`` of them."""
+    rows = np.arange(n)
+    if n > at_most:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, at_most, replace=False))
+    return rows
+
+
+def _quick_fit(prep: Prepared, rows: np.ndarray, gene_scale: np.ndarray) -> np.ndarray:
+    """mRNA fractions of ``rows`` from the default parameters (50 layers, no graph): the first
+    fit the slide's platform effect and gene weights are measured on."""
+    model = UnrolledNMF(*prep.B.shape, omega=DEFAULTS.omega_start)
+    V = model.infer(prep.X[rows], torch.as_tensor(prep.B), torch.as_tensor(gene_scale), None, n_layers=50)
+    V = V.cpu().numpy().astype(np.float64)
+    return V / np.maximum(V.sum(1, keepdims=True), 1e-12)
+
+
+def _default_gene_weighting(method: str, params, train: bool) -> str:
+    """The weighting a saved model was trained with; 'fitted' when training; else 'sqrt'."""
+    if method != "unrolled":
+        return "sqrt"
+    if params is not None and Path(params).exists():
         return UnrolledNMF.saved_extra(params).get("gene_weighting", "sqrt")
-    return "sqrt"
+    return "fitted" if train else "sqrt"
 
 
 def _split_train_options(options: dict | None) -> tuple[dict, dict]:

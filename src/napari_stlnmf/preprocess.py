@@ -289,26 +289,53 @@ def with_platform_effect(prep: "Prepared", log_factor: np.ndarray) -> "Prepared"
     )
 
 
+GENE_WEIGHTINGS = ("fitted", "sqrt", "mean", "none")
+
+
 def gene_scale_for(B: np.ndarray, weighting: str = "sqrt") -> np.ndarray:
     """Row weights of genes: 1/sqrt(mean) ('sqrt'), 1/mean ('mean') or none.
 
+    ``'fitted'`` needs a first fit (:func:`fitted_gene_scale`); until then it is 'sqrt'.
     Normalised so that ``mean(diag(Bw^T Bw)) = 1``: λ's then have a meaning that does not
     depend on the number of genes or on sequencing depth.
     """
     mean = B.mean(1)
     floor = max(np.quantile(mean[mean > 0], 0.01), 1e-12) if (mean > 0).any() else 1.0
     mean = np.maximum(mean, floor)
-    if weighting == "sqrt":
+    if weighting in ("sqrt", "fitted"):
         s = mean**-0.5
     elif weighting == "mean":
         s = 1.0 / mean
     elif weighting in ("none", None):
         s = np.ones_like(mean)
     else:
-        raise StlnmfError(f"gene_weighting must be 'sqrt', 'mean' or 'none', not {weighting!r}")
+        raise StlnmfError(f"gene_weighting must be one of {GENE_WEIGHTINGS}, not {weighting!r}")
+    return _normalised_scale(B, s)
+
+
+def _normalised_scale(B: np.ndarray, s: np.ndarray) -> np.ndarray:
     bw = B * s[:, None]
     s = s / np.sqrt(np.mean((bw**2).sum(0)))
     return s.astype(np.float32)
+
+
+def fitted_gene_scale(X, library_size: np.ndarray, B: np.ndarray, V: np.ndarray) -> np.ndarray:
+    """Gene weights 1/sd measured on the slide: each gene's Poisson variance plus its excess
+    squared residual after a first fit ``V`` (feasible weighted least squares).
+
+    Genes the reference describes badly on this slide (cell-to-cell variation, a state or
+    donor difference, a platform effect left over) count less; with Poisson noise only this
+    is the 'sqrt' weighting. ``X`` spots x genes with rows summing to one.
+    """
+    Xd = X.toarray() if sp.issparse(X) else np.asarray(X)
+    fit = np.asarray(V, dtype=np.float64) @ np.asarray(B, dtype=np.float64).T
+    lib = np.asarray(library_size, dtype=np.float64)
+    poisson = (fit / lib[:, None]).mean(0)
+    excess = np.maximum(((Xd - fit) ** 2).mean(0) - poisson, 0.0)
+    var = poisson + excess
+    positive = var[var > 0]
+    var = np.maximum(var, np.quantile(positive, 0.01) if positive.size else 1.0)  # as 'sqrt' floors the mean
+    return _normalised_scale(B, var**-0.5)
 
 
 def normalise_counts(counts) -> tuple[np.ndarray, np.ndarray]:
