@@ -351,7 +351,7 @@ def write_page(acc, sc, figs, args, started):
         present = [m for m in ESTIMATES if m in set(acc.method)] + [m for m in acc.method.unique() if m not in ESTIMATES]
         lines += [f"| {m} | {ESTIMATES.get(m, ('', ''))[0]} | {ESTIMATES.get(m, ('', ''))[1]} |" for m in present]
         lines += ["", "Peers run with their documented defaults except where recorded in benchmarks/peers/README.md "
-                  "(cell2location 250 + 10,000 epochs, Stereoscope ~30,000 steps, DestVI; being slow here (5-15 min per slide), "
+                  "(cell2location 250 + 10,000 epochs, Stereoscope ~30,000 steps, DestVI 300 + 2,000 epochs; being slow here (5-45 min per slide), "
                   "these three run on the demo slide only). "
                   "Peers need a single-cell reference: they have no score on the signature-only slide.", ""]
         lines += win_summary(acc)
