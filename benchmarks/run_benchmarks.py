@@ -226,7 +226,9 @@ def plots(acc: pd.DataFrame, sc: pd.DataFrame, maps: dict):
         for ax, col in zip(axes[0], cols):
             piv = acc.pivot_table(index="slide", columns="method", values=col, sort=False)
             piv = piv[[m for m in ESTIMATES if m in piv.columns] + [m for m in piv.columns if m not in ESTIMATES]]
-            piv.plot.barh(ax=ax, width=0.85, legend=False, logx=True)
+            palette = plt.get_cmap("tab20").colors  # one colour per method (tab10 repeats after 10)
+            piv.plot.barh(ax=ax, width=0.85, legend=False, logx=True,
+                          color=[palette[(2 * i) % 20 + (2 * i) // 20] for i in range(piv.shape[1])])
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel(f"RMSE vs true {'cell' if col == 'rmse' else 'mRNA'} fractions (log scale; lower is better)")
             ax.set_ylabel("")
