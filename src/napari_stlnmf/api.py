@@ -24,7 +24,6 @@ from .errors import CoordinateError, StlnmfError
 from .graph import SpatialGraph, build_graph, region_features, spot_image_features
 from .model import DEFAULTS, UnrolledNMF, finalize_proportions, pick_device, solve, to_cell_fractions
 from .preprocess import (
-    GENE_WEIGHTINGS,
     Prepared,
     Reference,
     build_reference,
@@ -245,8 +244,6 @@ def deconvolve(
 
     if gene_weighting is None:
         gene_weighting = _default_gene_weighting(method, params, train)
-    if gene_weighting not in GENE_WEIGHTINGS:
-        raise StlnmfError(f"gene_weighting must be one of {GENE_WEIGHTINGS}, not {gene_weighting!r}")
     _report(progress, "preparing", 0, 1)
     prep: Prepared = prepare(
         adata.X, adata.var_names, ref, n_markers=n_markers,
