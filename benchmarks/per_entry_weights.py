@@ -31,36 +31,60 @@ from napari_stlnmf.preprocess import prepare  # noqa: E402
 from napari_stlnmf.train import estimate_noise  # noqa: E402
 
 
-def main(names):
-    for name in names:
+class Slide:
+    """A suite slide prepared as deconvolve prepares it (platform effect corrected), with the
+    quick first fit, the measured overdispersion φ and a scorer against both truths."""
+
+    def __init__(self, name):
         d = suite.DATASETS[name]()
+        self.data = d
         ref = api._as_reference(d["reference"], d["key"])
         prep = prepare(d["slide"].X, d["slide"].var_names, ref)
         prep, _ = api._fit_platform_effect(prep, 0)
-        V0 = api._quick_fit(prep, np.arange(prep.X.shape[0]), prep.gene_scale)
-        X = prep.X.toarray().astype(np.float64)
-        L = prep.library_size.astype(np.float64)
-        B = prep.B.astype(np.float64)
-        phi = 1.0 / estimate_noise(prep.X, prep.library_size, prep.B, V0)["dispersion"]
-        truth_mrna = np.asarray(d.get("truth_mrna", d["truth"]), float)[prep.spot_mask]
-        truth_cell = np.asarray(d["truth"], float)[prep.spot_mask]
+        self.prep = prep
+        self.V0 = api._quick_fit(prep, np.arange(prep.X.shape[0]), prep.gene_scale)
+        self.X = prep.X.toarray().astype(np.float64)
+        self.L = prep.library_size.astype(np.float64)
+        self.B = prep.B.astype(np.float64)
+        self.phi = 1.0 / estimate_noise(prep.X, prep.library_size, prep.B, self.V0)["dispersion"]
+        self.truth_mrna = np.asarray(d.get("truth_mrna", d["truth"]), float)[prep.spot_mask]
+        self.truth_cell = np.asarray(d["truth"], float)[prep.spot_mask]
 
-        def score(V):
-            V = V / V.sum(1, keepdims=True)
-            mrna = finalize_proportions(V / prep.gene_share[None], 0.05)
-            cell = finalize_proportions(to_cell_fractions(V, prep.mrna_content), 0.05)
-            return round(rmse(mrna, truth_mrna), 4), round(rmse(cell, truth_cell), 4)
+    def score(self, V):
+        """(mRNA RMSE, cell RMSE) of selected-gene mRNA shares V, as deconvolve finalises them."""
+        V = V / V.sum(1, keepdims=True)
+        mrna = finalize_proportions(V / self.prep.gene_share[None], 0.05)
+        cell = finalize_proportions(to_cell_fractions(V, self.prep.mrna_content), 0.05)
+        return round(rmse(mrna, self.truth_mrna), 4), round(rmse(cell, self.truth_cell), 4)
 
-        print(f"{name}: phi {phi:.3f}; quick fit {score(V0)}")
+    def weighted_updates(self, V, n_updates, *, nb=True, lam1=0.0, lam2=0.0, graph=None, gram_scaled=False):
+        """Multiplicative updates of least squares with per-entry weights ``1/(μ/L + φμ²)``
+        (``nb=False``: Poisson only), refreshed every 20 updates; optional graph (``graph`` =
+        (A, degree)) and sum-to-one terms. ``gram_scaled``: weights scaled so that
+        mean diag(Bᵀ W_s B) = 1 (the gene weights' scale, for the λ's), else mean W = 1."""
+        X, L, B = self.X, self.L, self.B
+        V = V.copy()
+        for it in range(n_updates):
+            if it % 20 == 0:
+                mu = np.maximum(V @ B.T, 1e-9)
+                W = 1.0 / (mu / L[:, None] + (self.phi * mu**2 if nb else 0.0))
+                W /= np.mean((W[:, :, None] * B[None] ** 2).sum(1)) if gram_scaled else W.mean()
+            num = (W * X) @ B + lam2
+            den = (W * (V @ B.T)) @ B + lam2 * V.sum(1, keepdims=True) + 1e-12
+            if graph is not None and lam1:
+                A, degree = graph
+                num = num + lam1 * (A @ V)
+                den = den + lam1 * degree * V
+            V *= num / den
+        return V
+
+
+def main(names):
+    for name in names:
+        s = Slide(name)
+        print(f"{name}: phi {s.phi:.3f}; quick fit {s.score(s.V0)}")
         for mode in ("poisson", "nb"):
-            V = V0.copy()
-            for it in range(300):
-                if it % 20 == 0:
-                    mu = np.maximum(V @ B.T, 1e-9)
-                    W = 1.0 / (mu / L[:, None] + (phi * mu**2 if mode == "nb" else 0.0))
-                    W /= W.mean()
-                V *= ((W * X) @ B) / ((W * (V @ B.T)) @ B + 1e-12)
-            print(f"  per-entry {mode}: {score(V)}")
+            print(f"  per-entry {mode}: {s.score(s.weighted_updates(s.V0, 300, nb=mode == 'nb'))}")
 
 
 def with_graph(names, graph_multipliers=(0.0, 0.5, 1.0, 2.0), n_updates=100):
@@ -71,44 +95,21 @@ def with_graph(names, graph_multipliers=(0.0, 0.5, 1.0, 2.0), n_updates=100):
     from napari_stlnmf.graph import build_graph
 
     for name in names:
-        d = suite.DATASETS[name]()
+        s = Slide(name)
+        d, prep = s.data, s.prep
         res = deconvolve(d["slide"], d["reference"], cell_type_key=d["key"], seed=0, min_proportion=0.0)
-        ref = api._as_reference(d["reference"], d["key"])
-        prep = prepare(d["slide"].X, d["slide"].var_names, ref)
-        prep, _ = api._fit_platform_effect(prep, 0)
         Vt = res.mrna_fractions.to_numpy()[prep.spot_mask] * prep.gene_share[None]
         Vt = np.maximum(Vt / Vt.sum(1, keepdims=True), 1e-6)
-        X, B = prep.X.toarray().astype(np.float64), prep.B.astype(np.float64)
-        L = prep.library_size.astype(np.float64)
-        V0 = api._quick_fit(prep, np.arange(prep.X.shape[0]), prep.gene_scale)
-        phi = 1.0 / estimate_noise(prep.X, prep.library_size, prep.B, V0)["dispersion"]
-        truth_mrna = np.asarray(d["truth_mrna"], float)[prep.spot_mask]
-        truth_cell = np.asarray(d["truth"], float)[prep.spot_mask]
         lam = res.model.lambdas().detach().numpy()
         sig = res.model.sigmas().detach().numpy()
         xy = np.asarray(d["slide"].obsm["spatial"], float)[prep.spot_mask]
         A = build_graph(xy).adjacency(float(sig[0]), float(sig[1]))
-        deg = np.asarray(A.sum(1)).ravel()[:, None]
-
-        def score(V):
-            V = V / V.sum(1, keepdims=True)
-            mrna = finalize_proportions(V / prep.gene_share[None], 0.05)
-            cell = finalize_proportions(to_cell_fractions(V, prep.mrna_content), 0.05)
-            return round(rmse(mrna, truth_mrna), 4), round(rmse(cell, truth_cell), 4)
-
-        out = [f"trained {score(Vt)}"]
+        graph = (A, np.asarray(A.sum(1)).ravel()[:, None])
+        out = [f"trained {s.score(Vt)}"]
         for g in graph_multipliers:
-            l1, l2 = float(np.median(lam[:, 0])) * g, float(np.median(lam[:, 1]))
-            V = Vt.copy()
-            for it in range(n_updates):
-                if it % 20 == 0:
-                    mu = np.maximum(V @ B.T, 1e-9)
-                    W = 1.0 / (mu / L[:, None] + phi * mu**2)
-                    W /= np.mean((W[:, :, None] * B[None] ** 2).sum(1))
-                num = (W * X) @ B + l1 * (A @ V) + l2
-                den = (W * (V @ B.T)) @ B + l1 * deg * V + l2 * V.sum(1, keepdims=True) + 1e-12
-                V *= num / den
-            out.append(f"λ1 x{g} {score(V)}")
+            V = s.weighted_updates(Vt, n_updates, lam1=float(np.median(lam[:, 0])) * g,
+                                   lam2=float(np.median(lam[:, 1])), graph=graph, gram_scaled=True)
+            out.append(f"λ1 x{g} {s.score(V)}")
         print(name, " | ".join(out), flush=True)
 
 
