@@ -42,8 +42,7 @@ def groups(seed=0, gene_weighting="sqrt"):
         # prepare on a pilot simulation to pick genes and scales the way deconvolve would
         slides = make_training_slides(xy, graph, ref, n_slides=4, max_spots=700, library_sizes=np.full(10, depth), seed=seed + i)
         X_pilot = np.vstack([s.X.numpy() for s in slides]) * depth
-        prepare_kw = {"gene_weighting": gene_weighting}
-        prep = prepare(X_pilot, ref.genes, ref, **prepare_kw)
+        prep = prepare(X_pilot, ref.genes, ref, gene_weighting=gene_weighting)
         sel = ref.subset_genes(prep.genes)
         slides = make_training_slides(xy, graph, sel, n_slides=4, max_spots=700, library_sizes=np.full(10, depth), seed=seed + 10 + i)
         out.append((prep, slides))
@@ -106,4 +105,6 @@ if __name__ == "__main__":
     ap.add_argument("--gene-weighting", default="sqrt", choices=["sqrt", "mean", "none"])
     ap.add_argument("--out", default=None, help="parameter file to write (default: the shipped one)")
     a = ap.parse_args()
+    if a.gene_weighting != "sqrt" and a.out is None:  # the shipped file is what untrained runs use, with 'sqrt'
+        ap.error("--out is required with --gene-weighting other than sqrt")
     main(a.epochs, a.gene_weighting, a.out)
