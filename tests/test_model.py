@@ -7,7 +7,9 @@ import torch
 from napari_stlnmf.datasets import hex_layout
 from napari_stlnmf.graph import build_graph
 from napari_stlnmf.model import (
+    EntryNoise,
     UnrolledNMF,
+    entry_weighted_gram,
     finalize_proportions,
     graph_tensors,
     objective,
@@ -138,3 +140,50 @@ def test_inference_damps_an_over_relaxation_that_diverges(problem):
                   lam1=5.0, lam2=float(model.lambdas().detach()[0, 1]), ridge=model.ridge()[0].detach().numpy(), n_iter=100,
                   omega=1.99)
     assert not torch.isfinite(plain).all() or float(plain.sum(1).max()) >= 10.0  # undamped, it does diverge
+
+
+def test_entry_weighted_gram_is_the_negative_binomial_weighted_normal_equation(problem):
+    """``BtX_s = Bᵀ W_s x_s`` and ``G_s = Bᵀ diag(W_s) B`` with ``W = 1/(μ/L + φμ²)``, formed in
+    blocks from a sparse X exactly as densely; with Poisson weights ``G_s v_s ∝ L_s`` (the
+    columns of B sum to one), the identity behind Poisson regression's multiplicative update."""
+    prep = problem["prep"]
+    X, B = prep.X, torch.as_tensor(prep.B, dtype=torch.float64)
+    V = torch.as_tensor(problem["sim"].cell_fractions, dtype=torch.float64) * 0.8 + 0.2 / B.shape[1]
+    lib = torch.as_tensor(prep.library_size, dtype=torch.float64)
+    BtX, G = entry_weighted_gram(X, B, V, EntryNoise(lib, 0.3), chunk=17)
+    mu = V @ B.T
+    W = 1.0 / (mu / lib[:, None] + 0.3 * mu**2)
+    G_ref = torch.einsum("sg,gk,gl->skl", W, B, B)
+    scale = G_ref.diagonal(dim1=1, dim2=2).mean()
+    torch.testing.assert_close(G, G_ref / scale)
+    Xd = torch.as_tensor(X.toarray(), dtype=torch.float64)
+    torch.testing.assert_close(BtX, (W * Xd) @ B / scale)
+    _, G0 = entry_weighted_gram(X, B, V, EntryNoise(lib, 0.0))
+    Gv = torch.bmm(G0, V.unsqueeze(2)).squeeze(2)
+    ratio = Gv / lib[:, None]
+    torch.testing.assert_close(ratio, torch.full_like(ratio, float(ratio.mean())), rtol=1e-6, atol=0)
+
+
+def test_entry_weighted_layers_train_and_infer_alike(problem, tmp_path):
+    """A per-entry-weights model: the differentiable pass and the in-place inference give the
+    same V, gradients reach the λ's, σ's and ω, and save/load keeps the refresh schedule."""
+    prep = problem["prep"]
+    m, p = prep.B.shape
+    X = torch.as_tensor(prep.X.toarray())
+    B = torch.as_tensor(prep.B)
+    noise = EntryNoise(torch.as_tensor(prep.library_size, dtype=torch.float32), 0.2)
+    model = UnrolledNMF(m, p, n_layers=30, tied=False, lambda_graph=0.3, omega=1.3)
+    model.refresh_layers = (0, 5, 15)
+    with pytest.raises(ValueError, match="per-entry"):
+        model(X, B, problem["g"].float())
+    V = model(X, B, problem["g"].float(), graph_tensors(problem["graph"]), noise=noise)
+    V_infer = model.infer(prep.X, B, problem["g"].float(), problem["graph"], noise=noise)
+    torch.testing.assert_close(V.detach(), V_infer, rtol=2e-4, atol=1e-6)
+    truth = torch.as_tensor(problem["sim"].cell_fractions, dtype=torch.float32)
+    ((to_cell_fractions(V, prep.mrna_content) - truth) ** 2).mean().backward()
+    for name in ("log_lambda", "raw_sigma", "raw_omega", "log_type_weight"):
+        grad = getattr(model, name).grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+    loaded, _ = UnrolledNMF.load(model.save(tmp_path / "nb.pt"), n_types=p)
+    assert loaded.refresh_layers == (0, 5, 15)
+    torch.testing.assert_close(loaded.infer(prep.X, B, problem["g"].float(), problem["graph"], noise=noise), V_infer)

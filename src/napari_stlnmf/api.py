@@ -22,7 +22,16 @@ from ._constants import (
 )
 from .errors import CoordinateError, StlnmfError
 from .graph import SpatialGraph, build_graph, region_features, spot_image_features
-from .model import DEFAULTS, UnrolledNMF, finalize_proportions, pick_device, solve, to_cell_fractions
+from .model import (
+    DEFAULTS,
+    REFRESH_LAYERS,
+    EntryNoise,
+    UnrolledNMF,
+    finalize_proportions,
+    pick_device,
+    solve,
+    to_cell_fractions,
+)
 from .preprocess import (
     Prepared,
     Reference,
@@ -195,11 +204,15 @@ def deconvolve(
     min_proportion
         Proportions below this are set to zero at the end (then rows are renormalised).
     gene_weighting
-        Weight of each gene in the data term: ``'fitted'`` (1/sd measured on the slide: Poisson
-        variance plus the gene's excess residual after a quick first fit), ``'sqrt'`` (1/√mean,
-        Poisson), ``'mean'`` (1/mean) or ``'none'``. Default (``None``): the weighting a saved
-        model was trained with when ``params`` is given; ``'fitted'`` when training; else
-        ``'sqrt'`` (what the shipped parameters were tuned with).
+        Weights of the data term. ``'nb'``: one weight per spot and gene, the inverse of a
+        negative-binomial variance ``μ/L + φμ²`` at the current fit (``L`` the spot's counts,
+        ``φ`` the slide's overdispersion measured on a quick first fit), recomputed inside the
+        layers — deep spots and well-measured genes count more (unrolled method only). One
+        weight per gene: ``'fitted'`` (1/sd measured on the slide: Poisson variance plus the
+        gene's excess residual after a quick first fit), ``'sqrt'`` (1/√mean, Poisson),
+        ``'mean'`` (1/mean) or ``'none'``. Default (``None``): the weighting a saved model was
+        trained with when ``params`` is given; ``'nb'`` when training; else ``'sqrt'`` (what the
+        shipped parameters were tuned with).
     tied
         Training: one set of λ1, λ2, λ3 for all layers (``True``, as the original) or one per
         layer (``False``, default: lower RMSE on every slide of the held-out suite).
@@ -244,6 +257,8 @@ def deconvolve(
 
     if gene_weighting is None:
         gene_weighting = _default_gene_weighting(method, params, train)
+    if gene_weighting == "nb" and method != "unrolled":
+        raise StlnmfError("gene_weighting='nb' (per-entry weights) needs method='unrolled'")
     _report(progress, "preparing", 0, 1)
     prep: Prepared = prepare(
         adata.X, adata.var_names, ref, n_markers=n_markers,
@@ -268,11 +283,17 @@ def deconvolve(
         ref_sel = ref_sel.scale_genes(np.exp(log_factor))
         B = torch.as_tensor(prep.B, device=dev)
         _check_stop(should_stop)
-    if gene_weighting == "fitted":
+    entry_noise = None
+    if gene_weighting in ("fitted", "nb"):
         sample = _sample_rows(prep.X.shape[0], NOISE_SAMPLE_SPOTS, rng_seed)
         V_first = _quick_fit(prep, sample, prep.gene_scale)
-        prep = replace(prep, gene_scale=fitted_gene_scale(prep.X[sample], prep.library_size[sample], prep.B, V_first))
-        scale = torch.as_tensor(prep.gene_scale, device=dev)
+        X_s, lib_s = prep.X[sample], prep.library_size[sample]
+        if gene_weighting == "fitted":
+            prep = replace(prep, gene_scale=fitted_gene_scale(X_s, lib_s, prep.B, V_first))
+            scale = torch.as_tensor(prep.gene_scale, device=dev)
+        else:
+            entry_noise = EntryNoise(torch.as_tensor(prep.library_size, device=dev),
+                                     _overdispersion(estimate_noise(X_s, lib_s, prep.B, V_first)))
     if method == "unrolled":
         param_file = params if params is not None else default_params_path()
         if Path(param_file).exists():
@@ -285,6 +306,10 @@ def deconvolve(
             model.n_layers = int(n_layers)
             if not model.tied:
                 raise StlnmfError("n_layers cannot be changed for an untied (per-layer) model")
+        if entry_noise is None:
+            model.refresh_layers = None
+        elif model.refresh_layers is None:
+            model.refresh_layers = REFRESH_LAYERS
         if train and not tied and model.tied:  # learn one set of λ's per layer
             rows = model.log_lambda.detach().repeat(model.n_layers, 1)
             model.log_lambda = torch.nn.Parameter(rows)
@@ -297,7 +322,7 @@ def deconvolve(
             sim_kw, fit_kw = _split_train_options(train_options)
             noise = None
             if calibrate_noise:
-                V_first = model.infer(prep.X, B, scale, graph).cpu().numpy().astype(np.float64)
+                V_first = model.infer(prep.X, B, scale, graph, noise=entry_noise).cpu().numpy().astype(np.float64)
                 V_first /= np.maximum(V_first.sum(1, keepdims=True), 1e-12)
                 # a seeded subsample of spots: the estimate densifies its rows (10^6 bins would not fit)
                 rows = _sample_rows(prep.X.shape[0], NOISE_SAMPLE_SPOTS, rng_seed)
@@ -312,7 +337,8 @@ def deconvolve(
             train_report = train_unrolled(
                 model, prep.B, prep.gene_scale, prep.mrna_content,
                 slides[:n_train_slides], slides[n_train_slides:], epochs=train_epochs,
-                progress=progress, should_stop=should_stop, seed=rng_seed, **fit_kw,
+                progress=progress, should_stop=should_stop, seed=rng_seed,
+                overdispersion=0.0 if entry_noise is None else entry_noise.overdispersion, **fit_kw,
             )
             train_report.noise = noise
             if save_params is not None:
@@ -326,7 +352,7 @@ def deconvolve(
 
         with torch.no_grad():
             BtX, BtB = model.gram(prep.X, B, scale)
-        V = model.infer(prep.X, B, scale, graph, callback=cb, gram=(BtX, BtB))
+        V = model.infer(prep.X, B, scale, graph, callback=cb, gram=(BtX, BtB), noise=entry_noise)
         gene_scale_eff = (scale * model.gene_weights()).detach()
         described = model.describe()
     else:
@@ -382,6 +408,7 @@ def deconvolve(
         "train": None if train_report is None else train_report.as_dict(),
         "min_proportion": min_proportion,
         "gene_weighting": gene_weighting,
+        "overdispersion": None if entry_noise is None else entry_noise.overdispersion,
         "seed": rng_seed,
         "seconds": time.perf_counter() - t_start,
     }
@@ -437,13 +464,19 @@ def _quick_fit(prep: Prepared, rows: np.ndarray, gene_scale: np.ndarray) -> np.n
     return V / np.maximum(V.sum(1, keepdims=True), 1e-12)
 
 
+def _overdispersion(noise: dict) -> float:
+    """φ of ``Var = μ/L + φμ²`` from :func:`estimate_noise`'s gamma shape (0: Poisson only)."""
+    shape = float(noise["dispersion"])
+    return 1.0 / shape if np.isfinite(shape) and shape > 0 else 0.0
+
+
 def _default_gene_weighting(method: str, params, train: bool) -> str:
-    """The weighting a saved model was trained with; 'fitted' when training; else 'sqrt'."""
+    """The weighting a saved model was trained with; 'nb' when training; else 'sqrt'."""
     if method != "unrolled":
         return "sqrt"
     if params is not None and Path(params).exists():
         return UnrolledNMF.saved_extra(params).get("gene_weighting", "sqrt")
-    return "fitted" if train else "sqrt"
+    return "nb" if train else "sqrt"
 
 
 def _split_train_options(options: dict | None) -> tuple[dict, dict]:

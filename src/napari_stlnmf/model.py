@@ -10,6 +10,11 @@ One layer (method.md, sum-to-one term taken per spot so λ2 does not grow with n
 with ``Bw = diag(g) B``, ``Xw = X diag(g)`` (g = gene weights), ``BtX = Xw Bw`` and
 ``BtB = Bwᵀ Bw``. No thresholding inside layers (zeros could never revive); tiny
 proportions are zeroed once at the end.
+Per-entry weights (``gene_weighting='nb'``): the data term weighs each spot and gene by
+``W_sg = 1 / (μ_sg/L_s + φ μ_sg²)``, the inverse of a negative-binomial variance (``μ = V Bᵀ``
+the current fit on rows summing to one, ``L`` the spot's library size, ``φ`` the slide's
+measured overdispersion), recomputed from the current V at a few layers (IRLS). A layer then
+uses per-spot Gram matrices ``G_s = Bᵀ diag(W_s) B`` instead of one ``BtB``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from .graph import SpatialGraph
 __all__ = [
     "DEFAULTS",
     "UnrolledNMF",
+    "EntryNoise",
+    "entry_weighted_gram",
     "solve",
     "update_step",
     "objective",
@@ -39,6 +46,9 @@ __all__ = [
 ]
 
 EPS = 1e-10
+MU_FLOOR = 1e-9  # fitted expression floor of the per-entry weights
+REFRESH_LAYERS = (0, 10, 25, 50)  # layers at which per-entry weights are recomputed
+GRAM_CHUNK = 4096  # spots per block when forming per-entry weights (dense spots x genes)
 SIGMA_RANGE = (0.25, 8.0)  # σ's in spot spacings / standardised feature units
 OMEGA_RANGE = (0.5, 2.0)  # over-relaxation exponent of the multiplicative update
 
@@ -121,6 +131,62 @@ def _graph_product(g: dict, w: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         counts = torch.bincount(g["rows"], minlength=g["n_spots"])
         g["crow"] = torch.cat([torch.zeros(1, dtype=torch.int64, device=counts.device), counts.cumsum(0)])
     return _GraphProduct.apply(w, V, g["crow"], g["cols"], g["rows"])
+
+
+@dataclass(frozen=True)
+class EntryNoise:
+    """What per-entry weights need besides the fit: each spot's library size and the slide's
+    overdispersion ``φ`` (``Var(x_sg) = μ_sg/L_s + φ μ_sg²`` on rows summing to one; 0 = Poisson)."""
+
+    library_size: torch.Tensor
+    overdispersion: float = 0.0
+
+
+def _dense_rows(X, start, stop, like: torch.Tensor) -> torch.Tensor:
+    if sp.issparse(X):
+        return torch.as_tensor(X[start:stop].toarray(), dtype=like.dtype, device=like.device)
+    return torch.as_tensor(X[start:stop], dtype=like.dtype, device=like.device)
+
+
+@torch.no_grad()
+def entry_weighted_gram(X, B: torch.Tensor, V: torch.Tensor, noise: EntryNoise, chunk: int = GRAM_CHUNK):
+    """Per-spot ``BtX_s = Bᵀ W_s x_s`` (spots x types) and ``G_s = Bᵀ diag(W_s) B``
+    (spots x types x types) with ``W_sg = 1/(μ_sg/L_s + φ μ_sg²)``, ``μ = V Bᵀ`` (V detached).
+
+    Scaled so that the mean diagonal of ``G_s`` is one, the scale the gene weights have, so the
+    λ's keep their meaning. Formed in blocks of ``chunk`` spots: dense spots x genes per block only.
+    """
+    V = V.detach()
+    n, p = V.shape
+    m = B.shape[0]
+    Bd = B.to(V.dtype)
+    BB = (Bd[:, :, None] * Bd[:, None, :]).reshape(m, p * p)
+    lib = torch.as_tensor(noise.library_size, dtype=V.dtype, device=V.device).clamp_min(1.0)
+    phi = float(noise.overdispersion)
+    BtX = torch.empty(n, p, dtype=V.dtype, device=V.device)
+    G = torch.empty(n, p, p, dtype=V.dtype, device=V.device)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        mu = (V[start:stop] @ Bd.T).clamp_min_(MU_FLOOR)
+        W = mu / lib[start:stop, None]
+        if phi > 0:
+            W.addcmul_(mu, mu, value=phi)
+        W.reciprocal_()
+        BtX[start:stop] = (W * _dense_rows(X, start, stop, V)) @ Bd
+        G[start:stop] = (W @ BB).view(-1, p, p)
+    scale = G.diagonal(dim1=1, dim2=2).mean().clamp_min(EPS)
+    return BtX.div_(scale), G.div_(scale)
+
+
+def _entry_step(V, BtX, G, M, lam1, lam2, dcol, graph_product, omega):
+    """One layer with per-spot Gram matrices: ``M = diag(ridge) + λ2 11ᵀ``."""
+    num = BtX + lam2
+    if graph_product is not None:
+        num = num + lam1 * graph_product(V)
+    den = torch.bmm(G, V.unsqueeze(2)).squeeze(2) + V @ M + EPS
+    if dcol is not None:
+        den = den + dcol * V
+    return V * (num / den) ** omega
 
 
 def update_step(V, BtX, BtB, lam1, lam2, ridge, graph_product=None, degree=None, omega=None):
@@ -372,6 +438,8 @@ class UnrolledNMF(nn.Module):
         self.log_type_weight = nn.Parameter(torch.zeros(n_types))
         self.log_gene_weight = nn.Parameter(torch.zeros(n_genes), requires_grad=learn_gene_weights)
         self.raw_omega = nn.Parameter(torch.tensor(_inv_sigmoid_range(omega, *OMEGA_RANGE), dtype=torch.float32))
+        # layers at which per-entry weights are recomputed; None: one weight per gene
+        self.refresh_layers: tuple[int, ...] | None = None
 
     def omega(self) -> torch.Tensor:
         lo, hi = OMEGA_RANGE
@@ -406,8 +474,23 @@ class UnrolledNMF(nn.Module):
             BtX = X @ Bw
         return BtX, B.T @ Bw
 
-    def forward(self, X, B, gene_scale, graph: dict | None = None, V0=None) -> torch.Tensor:
-        """Differentiable unrolled pass; returns mRNA fractions V (spots x types)."""
+    @property
+    def entry_weights(self) -> bool:
+        """Whether the data term uses per-entry (spot x gene) weights instead of gene weights."""
+        return self.refresh_layers is not None
+
+    def _entry_noise(self, noise):
+        if noise is None:
+            raise ValueError("this model uses per-entry weights: pass noise=EntryNoise(library sizes, overdispersion)")
+        return noise
+
+    def forward(self, X, B, gene_scale, graph: dict | None = None, V0=None, noise: EntryNoise | None = None) -> torch.Tensor:
+        """Differentiable unrolled pass; returns mRNA fractions V (spots x types).
+
+        ``noise``: library sizes and overdispersion, needed (only) by a per-entry-weights model;
+        its weights are recomputed from the detached V, so gradients flow through the updates."""
+        if self.entry_weights:
+            return self._forward_entry(X, B, graph, V0, self._entry_noise(noise))
         BtX, BtB = self.gram(X, B, gene_scale)
         n, p = BtX.shape
         V = torch.full((n, p), 1.0 / p, dtype=BtX.dtype, device=BtX.device) if V0 is None else V0
@@ -431,13 +514,73 @@ class UnrolledNMF(nn.Module):
                 V = _fused_step(V, C, M, lam[r, 0], dcol, gp, om)
         return V
 
+    def _forward_entry(self, X, B, graph, V0, noise: EntryNoise) -> torch.Tensor:
+        n, p = X.shape[0], B.shape[1]
+        dt = torch.float32 if not isinstance(X, torch.Tensor) else X.dtype
+        V = torch.full((n, p), 1.0 / p, dtype=dt, device=B.device) if V0 is None else V0
+        lam, ridge, om = self.lambdas(), self.ridge(), self.omega()
+        gp = deg = None
+        if graph is not None:
+            s = self.sigmas()
+            w = edge_weights(graph, s[0], s[1])
+            deg = torch.zeros(n, dtype=V.dtype, device=V.device).index_add_(0, graph["rows"], w)
+            gp = lambda v: _graph_product(graph, w, v)  # noqa: E731
+        ones = torch.ones(p, p, dtype=V.dtype, device=V.device)
+        refresh = set(self.refresh_layers) | {0}
+        with flush_denormals():
+            for k in range(self.n_layers):
+                r = 0 if self.tied else k
+                if k in refresh:
+                    BtX, G = entry_weighted_gram(X, B, V, noise)
+                M = torch.diag(ridge[r]) + lam[r, 1] * ones
+                dcol = (lam[r, 0] * deg)[:, None] if gp is not None else None
+                V = _entry_step(V, BtX, G, M, lam[r, 0], lam[r, 1], dcol, gp, om)
+        return V
+
     @torch.no_grad()
-    def infer(self, X, B, gene_scale, graph: SpatialGraph | None = None, callback=None, n_layers=None, gram=None):
+    def _infer_entry(self, X, B, adjacency, noise: EntryNoise, l1, l2, ridge, n_iter, callback, omega):
+        """In-place inference with per-entry weights (scipy's CSR kernel for the graph)."""
+        n, p = X.shape[0], B.shape[1]
+        V = torch.full((n, p), 1.0 / p, dtype=torch.float32, device=B.device)
+        A = deg = None
+        if adjacency is not None and adjacency.nnz:
+            A = _ScipyGraph(adjacency, V.dtype) if V.device.type == "cpu" else _TorchGraph(_csr(adjacency, V.device, V.dtype))
+            deg = torch.as_tensor(np.asarray(adjacency.sum(1)).ravel(), device=V.device, dtype=V.dtype)[:, None]
+        per_layer = lambda v, k: float(v[k]) if np.ndim(v) else float(v)  # noqa: E731
+        ridge_t = torch.as_tensor(ridge, device=V.device, dtype=V.dtype)
+        ones = torch.ones(p, p, dtype=V.dtype, device=V.device)
+        refresh = set(self.refresh_layers) | {0}
+        num, den = torch.empty_like(V), torch.empty_like(V)
+        with flush_denormals():
+            for k in range(n_iter):
+                l1k, l2k = per_layer(l1, k), per_layer(l2, k)
+                r = ridge_t[k] if ridge_t.ndim == 2 else ridge_t
+                if k in refresh:
+                    BtX, G = entry_weighted_gram(X, B, V, noise)
+                torch.add(BtX, l2k, out=num)
+                if A is not None and l1k:
+                    A.accumulate(V, num, l1k)
+                torch.bmm(G, V.unsqueeze(2), out=den.unsqueeze(2))
+                den.addmm_(V, torch.diag(r) + l2k * ones).add_(EPS)
+                if A is not None and l1k:
+                    den.addcmul_(V, deg, value=l1k)
+                V.mul_(num.div_(den).pow_(omega))
+                if callback is not None and (k % 10 == 9 or k == n_iter - 1):
+                    callback(k + 1, n_iter)
+        return V
+
+    @torch.no_grad()
+    def infer(self, X, B, gene_scale, graph: SpatialGraph | None = None, callback=None, n_layers=None, gram=None,
+              noise: EntryNoise | None = None):
         """Fast in-place inference (no autograd, sparse CSR graph built once).
 
-        ``gram``: ``(BtX, BtB)`` from :meth:`gram` when the caller already has them.
+        ``gram``: ``(BtX, BtB)`` from :meth:`gram` when the caller already has them (gene
+        weights only). ``noise``: see :meth:`forward`.
         """
-        BtX, BtB = gram if gram is not None else self.gram(X, B, gene_scale)
+        if self.entry_weights:
+            noise = self._entry_noise(noise)
+        else:
+            BtX, BtB = gram if gram is not None else self.gram(X, B, gene_scale)
         lam = self.lambdas().cpu().numpy().astype(np.float64)
         s = self.sigmas().cpu().numpy()
         adjacency = None if graph is None or graph.n_edges == 0 else graph.adjacency(float(s[0]), float(s[1]))
@@ -448,8 +591,11 @@ class UnrolledNMF(nn.Module):
             l1, l2, r = lam[:, 0], lam[:, 1], ridge
         omega = float(self.omega())
         while True:
-            V = solve(BtX, BtB, adjacency=adjacency, lam1=l1, lam2=l2, ridge=r,
-                      n_iter=n_layers or self.n_layers, callback=callback, omega=omega)
+            if self.entry_weights:
+                V = self._infer_entry(X, B, adjacency, noise, l1, l2, r, n_layers or self.n_layers, callback, omega)
+            else:
+                V = solve(BtX, BtB, adjacency=adjacency, lam1=l1, lam2=l2, ridge=r,
+                          n_iter=n_layers or self.n_layers, callback=callback, omega=omega)
             if _bounded(V) or omega <= 1.0:
                 return V
             # parameters learned on crops of simulated slides can over-relax too far on spots
@@ -476,6 +622,7 @@ class UnrolledNMF(nn.Module):
             "omega": float(self.omega().detach()),
             "tied": self.tied,
             "gene_weight_range": [float(gw.min()), float(gw.max())],
+            "refresh_layers": None if self.refresh_layers is None else list(self.refresh_layers),
         }
 
     # persistence: a small file with the state and the names it applies to
@@ -487,6 +634,7 @@ class UnrolledNMF(nn.Module):
                 "state": {k: v.detach().cpu() for k, v in self.state_dict().items()},
                 "n_layers": self.n_layers,
                 "tied": self.tied,
+                "refresh_layers": None if self.refresh_layers is None else list(self.refresh_layers),
                 "genes": None if genes is None else [str(g) for g in genes],
                 "cell_types": None if cell_types is None else [str(c) for c in cell_types],
                 "extra": extra or {},
@@ -525,6 +673,8 @@ class UnrolledNMF(nn.Module):
         m = len(genes) if genes is not None else state["log_gene_weight"].numel()
         p = n_types if n_types is not None else state["log_type_weight"].numel()
         model = cls(m, p, n_layers=blob["n_layers"], tied=blob["tied"])
+        if blob.get("refresh_layers") is not None:
+            model.refresh_layers = tuple(int(k) for k in blob["refresh_layers"])
         with torch.no_grad():
             model.log_lambda.copy_(state["log_lambda"])
             model.raw_sigma.copy_(state["raw_sigma"])

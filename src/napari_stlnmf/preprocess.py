@@ -289,20 +289,21 @@ def with_platform_effect(prep: "Prepared", log_factor: np.ndarray) -> "Prepared"
     )
 
 
-GENE_WEIGHTINGS = ("fitted", "sqrt", "mean", "none")
+GENE_WEIGHTINGS = ("nb", "fitted", "sqrt", "mean", "none")
 
 
 def gene_scale_for(B: np.ndarray, weighting: str = "sqrt") -> np.ndarray:
     """Row weights of genes: 1/sqrt(mean) ('sqrt'), 1/mean ('mean') or none.
 
-    ``'fitted'`` needs a first fit (:func:`fitted_gene_scale`); until then it is 'sqrt'.
+    ``'fitted'`` needs a first fit (:func:`fitted_gene_scale`) and ``'nb'`` (per-entry weights
+    inside the model's layers) the fitted values; until then both are 'sqrt'.
     Normalised so that ``mean(diag(Bw^T Bw)) = 1``: λ's then have a meaning that does not
     depend on the number of genes or on sequencing depth.
     """
     mean = B.mean(1)
     floor = max(np.quantile(mean[mean > 0], 0.01), 1e-12) if (mean > 0).any() else 1.0
     mean = np.maximum(mean, floor)
-    if weighting in ("sqrt", "fitted"):
+    if weighting in ("sqrt", "fitted", "nb"):
         s = mean**-0.5
     elif weighting == "mean":
         s = 1.0 / mean

@@ -15,7 +15,7 @@ import torch
 from scipy.spatial import cKDTree
 
 from .graph import SpatialGraph
-from .model import UnrolledNMF, graph_tensors, to_cell_fractions
+from .model import EntryNoise, UnrolledNMF, graph_tensors, to_cell_fractions
 from .preprocess import Reference, normalise_counts
 from .simulate import KINDS, simulate_slide
 
@@ -35,6 +35,7 @@ class TrainingSlide:
     truth: torch.Tensor  # spots x types, cell fractions
     graph: dict | None
     kind: str
+    library_size: torch.Tensor | None = None  # counts per spot (per-entry weights need them)
 
 
 @dataclass
@@ -114,6 +115,7 @@ def make_training_slides(
                 truth=torch.as_tensor(truth, dtype=torch.float32, device=device),
                 graph=graph_tensors(sub, device=device),
                 kind=sim.kind,
+                library_size=torch.as_tensor(lib[ok], dtype=torch.float32, device=device),
             )
         )
     return slides
@@ -139,12 +141,16 @@ def _stack(slides: list[TrainingSlide]) -> TrainingSlide:
             "feature_distance": cat("feature_distance") if has_feat else None,
             "n_spots": offset,
         }
-    return TrainingSlide(X, truth, graph, "stack")
+    return TrainingSlide(X, truth, graph, "stack", torch.cat([s.library_size for s in slides]))
 
 
-def _rmse(model, batch, B, scale, content) -> float:
+def _noise(model, batch: TrainingSlide, overdispersion: float):
+    return EntryNoise(batch.library_size, overdispersion) if model.entry_weights else None
+
+
+def _rmse(model, batch, B, scale, content, overdispersion=0.0) -> float:
     with torch.no_grad():
-        V = model(batch.X, B, scale, batch.graph)
+        V = model(batch.X, B, scale, batch.graph, noise=_noise(model, batch, overdispersion))
         return float(torch.sqrt(((to_cell_fractions(V, content) - batch.truth) ** 2).mean()))
 
 
@@ -161,6 +167,7 @@ def train_unrolled(
     patience: int = 15,
     gene_weight_penalty: float = 1e-3,
     min_improvement: float = 0.05,
+    overdispersion: float = 0.0,
     progress=None,
     should_stop=None,
     seed: int = 0,
@@ -171,6 +178,7 @@ def train_unrolled(
     Guard: unless that beats the initial parameters' validation RMSE by more than the
     relative margin ``min_improvement``, the initial parameters are kept (a gain within
     the noise of the validation estimate is not worth the risk of a simulator mismatch).
+    ``overdispersion``: the slide's φ, for a model with per-entry weights.
     ``progress(stage, i, n)`` and ``should_stop()`` are optional callbacks.
     """
     torch.manual_seed(seed)
@@ -183,7 +191,7 @@ def train_unrolled(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(epochs // 3, 1), gamma=0.5)
-    best = _rmse(model, val_batch, Bt, st, ct)
+    best = _rmse(model, val_batch, Bt, st, ct, overdispersion)
     initial = best
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     initial_state = best_state
@@ -193,14 +201,14 @@ def train_unrolled(
         if should_stop is not None and should_stop():
             raise Cancelled("training cancelled")
         opt.zero_grad()
-        V = model(train_batch.X, Bt, st, train_batch.graph)
+        V = model(train_batch.X, Bt, st, train_batch.graph, noise=_noise(model, train_batch, overdispersion))
         mse = ((to_cell_fractions(V, ct) - train_batch.truth) ** 2).mean()
         loss = mse + gene_weight_penalty * (model.log_gene_weight**2).mean()
         loss.backward()
         opt.step()
         sched.step()
         train_rmse = float(mse.detach().sqrt())
-        val = _rmse(model, val_batch, Bt, st, ct)
+        val = _rmse(model, val_batch, Bt, st, ct, overdispersion)
         history.append((epoch, train_rmse, val))
         if val < best - 1e-6:
             best, best_epoch, since_best = val, epoch, 0
