@@ -45,31 +45,42 @@ def groups(seed=0, gene_weighting="sqrt"):
         prep = prepare(X_pilot, ref.genes, ref, gene_weighting=gene_weighting)
         sel = ref.subset_genes(prep.genes)
         slides = make_training_slides(xy, graph, sel, n_slides=4, max_spots=700, library_sizes=np.full(10, depth), seed=seed + 10 + i)
-        out.append((prep, slides))
+        out.append((prep, slides, overdispersion(prep) if gene_weighting == "nb" else 0.0))
     return out
+
+
+def overdispersion(prep) -> float:
+    """φ measured on the pilot as deconvolve measures it on a slide (quick first fit)."""
+    from napari_stlnmf.api import _overdispersion, _quick_fit
+    from napari_stlnmf.train import estimate_noise
+
+    rows = np.arange(prep.X.shape[0])
+    return _overdispersion(estimate_noise(prep.X, prep.library_size, prep.B, _quick_fit(prep, rows, prep.gene_scale)))
 
 
 def main(epochs: int = 40, gene_weighting: str = "sqrt", out_path: str | None = None):
     from napari_stlnmf.api import default_params_path
-    from napari_stlnmf.model import DEFAULTS, UnrolledNMF, to_cell_fractions
+    from napari_stlnmf.model import DEFAULTS, REFRESH_LAYERS, EntryNoise, UnrolledNMF, to_cell_fractions
     from napari_stlnmf.train import _stack
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
     data = groups(gene_weighting=gene_weighting)
     model = UnrolledNMF(1, 1, learn_gene_weights=False, omega=DEFAULTS.omega_start)
+    if gene_weighting == "nb":
+        model.refresh_layers = REFRESH_LAYERS
     params = [model.log_lambda, model.raw_sigma, model.raw_omega]
     opt = torch.optim.Adam(params, lr=0.05)
     batches = [(torch.as_tensor(p.B), torch.as_tensor(p.gene_scale), torch.as_tensor(p.mrna_content, dtype=torch.float32),
-                _stack(sl[:3]), _stack(sl[3:])) for p, sl in data]
+                _stack(sl[:3]), _stack(sl[3:]), phi) for p, sl, phi in data]
 
     def loss_on(which):
         total = 0.0
-        for B, g, c, tr, va in batches:
+        for B, g, c, tr, va, phi in batches:
             b = tr if which == "train" else va
             model.log_type_weight = torch.nn.Parameter(torch.zeros(B.shape[1]), requires_grad=False)
             model.log_gene_weight = torch.nn.Parameter(torch.zeros(B.shape[0]), requires_grad=False)
-            V = model(b.X, B, g, b.graph)
+            V = model(b.X, B, g, b.graph, noise=EntryNoise(b.library_size, phi) if model.entry_weights else None)
             total = total + ((to_cell_fractions(V, c) - b.truth) ** 2).mean()
         return total / len(batches)
 
@@ -88,6 +99,7 @@ def main(epochs: int = 40, gene_weighting: str = "sqrt", out_path: str | None = 
             best, best_state = val, {k: v.detach().clone() for k, v in model.state_dict().items() if k in keys}
         print(f"epoch {epoch + 1}: train {float(loss.sqrt()):.4f} val {val:.4f}", flush=True)
     out = UnrolledNMF(1, 1, learn_gene_weights=False)
+    out.refresh_layers = model.refresh_layers
     with torch.no_grad():
         for k in keys:
             getattr(out, k).copy_(best_state[k])
@@ -102,9 +114,9 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("epochs", nargs="?", type=int, default=40)
-    ap.add_argument("--gene-weighting", default="sqrt", choices=["sqrt", "mean", "none"])
+    ap.add_argument("--gene-weighting", default="sqrt", choices=["sqrt", "nb", "mean", "none"])
     ap.add_argument("--out", default=None, help="parameter file to write (default: the shipped one)")
     a = ap.parse_args()
-    if a.gene_weighting != "sqrt" and a.out is None:  # the shipped file is what untrained runs use, with 'sqrt'
-        ap.error("--out is required with --gene-weighting other than sqrt")
+    if a.gene_weighting not in ("sqrt", "nb") and a.out is None:  # the shipped file is what untrained runs use
+        ap.error("--out is required with --gene-weighting mean or none")
     main(a.epochs, a.gene_weighting, a.out)

@@ -29,7 +29,7 @@ def _truth(slide):
     return slide.obsm["true_proportions"]
 
 
-def test_trained_unrolled_beats_nnls_and_untrained(demo, trained_demo_result):
+def test_trained_unrolled_beats_nnls_and_never_loses_to_untrained(demo, trained_demo_result):
     slide, reference = demo
     truth = _truth(slide)
     ours = trained_demo_result.proportions[truth.columns].to_numpy()
@@ -37,10 +37,28 @@ def test_trained_unrolled_beats_nnls_and_untrained(demo, trained_demo_result):
     untrained = deconvolve(slide, reference, cell_type_key=KEY, train=False).proportions[truth.columns].to_numpy()
     r_ours, r_nnls, r_untrained = rmse(ours, truth), rmse(nnls, truth), rmse(untrained, truth)
     assert r_ours < 0.85 * r_nnls, (r_ours, r_nnls)
-    assert r_ours < r_untrained, (r_ours, r_untrained)
+    # training keeps the shipped parameters unless validation improves by > 5 %
+    assert r_ours <= r_untrained + 1e-9, (r_ours, r_untrained)
     assert mean_jensen_shannon(ours, truth) < mean_jensen_shannon(nnls, truth)
     info = trained_demo_result.info["train"]
-    assert info["val_rmse"] < info["val_rmse_initial"]
+    assert info["val_rmse"] <= info["val_rmse_initial"]
+
+
+def test_training_improves_on_hand_set_parameters(demo, tmp_path):
+    """From the hand-set starting values (not the shipped, already tuned ones) training on
+    slides simulated on the demo's layout lowers validation error, and the demo's true error."""
+    from napari_stlnmf.model import DEFAULTS, UnrolledNMF
+
+    slide, reference = demo
+    truth = _truth(slide)
+    start = tmp_path / "hand_set.pt"
+    UnrolledNMF(1, 1, omega=DEFAULTS.omega_start).save(start, extra={"gene_weighting": "nb"})
+    before = deconvolve(slide, reference, cell_type_key=KEY, params=start, train=False, seed=0)
+    after = deconvolve(slide, reference, cell_type_key=KEY, params=start, train=True, seed=0)
+    assert after.info["train"]["val_rmse"] < 0.95 * after.info["train"]["val_rmse_initial"]
+    r_before = rmse(before.proportions[truth.columns].to_numpy(), truth)
+    r_after = rmse(after.proportions[truth.columns].to_numpy(), truth)
+    assert r_after < 0.95 * r_before, (r_after, r_before)
 
 
 def test_result_layout_and_anndata_copy(demo, trained_demo_result):

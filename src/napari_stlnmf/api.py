@@ -211,8 +211,8 @@ def deconvolve(
         weight per gene: ``'fitted'`` (1/sd measured on the slide: Poisson variance plus the
         gene's excess residual after a quick first fit), ``'sqrt'`` (1/√mean, Poisson),
         ``'mean'`` (1/mean) or ``'none'``. Default (``None``): the weighting a saved model was
-        trained with when ``params`` is given; ``'nb'`` when training; else ``'sqrt'`` (what the
-        shipped parameters were tuned with).
+        trained with when ``params`` is given; ``'nb'`` when training; else the weighting the
+        shipped parameters were tuned with.
     tied
         Training: one set of λ1, λ2, λ3 for all layers (``True``, as the original) or one per
         layer (``False``, default: lower RMSE on every slide of the held-out suite).
@@ -471,12 +471,16 @@ def _overdispersion(noise: dict) -> float:
 
 
 def _default_gene_weighting(method: str, params, train: bool) -> str:
-    """The weighting a saved model was trained with; 'nb' when training; else 'sqrt'."""
+    """The weighting a saved model was trained with; 'nb' when training; else the shipped
+    defaults' weighting; 'sqrt' for the classic method."""
     if method != "unrolled":
         return "sqrt"
-    if params is not None and Path(params).exists():
-        return UnrolledNMF.saved_extra(params).get("gene_weighting", "sqrt")
-    return "nb" if train else "sqrt"
+    if params is None and train:
+        return "nb"
+    path = params if params is not None else default_params_path()
+    if Path(path).exists():
+        return UnrolledNMF.saved_extra(path).get("gene_weighting", "sqrt")
+    return "sqrt"
 
 
 def _split_train_options(options: dict | None) -> tuple[dict, dict]:

@@ -47,7 +47,7 @@ __all__ = [
 
 EPS = 1e-10
 MU_FLOOR = 1e-9  # fitted expression floor of the per-entry weights
-REFRESH_LAYERS = (0, 10, 25, 50)  # layers at which per-entry weights are recomputed
+REFRESH_LAYERS = (0, 15, 40)  # layers at which per-entry weights are recomputed
 GRAM_CHUNK = 4096  # spots per block when forming per-entry weights (dense spots x genes)
 SIGMA_RANGE = (0.25, 8.0)  # σ's in spot spacings / standardised feature units
 OMEGA_RANGE = (0.5, 2.0)  # over-relaxation exponent of the multiplicative update
@@ -142,10 +142,16 @@ class EntryNoise:
     overdispersion: float = 0.0
 
 
-def _dense_rows(X, start, stop, like: torch.Tensor) -> torch.Tensor:
-    if sp.issparse(X):
-        return torch.as_tensor(X[start:stop].toarray(), dtype=like.dtype, device=like.device)
-    return torch.as_tensor(X[start:stop], dtype=like.dtype, device=like.device)
+def _weighted_btx(X, start, stop, W: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``(W ⊙ X[start:stop]) B``; for a sparse X only its stored entries are weighted."""
+    if not sp.issparse(X):
+        return (W * torch.as_tensor(X[start:stop], dtype=W.dtype, device=W.device)) @ B
+    x = X[start:stop].tocsr()
+    rows = torch.as_tensor(np.repeat(np.arange(x.shape[0]), np.diff(x.indptr)), device=W.device)
+    cols = torch.as_tensor(x.indices.astype(np.int64), device=W.device)
+    values = W[rows, cols] * torch.as_tensor(x.data, dtype=W.dtype, device=W.device)
+    weighted = sp.csr_matrix((values.cpu().numpy(), x.indices, x.indptr), shape=x.shape)
+    return torch.as_tensor(np.asarray(weighted @ B.cpu().numpy()), device=W.device)
 
 
 @torch.no_grad()
@@ -172,7 +178,7 @@ def entry_weighted_gram(X, B: torch.Tensor, V: torch.Tensor, noise: EntryNoise, 
         if phi > 0:
             W.addcmul_(mu, mu, value=phi)
         W.reciprocal_()
-        BtX[start:stop] = (W * _dense_rows(X, start, stop, V)) @ Bd
+        BtX[start:stop] = _weighted_btx(X, start, stop, W, Bd)
         G[start:stop] = (W @ BB).view(-1, p, p)
     scale = G.diagonal(dim1=1, dim2=2).mean().clamp_min(EPS)
     return BtX.div_(scale), G.div_(scale)
