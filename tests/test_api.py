@@ -272,6 +272,10 @@ def test_cli_run_and_demo(tmp_path, demo, capsys):
     assert (out / "result.h5ad").exists()
     maps = sorted(p.name for p in out.glob("map_*.png"))
     assert len(maps) == len(props.columns) + 1
+    assert ad.read_h5ad(out / "result.h5ad").uns[UNS_KEY]["gene_weighting"] == "nb"
+    code = main(["run", "--slide", str(sp_path), "--reference", str(ref_path), "--cell-type-key", KEY,
+                 "--out", str(tmp_path / "sqrt"), "--no-train", "--weighting", "sqrt", "--quiet"])
+    assert code == 0 and ad.read_h5ad(tmp_path / "sqrt" / "result.h5ad").uns[UNS_KEY]["gene_weighting"] == "sqrt"
     code = main(["run", "--slide", str(sp_path), "--reference", str(ref_path), "--cell-type-key", "nope",
                  "--out", str(out), "--quiet"])
     assert code == 2 and "nope" in capsys.readouterr().err

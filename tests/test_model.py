@@ -187,3 +187,20 @@ def test_entry_weighted_layers_train_and_infer_alike(problem, tmp_path):
     loaded, _ = UnrolledNMF.load(model.save(tmp_path / "nb.pt"), n_types=p)
     assert loaded.refresh_layers == (0, 5, 15)
     torch.testing.assert_close(loaded.infer(prep.X, B, problem["g"].float(), problem["graph"], noise=noise), V_infer)
+
+
+def test_entry_weights_of_a_shared_fit_are_computed_per_library_size(problem):
+    """At the uniform start every spot has the same fit, so the weights depend on the library
+    size only and are formed once per distinct size: the same numbers as spot by spot."""
+    prep = problem["prep"]
+    B = torch.as_tensor(prep.B, dtype=torch.float64)
+    n, p = prep.X.shape[0], B.shape[1]
+    lib = torch.as_tensor(np.round(prep.library_size / 50) * 50, dtype=torch.float64)  # few distinct sizes
+    assert len(torch.unique(lib)) <= n // 2
+    V = torch.full((n, p), 1.0 / p, dtype=torch.float64)
+    nudged = V.clone()
+    nudged[0, 0] *= 1 + 1e-12  # not exactly shared: the spot-by-spot path
+    BtX, G = entry_weighted_gram(prep.X, B, V, EntryNoise(lib, 0.2))
+    BtX_ref, G_ref = entry_weighted_gram(prep.X, B, nudged, EntryNoise(lib, 0.2))
+    torch.testing.assert_close(G, G_ref)
+    torch.testing.assert_close(BtX, BtX_ref)

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .preprocess import GENE_WEIGHTINGS
+
 
 class _Progress:
     """tqdm bar per stage, driven by deconvolve's progress callback."""
@@ -69,6 +71,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-params", type=Path, default=None, help="save the trained parameters here")
     p.add_argument("--fractions", choices=["cell", "mrna"], default="cell", help="report cell or mRNA fractions")
     p.add_argument("--min-proportion", type=float, default=0.05)
+    p.add_argument("--weighting", choices=list(GENE_WEIGHTINGS), default=None,
+                   help="data-term weights: nb = per spot and gene (default when training), "
+                        "or one per gene (fitted, sqrt, mean, none); default: what the parameters were tuned with")
     p.add_argument("--neighbors", type=int, default=6)
     p.add_argument("--no-image", dest="use_image", action="store_false", help="graph from distances only")
     p.add_argument("--seed", type=int, default=0)
@@ -79,7 +84,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def _model_kwargs(a) -> dict:
     return dict(method=a.method, train=a.train, train_epochs=a.epochs, n_layers=a.layers, params=a.params,
                 save_params=a.save_params, fractions=a.fractions, min_proportion=a.min_proportion,
-                n_neighbors=a.neighbors, use_image=a.use_image, seed=a.seed, device=a.device)
+                n_neighbors=a.neighbors, use_image=a.use_image, seed=a.seed, device=a.device,
+                gene_weighting=a.weighting)
 
 
 def _run(a) -> int:

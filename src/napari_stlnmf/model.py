@@ -169,17 +169,34 @@ def entry_weighted_gram(X, B: torch.Tensor, V: torch.Tensor, noise: EntryNoise, 
     BB = (Bd[:, :, None] * Bd[:, None, :]).reshape(m, p * p)
     lib = torch.as_tensor(noise.library_size, dtype=V.dtype, device=V.device).clamp_min(1.0)
     phi = float(noise.overdispersion)
-    BtX = torch.empty(n, p, dtype=V.dtype, device=V.device)
-    G = torch.empty(n, p, p, dtype=V.dtype, device=V.device)
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        mu = (V[start:stop] @ Bd.T).clamp_min_(MU_FLOOR)
-        W = mu / lib[start:stop, None]
+
+    def weights(mu, L):
+        W = mu / L[:, None]
         if phi > 0:
             W.addcmul_(mu, mu, value=phi)
-        W.reciprocal_()
+        return W.reciprocal_()
+
+    BtX = torch.empty(n, p, dtype=V.dtype, device=V.device)
+    shared = None
+    if n > 1 and bool((V == V[:1]).all()):
+        # one fit for every spot (the uniform start): weights depend on the library size only,
+        # and spots share few distinct library sizes (counts are integers)
+        sizes, which = torch.unique(lib, return_inverse=True)
+        if len(sizes) <= n // 2:
+            mu = (V[:1] @ Bd.T).clamp_min_(MU_FLOOR).expand(len(sizes), m).contiguous()
+            W_sizes = weights(mu, sizes)
+            shared = (W_sizes, which)
+            G = (W_sizes @ BB).view(-1, p, p)[which]
+    if shared is None:
+        G = torch.empty(n, p, p, dtype=V.dtype, device=V.device)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        if shared is None:
+            W = weights((V[start:stop] @ Bd.T).clamp_min_(MU_FLOOR), lib[start:stop])
+            G[start:stop] = (W @ BB).view(-1, p, p)
+        else:
+            W = shared[0][shared[1][start:stop]]
         BtX[start:stop] = _weighted_btx(X, start, stop, W, Bd)
-        G[start:stop] = (W @ BB).view(-1, p, p)
     scale = G.diagonal(dim1=1, dim2=2).mean().clamp_min(EPS)
     return BtX.div_(scale), G.div_(scale)
 
