@@ -48,7 +48,7 @@ __all__ = [
 EPS = 1e-10
 MU_FLOOR = 1e-9  # fitted expression floor of the per-entry weights
 REFRESH_LAYERS = (0, 15, 40)  # layers at which per-entry weights are recomputed
-GRAM_CHUNK = 4096  # spots per block when forming per-entry weights (dense spots x genes)
+GRAM_CHUNK = 2048  # spots per block when forming per-entry weights (dense spots x genes)
 SIGMA_RANGE = (0.25, 8.0)  # σ's in spot spacings / standardised feature units
 OMEGA_RANGE = (0.5, 2.0)  # over-relaxation exponent of the multiplicative update
 
@@ -303,17 +303,22 @@ def solve(
     n, p = BtX.shape
     dev, dt = BtX.device, BtX.dtype
     V = torch.full((n, p), 1.0 / p, device=dev, dtype=dt) if V0 is None else V0.clone()
-    A = deg = None
-    if adjacency is not None and adjacency.nnz:
-        # on the CPU scipy's CSR kernel accumulating in place is ~2x torch's sparse addmm
-        A = _ScipyGraph(adjacency, dt) if dev.type == "cpu" else _TorchGraph(_csr(adjacency, dev, dt))
-        deg = torch.as_tensor(np.asarray(adjacency.sum(1)).ravel(), device=dev, dtype=dt)[:, None]
+    A, deg = _inference_graph(adjacency, dev, dt)
     ridge_t = torch.zeros(p, device=dev, dtype=dt) if ridge is None else torch.as_tensor(ridge, device=dev, dtype=dt)
     ridges = ridge_t if ridge_t.ndim == 2 else None
     V_prev = V.clone() if tol else None
     with flush_denormals():
         _run_layers(V, BtX, BtB, A, deg, lam1, lam2, ridge_t, ridges, n_iter, tol, V_prev, callback, float(omega))
     return V
+
+
+def _inference_graph(adjacency, device, dtype):
+    """The graph for in-place inference, ``(A, A 1 as a column)``, or ``(None, None)``."""
+    if adjacency is None or not adjacency.nnz:
+        return None, None
+    # on the CPU scipy's CSR kernel accumulating in place is ~2x torch's sparse addmm
+    A = _ScipyGraph(adjacency, dtype) if device.type == "cpu" else _TorchGraph(_csr(adjacency, device, dtype))
+    return A, torch.as_tensor(np.asarray(adjacency.sum(1)).ravel(), device=device, dtype=dtype)[:, None]
 
 
 class _ScipyGraph:
@@ -507,6 +512,15 @@ class UnrolledNMF(nn.Module):
             raise ValueError("this model uses per-entry weights: pass noise=EntryNoise(library sizes, overdispersion)")
         return noise
 
+    def _graph_terms(self, graph: dict | None, V: torch.Tensor):
+        """``(V -> A V, A 1)`` with the learned σ's (differentiable), or ``(None, None)``."""
+        if graph is None:
+            return None, None
+        s = self.sigmas()
+        w = edge_weights(graph, s[0], s[1])
+        deg = torch.zeros(V.shape[0], dtype=V.dtype, device=V.device).index_add_(0, graph["rows"], w)
+        return (lambda v: _graph_product(graph, w, v)), deg
+
     def forward(self, X, B, gene_scale, graph: dict | None = None, V0=None, noise: EntryNoise | None = None) -> torch.Tensor:
         """Differentiable unrolled pass; returns mRNA fractions V (spots x types).
 
@@ -520,12 +534,7 @@ class UnrolledNMF(nn.Module):
         lam = self.lambdas()
         ridge = self.ridge()
         om = self.omega()
-        gp = deg = None
-        if graph is not None:
-            s = self.sigmas()
-            w = edge_weights(graph, s[0], s[1])
-            deg = torch.zeros(n, dtype=V.dtype, device=V.device).index_add_(0, graph["rows"], w)
-            gp = lambda v: _graph_product(graph, w, v)  # noqa: E731
+        gp, deg = self._graph_terms(graph, V)
         ones = torch.ones(p, p, dtype=BtX.dtype, device=BtX.device)
         with flush_denormals():
             for k in range(self.n_layers):
@@ -542,12 +551,7 @@ class UnrolledNMF(nn.Module):
         dt = torch.float32 if not isinstance(X, torch.Tensor) else X.dtype
         V = torch.full((n, p), 1.0 / p, dtype=dt, device=B.device) if V0 is None else V0
         lam, ridge, om = self.lambdas(), self.ridge(), self.omega()
-        gp = deg = None
-        if graph is not None:
-            s = self.sigmas()
-            w = edge_weights(graph, s[0], s[1])
-            deg = torch.zeros(n, dtype=V.dtype, device=V.device).index_add_(0, graph["rows"], w)
-            gp = lambda v: _graph_product(graph, w, v)  # noqa: E731
+        gp, deg = self._graph_terms(graph, V)
         ones = torch.ones(p, p, dtype=V.dtype, device=V.device)
         refresh = set(self.refresh_layers) | {0}
         with flush_denormals():
@@ -565,10 +569,7 @@ class UnrolledNMF(nn.Module):
         """In-place inference with per-entry weights (scipy's CSR kernel for the graph)."""
         n, p = X.shape[0], B.shape[1]
         V = torch.full((n, p), 1.0 / p, dtype=torch.float32, device=B.device)
-        A = deg = None
-        if adjacency is not None and adjacency.nnz:
-            A = _ScipyGraph(adjacency, V.dtype) if V.device.type == "cpu" else _TorchGraph(_csr(adjacency, V.device, V.dtype))
-            deg = torch.as_tensor(np.asarray(adjacency.sum(1)).ravel(), device=V.device, dtype=V.dtype)[:, None]
+        A, deg = _inference_graph(adjacency, V.device, V.dtype)
         per_layer = lambda v, k: float(v[k]) if np.ndim(v) else float(v)  # noqa: E731
         ridge_t = torch.as_tensor(ridge, device=V.device, dtype=V.dtype)
         ones = torch.ones(p, p, dtype=V.dtype, device=V.device)
