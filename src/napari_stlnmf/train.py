@@ -165,6 +165,7 @@ def train_unrolled(
     epochs: int = 60,
     lr: float = 0.1,
     patience: int = 15,
+    min_delta: float = 1e-3,
     gene_weight_penalty: float = 1e-3,
     min_improvement: float = 0.05,
     overdispersion: float = 0.0,
@@ -174,7 +175,9 @@ def train_unrolled(
 ) -> TrainReport:
     """Adam on the RMSE of cell fractions, back-propagated through all layers.
 
-    Keeps the parameters of the epoch with the best validation RMSE (early stopping).
+    Keeps the parameters of the epoch with the best validation RMSE (early stopping: after
+    ``patience`` epochs without a gain above the relative ``min_delta``; creeping by less, as
+    from parameters already tuned, would otherwise run every epoch).
     Guard: unless that beats the initial parameters' validation RMSE by more than the
     relative margin ``min_improvement``, the initial parameters are kept (a gain within
     the noise of the validation estimate is not worth the risk of a simulator mismatch).
@@ -210,11 +213,10 @@ def train_unrolled(
         train_rmse = float(mse.detach().sqrt())
         val = _rmse(model, val_batch, Bt, st, ct, overdispersion)
         history.append((epoch, train_rmse, val))
+        since_best = 0 if val < best * (1.0 - min_delta) else since_best + 1
         if val < best - 1e-6:
-            best, best_epoch, since_best = val, epoch, 0
+            best, best_epoch = val, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            since_best += 1
         if progress is not None:
             progress("training", epoch, epochs)
         if since_best >= patience:
