@@ -1,4 +1,5 @@
-"""Experiment (not in the package yet): per-entry negative-binomial weights, per spot and gene.
+"""Experiment that led to the per-entry weights now inside the model (``gene_weighting='nb'``):
+plain IRLS with per-entry negative-binomial weights, per spot and gene, outside the network.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/per_entry_weights.py demo,sim_hex_smooth_p0_deep
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/per_entry_weights.py demo --graph   # from the trained V
@@ -8,7 +9,8 @@ gene weights, no graph), then 300 multiplicative updates of weighted least squar
 ``1 / (mu/L + phi mu^2)`` per spot and gene (``mu`` the current fit, ``L`` the spot's library,
 ``phi`` the overdispersion estimate_noise measures), refreshed every 20 updates (IRLS) — 'poisson'
 drops the ``phi`` term. No graph, no training. Prints (mRNA RMSE, cell RMSE). It is the shape of
-RCTD's likelihood, and the lead for the next model change: see docs/method.md, "Next".
+RCTD's likelihood; the model's version is in docs/method.md, "Per-entry noise weights". The quick
+first fit below uses 'sqrt' gene weights explicitly (the package default is now 'nb').
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ def with_graph(names, graph_multipliers=(0.0, 0.5, 1.0, 2.0), n_updates=100):
     for name in names:
         s = Slide(name)
         d, prep = s.data, s.prep
-        res = deconvolve(d["slide"], d["reference"], cell_type_key=d["key"], seed=0, min_proportion=0.0)
+        res = deconvolve(d["slide"], d["reference"], cell_type_key=d["key"], seed=0, min_proportion=0.0,
+                         gene_weighting="fitted")  # the per-gene model the experiment started from
         Vt = res.mrna_fractions.to_numpy()[prep.spot_mask] * prep.gene_share[None]
         Vt = np.maximum(Vt / Vt.sum(1, keepdims=True), 1e-6)
         lam = res.model.lambdas().detach().numpy()

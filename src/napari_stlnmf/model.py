@@ -48,7 +48,7 @@ __all__ = [
 EPS = 1e-10
 MU_FLOOR = 1e-9  # fitted expression floor of the per-entry weights
 REFRESH_LAYERS = (0, 15, 40)  # layers at which per-entry weights are recomputed
-GRAM_CHUNK = 2048  # spots per block when forming per-entry weights (dense spots x genes)
+GRAM_CHUNK = 1024  # spots per block when forming per-entry weights (dense spots x genes)
 SIGMA_RANGE = (0.25, 8.0)  # σ's in spot spacings / standardised feature units
 OMEGA_RANGE = (0.5, 2.0)  # over-relaxation exponent of the multiplicative update
 
@@ -166,7 +166,18 @@ def entry_weighted_gram(X, B: torch.Tensor, V: torch.Tensor, noise: EntryNoise, 
     n, p = V.shape
     m = B.shape[0]
     Bd = B.to(V.dtype)
-    BB = (Bd[:, :, None] * Bd[:, None, :]).reshape(m, p * p)
+    # G_s is symmetric: one GEMM against the products of B's columns k <= l, then mirrored
+    upper = torch.triu_indices(p, p, device=V.device)
+    BB = Bd[:, upper[0]] * Bd[:, upper[1]]
+    flat = (upper[0] * p + upper[1], upper[1] * p + upper[0])
+
+    def gram(W):
+        packed = W @ BB
+        out = torch.empty(W.shape[0], p * p, dtype=W.dtype, device=W.device)
+        out[:, flat[0]] = packed
+        out[:, flat[1]] = packed
+        return out.view(-1, p, p)
+
     lib = torch.as_tensor(noise.library_size, dtype=V.dtype, device=V.device).clamp_min(1.0)
     phi = float(noise.overdispersion)
 
@@ -186,14 +197,14 @@ def entry_weighted_gram(X, B: torch.Tensor, V: torch.Tensor, noise: EntryNoise, 
             mu = (V[:1] @ Bd.T).clamp_min_(MU_FLOOR).expand(len(sizes), m).contiguous()
             W_sizes = weights(mu, sizes)
             shared = (W_sizes, which)
-            G = (W_sizes @ BB).view(-1, p, p)[which]
+            G = gram(W_sizes)[which]
     if shared is None:
         G = torch.empty(n, p, p, dtype=V.dtype, device=V.device)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         if shared is None:
             W = weights((V[start:stop] @ Bd.T).clamp_min_(MU_FLOOR), lib[start:stop])
-            G[start:stop] = (W @ BB).view(-1, p, p)
+            G[start:stop] = gram(W)
         else:
             W = shared[0][shared[1][start:stop]]
         BtX[start:stop] = _weighted_btx(X, start, stop, W, Bd)
