@@ -283,7 +283,7 @@ def deconvolve(
         ref_sel = ref_sel.scale_genes(np.exp(log_factor))
         B = torch.as_tensor(prep.B, device=dev)
         _check_stop(should_stop)
-    entry_noise = None
+    entry_noise = first_noise = None
     if gene_weighting in ("fitted", "nb"):
         sample = _sample_rows(prep.X.shape[0], NOISE_SAMPLE_SPOTS, rng_seed)
         V_first = _quick_fit(prep, sample, prep.gene_scale)
@@ -292,8 +292,8 @@ def deconvolve(
             prep = replace(prep, gene_scale=fitted_gene_scale(X_s, lib_s, prep.B, V_first))
             scale = torch.as_tensor(prep.gene_scale, device=dev)
         else:
-            entry_noise = EntryNoise(torch.as_tensor(prep.library_size, device=dev),
-                                     _overdispersion(estimate_noise(X_s, lib_s, prep.B, V_first)))
+            first_noise = estimate_noise(X_s, lib_s, prep.B, V_first)
+            entry_noise = EntryNoise(torch.as_tensor(prep.library_size, device=dev), _overdispersion(first_noise))
     if method == "unrolled":
         param_file = params if params is not None else default_params_path()
         if Path(param_file).exists():
@@ -322,11 +322,9 @@ def deconvolve(
             sim_kw, fit_kw = _split_train_options(train_options)
             noise = None
             if calibrate_noise:
-                V_first = model.infer(prep.X, B, scale, graph, noise=entry_noise).cpu().numpy().astype(np.float64)
-                V_first /= np.maximum(V_first.sum(1, keepdims=True), 1e-12)
-                # a seeded subsample of spots: the estimate densifies its rows (10^6 bins would not fit)
-                rows = _sample_rows(prep.X.shape[0], NOISE_SAMPLE_SPOTS, rng_seed)
-                noise = estimate_noise(prep.X[rows], prep.library_size[rows], prep.B, V_first[rows])
+                # measured on the quick first fit when there was one (no second full-slide fit),
+                # else on a fit with the model's parameters
+                noise = first_noise if first_noise is not None else _first_fit_noise(model, prep, B, scale, graph, rng_seed)
                 for k, v in calibrated_noise_ranges(noise, signature_only=ref_sel.cell_counts is None).items():
                     sim_kw.setdefault(k, v)
             slides = make_training_slides(
@@ -445,6 +443,15 @@ def _fit_platform_effect(prep: Prepared, seed: int) -> tuple[Prepared, np.ndarra
         log_factor = log_factor + estimate_platform_effect(X, lib, current.B, V)
         current = with_platform_effect(prep, log_factor)
     return current, log_factor
+
+
+def _first_fit_noise(model, prep: Prepared, B, scale, graph, seed: int) -> dict:
+    """:func:`estimate_noise` after a fit of the whole slide with the model's parameters, on a
+    seeded subsample of spots (the estimate densifies its rows: 10^6 bins would not fit)."""
+    V = model.infer(prep.X, B, scale, graph).cpu().numpy().astype(np.float64)
+    V /= np.maximum(V.sum(1, keepdims=True), 1e-12)
+    rows = _sample_rows(prep.X.shape[0], NOISE_SAMPLE_SPOTS, seed)
+    return estimate_noise(prep.X[rows], prep.library_size[rows], prep.B, V[rows])
 
 
 def _sample_rows(n: int, at_most: int, seed: int) -> np.ndarray:
