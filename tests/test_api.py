@@ -330,3 +330,19 @@ def test_per_entry_weights_beat_gene_weights_on_mrna_fractions(demo, trained_dem
     assert rmse(res.proportions[truth.columns].to_numpy(), truth) <= rmse(per_gene.proportions[truth.columns].to_numpy(), truth)
     with pytest.raises(StlnmfError, match="unrolled"):
         deconvolve(slide, reference, cell_type_key=KEY, method="classic", gene_weighting="nb")
+
+
+def test_per_entry_weights_fall_back_when_their_gram_matrices_would_not_fit(demo, monkeypatch):
+    """Per-spot Gram matrices are spots x types² floats (10 GB for 10^6 bins x 50 types): past
+    the limit the default falls back to one weight per gene with a warning; asking for 'nb'
+    explicitly fails with the sizes and the way out."""
+    from napari_stlnmf import api
+
+    slide, reference = demo
+    monkeypatch.setattr(api, "MAX_GRAM_BYTES", 1024)
+    with pytest.warns(RuntimeWarning, match="per-entry weights need"):
+        res = deconvolve(slide, reference, cell_type_key=KEY, train=False)
+    assert res.info["gene_weighting"] == "sqrt" and res.info["overdispersion"] is None
+    assert np.isfinite(res.proportions.to_numpy()).all()
+    with pytest.raises(StlnmfError, match="gene_weighting='fitted'"):
+        deconvolve(slide, reference, cell_type_key=KEY, train=False, gene_weighting="nb")

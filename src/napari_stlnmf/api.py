@@ -50,6 +50,7 @@ from .train import (
 )
 
 NOISE_SAMPLE_SPOTS = 5000  # spots used to measure the slide's noise before training
+MAX_GRAM_BYTES = 4 * 2**30  # per-entry weights' per-spot Gram matrices (float32 spots x types x types)
 
 __all__ = ["deconvolve", "DeconvolutionResult", "Cancelled", "default_params_path"]
 
@@ -255,6 +256,7 @@ def deconvolve(
     ref = _as_reference(reference, cell_type_key)
     _check_stop(should_stop)
 
+    weighting_given = gene_weighting is not None
     if gene_weighting is None:
         gene_weighting = _default_gene_weighting(method, params, train)
     if gene_weighting == "nb" and method != "unrolled":
@@ -265,6 +267,15 @@ def deconvolve(
         case_insensitive=case_insensitive, gene_weighting=gene_weighting,
     )
     mask = prep.spot_mask
+    gram_bytes = 4 * int(mask.sum()) * len(prep.cell_types) ** 2
+    if gene_weighting == "nb" and gram_bytes > MAX_GRAM_BYTES:
+        fallback = "fitted" if train else "sqrt"
+        message = (f"per-entry weights need {gram_bytes / 2**30:.1f} GiB of per-spot Gram matrices for "
+                   f"{int(mask.sum()):,} spots x {len(prep.cell_types)} cell types (limit {MAX_GRAM_BYTES / 2**30:.0f} GiB)")
+        if weighting_given:
+            raise StlnmfError(message + "; use gene_weighting='fitted' (or 'sqrt') or fewer cell types")
+        warnings.warn(f"{message}: using one weight per gene ('{fallback}') instead", RuntimeWarning, stacklevel=2)
+        gene_weighting = fallback  # prepare() scaled genes the same way for both ('sqrt' until fitted)
     xy = np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64)[:, :2]
     _check_stop(should_stop)
 
