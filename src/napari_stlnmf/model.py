@@ -367,12 +367,16 @@ class _TorchGraph:
         out.add_(torch.sparse.mm(self.A, V), alpha=scale)
 
 
+def _per_layer(value, k: int) -> float:
+    """Layer ``k``'s value of a parameter given per layer (a sequence) or shared (a scalar)."""
+    return float(value[k]) if np.ndim(value) else float(value)
+
+
 def _run_layers(V, BtX, BtB, A, deg, lam1, lam2, ridge_t, ridges, n_iter, tol, V_prev, callback, omega=1.0):
     """Six fused passes over V per layer (memory-bound at 10^6 spots):
     ``num = BtX + λ2; num += λ1 A V`` (in-place sparse product), ``den = ε + V M`` (one addmm),
     ``den += λ1 d ⊙ V``, ``V *= num``, ``V /= den``; with ``M = BtB + diag(ridge) + λ2 11ᵀ``
     computed once per distinct parameter set."""
-    per_layer = lambda v, k: float(v[k]) if np.ndim(v) else float(v)  # noqa: E731
     p = V.shape[1]
     num = torch.empty_like(V)
     den = torch.empty_like(V)
@@ -380,7 +384,7 @@ def _run_layers(V, BtX, BtB, A, deg, lam1, lam2, ridge_t, ridges, n_iter, tol, V
     ones = torch.ones(p, p, dtype=V.dtype, device=V.device)
     key = None
     for k in range(n_iter):
-        l1, l2 = per_layer(lam1, k), per_layer(lam2, k)
+        l1, l2 = _per_layer(lam1, k), _per_layer(lam2, k)
         r = ridges[k] if ridges is not None else ridge_t
         if key != (l1, l2) or ridges is not None:  # p x p constants of this layer's parameters
             key = (l1, l2)
@@ -581,14 +585,13 @@ class UnrolledNMF(nn.Module):
         n, p = X.shape[0], B.shape[1]
         V = torch.full((n, p), 1.0 / p, dtype=torch.float32, device=B.device)
         A, deg = _inference_graph(adjacency, V.device, V.dtype)
-        per_layer = lambda v, k: float(v[k]) if np.ndim(v) else float(v)  # noqa: E731
         ridge_t = torch.as_tensor(ridge, device=V.device, dtype=V.dtype)
         ones = torch.ones(p, p, dtype=V.dtype, device=V.device)
         refresh = set(self.refresh_layers) | {0}
         num, den = torch.empty_like(V), torch.empty_like(V)
         with flush_denormals():
             for k in range(n_iter):
-                l1k, l2k = per_layer(l1, k), per_layer(l2, k)
+                l1k, l2k = _per_layer(l1, k), _per_layer(l2, k)
                 r = ridge_t[k] if ridge_t.ndim == 2 else ridge_t
                 if k in refresh:
                     BtX, G = entry_weighted_gram(X, B, V, noise)
