@@ -395,10 +395,12 @@ def write_page(acc, sc, figs, args, started):
                              f"{f(r.iloc[4], 0)} | {r.iloc[5] if isinstance(r.iloc[5], str) else ''} |")
             lines += ["", "Stages of our runs (peak RSS includes Python, torch and the simulated input; "
                       "`RSS before` is the process before `deconvolve`):", ""]
-        lines += ["| what | spots | types | genes used | graph (s) | training (s) | inference (s) | total (s) | peak RSS (MB) | RSS before (MB) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| what | spots | types | genes used | graph (s) | platform & noise (s) | training (s) | inference (s) | total (s) | peak RSS (MB) | RSS before (MB) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for _, r in sc[sc.what != "flashdeconv"].iterrows():
-            lines.append(f"| {r.what} | {r.n_spots:,} | {r.n_types} | {int(r.n_genes_used)} | {r.graph_s:.2f} | {r.training_s:.1f} | "
+            platform = getattr(r, "platform_s", float("nan"))
+            platform = f"{platform:.2f}" if np.isfinite(platform) else "–"
+            lines.append(f"| {r.what} | {r.n_spots:,} | {r.n_types} | {int(r.n_genes_used)} | {r.graph_s:.2f} | {platform} | {r.training_s:.1f} | "
                          f"{r.inference_s:.2f} | {r.seconds:.1f} | {r.peak_rss_mb:.0f} | {r.rss_before_mb:.0f} |")
         lines.append("")
         for col, label in (("seconds", "total time"), ("inference_s", "inference"), ("graph_s", "graph build")):

@@ -150,7 +150,7 @@ def main():
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MB
     print(json.dumps({
         "n_spots": n, "n_types": p, "n_genes": m, "what": what, "seconds": total,
-        "graph_s": stages.get("graph", 0.0), "training_s": stages.get("training", 0.0) + stages.get("simulating", 0.0),
+        "graph_s": stages.get("graph", 0.0), "platform_s": stages.get("platform", 0.0), "training_s": stages.get("training", 0.0) + stages.get("simulating", 0.0),
         "inference_s": stages.get("deconvolving", 0.0), "preparing_s": stages.get("preparing", 0.0),
         "peak_rss_mb": rss, "rss_before_mb": rss_before, "n_genes_used": res.info["n_genes_used"], "note": "",
     }))

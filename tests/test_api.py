@@ -265,8 +265,8 @@ def test_cli_run_and_demo(tmp_path, demo, capsys):
     reference.write_h5ad(ref_path)
     out = tmp_path / "out"
     code = main(["run", "--slide", str(sp_path), "--reference", str(ref_path), "--cell-type-key", KEY,
-                 "--out", str(out), "--epochs", "2", "--quiet"])
-    assert code == 0
+                 "--out", str(out), "--train", "--epochs", "2", "--quiet"])
+    assert code == 0 and "training: validation RMSE" in capsys.readouterr().out
     props = pd.read_csv(out / "proportions.csv", index_col=0)
     assert list(props.index) == list(slide.obs_names)
     assert (out / "result.h5ad").exists()
@@ -320,7 +320,7 @@ def test_per_entry_weights_beat_gene_weights_on_mrna_fractions(demo, trained_dem
     res = trained_demo_result
     assert res.info["gene_weighting"] == "nb" and res.info["overdispersion"] > 0
     assert res.info["params"]["refresh_layers"]
-    per_gene = deconvolve(slide, reference, cell_type_key=KEY, gene_weighting="fitted", seed=0)
+    per_gene = deconvolve(slide, reference, cell_type_key=KEY, gene_weighting="fitted", train=True, seed=0)
     mrna_truth = slide.obsm["true_mrna_fractions"]
     cols = list(mrna_truth.columns)
     r_entry = rmse(res.mrna_fractions[cols].to_numpy(), mrna_truth)

@@ -55,6 +55,10 @@ def test_widget_docks_from_manifest(make_napari_viewer):
     widget = _dock(viewer)
     assert type(widget).__name__ == "DeconvolveWidget"
     assert widget.spots.value is None
+    # shipped parameters by default; fine-tuning is opt-in and brings its epochs with it
+    assert widget.train.value is False and not widget.train_epochs.enabled
+    widget.train.value = True
+    assert widget.train_epochs.enabled
 
 
 @pytest.mark.parametrize("key", ["demo", "histology"])

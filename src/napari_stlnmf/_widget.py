@@ -47,6 +47,7 @@ _STAGES = {
     "reading": "Reading slide and reference",
     "preparing": "Selecting genes",
     "graph": "Building the spot graph",
+    "platform": "Measuring the platform effect and noise",
     "simulating": "Simulating training slides",
     "training": "Training on simulated slides",
     "deconvolving": "Deconvolving",
@@ -158,8 +159,12 @@ class DeconvolveWidget(Container):
         )
         self.n_neighbors = SpinBox(label="neighbours", value=6, min=1, max=30)
         self.use_image = CheckBox(text="use the image for the graph", value=True)
-        self.train = CheckBox(text="train on simulated slides", value=True)
-        self.train_epochs = SpinBox(label="epochs", value=60, min=1, max=1000)
+        self.train = CheckBox(
+            text="fine-tune on this slide (~1 min)", value=False,
+            tooltip="Learn the parameters again on slides simulated on this layout and reference; "
+                    "off: the shipped parameters (learned the same way on many references)",
+        )
+        self.train_epochs = SpinBox(label="epochs", value=60, min=1, max=1000, enabled=False)
         self.n_layers = SpinBox(label="layers (0 = default)", value=0, min=0, max=500)
         self.seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1)
         self.run_button = PushButton(text="Deconvolve")

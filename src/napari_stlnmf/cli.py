@@ -64,15 +64,18 @@ def write_results(result, out_dir, *, library_id=None, plots=True) -> list[Path]
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=["unrolled", "classic"], default="unrolled")
-    p.add_argument("--no-train", dest="train", action="store_false", help="use saved/default parameters, do not train")
-    p.add_argument("--epochs", type=int, default=60, help="training epochs (early stopping may end sooner)")
+    p.add_argument("--train", dest="train", action="store_true",
+                   help="fine-tune the parameters on slides simulated on this slide (15 s - 3 min); "
+                        "default: the shipped (or --params) learned parameters")
+    p.add_argument("--no-train", dest="train", action="store_false", help="do not fine-tune (the default)")
+    p.add_argument("--epochs", type=int, default=60, help="training epochs with --train (early stopping may end sooner)")
     p.add_argument("--layers", type=int, default=None, help="number of unrolled layers (default 100)")
     p.add_argument("--params", type=Path, default=None, help="parameter file saved by --save-params")
     p.add_argument("--save-params", type=Path, default=None, help="save the trained parameters here")
     p.add_argument("--fractions", choices=["cell", "mrna"], default="cell", help="report cell or mRNA fractions")
     p.add_argument("--min-proportion", type=float, default=0.05)
     p.add_argument("--weighting", choices=list(GENE_WEIGHTINGS), default=None,
-                   help="data-term weights: nb = per spot and gene (default when training), "
+                   help="data-term weights: nb = per spot and gene (the default), "
                         "or one per gene (fitted, sqrt, mean, none); default: what the parameters were tuned with")
     p.add_argument("--neighbors", type=int, default=6)
     p.add_argument("--no-image", dest="use_image", action="store_false", help="graph from distances only")
@@ -130,7 +133,7 @@ def _demo(a) -> int:
     write_results(result, a.out)
     plot_truth_vs_estimate(result.adata, truth, result.proportions, Path(a.out) / "truth_vs_estimate.png")
     ours = score(result.proportions[truth.columns].to_numpy(), truth.to_numpy())
-    rows = {"STL NMF (" + a.method + (", trained" if a.train and a.method == "unrolled" else "") + ")": ours}
+    rows = {"STL NMF (" + a.method + (", fine-tuned" if a.train and a.method == "unrolled" else "") + ")": ours}
     rows["per-spot NNLS"] = score(_nnls_baseline(slide, reference, truth.columns), truth.to_numpy())
     table = pd.DataFrame(rows).T[["rmse", "jsd", "pearson", "rel_frobenius"]]
     print(f"\nDemo slide: {slide.n_obs} spots, {len(truth.columns)} cell types; scores against the true cell fractions")
