@@ -23,7 +23,7 @@ def _process(ms: int = 300) -> None:
     loop.exec()
 
 
-def main(train: bool = True) -> int:
+def main(train: bool = False) -> int:
     viewer = napari.Viewer(title="napari-stlnmf")
     viewer.window.resize(1380, 860)
     _, widget = viewer.window.add_plugin_dock_widget("napari-stlnmf", "Deconvolve (STL NMF)")
@@ -72,4 +72,4 @@ def main(train: bool = True) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(train="--no-train" not in sys.argv))
+    sys.exit(main(train="--train" in sys.argv))  # the default run, as a user clicking Deconvolve gets it
