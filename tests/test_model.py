@@ -10,6 +10,7 @@ from napari_stlnmf.model import (
     EntryNoise,
     UnrolledNMF,
     entry_weighted_gram,
+    gram_times,
     finalize_proportions,
     graph_tensors,
     objective,
@@ -162,6 +163,13 @@ def test_entry_weighted_gram_is_the_negative_binomial_weighted_normal_equation(p
     Gv = torch.bmm(G0, V.unsqueeze(2)).squeeze(2)
     ratio = Gv / lib[:, None]
     torch.testing.assert_close(ratio, torch.full_like(ratio, float(ratio.mean())), rtol=1e-6, atol=0)
+    # compact storage (bfloat16 upper triangles, for 10^6 bins x many types): same products
+    BtX_c, G_c = entry_weighted_gram(X, B, V, EntryNoise(lib, 0.3, compact_gram=True), chunk=17)
+    p = B.shape[1]
+    assert G_c.dtype == torch.bfloat16 and G_c.shape == (V.shape[0], p * (p + 1) // 2)
+    torch.testing.assert_close(BtX_c, BtX, rtol=1e-3, atol=0)  # the scale is read off bfloat16 diagonals
+    vG = gram_times(V, G_c, torch.empty_like(V))
+    torch.testing.assert_close(vG, gram_times(V, G, torch.empty_like(V)), rtol=1e-2, atol=1e-6)
 
 
 def test_entry_weighted_layers_train_and_infer_alike(problem, tmp_path):

@@ -27,6 +27,7 @@ from .model import (
     REFRESH_LAYERS,
     EntryNoise,
     UnrolledNMF,
+    gram_bytes,
     finalize_proportions,
     pick_device,
     solve,
@@ -50,7 +51,7 @@ from .train import (
 )
 
 NOISE_SAMPLE_SPOTS = 5000  # spots used to measure the slide's noise before training
-MAX_GRAM_BYTES = 4 * 2**30  # per-entry weights' per-spot Gram matrices (float32 spots x types x types)
+MAX_GRAM_BYTES = 4 * 2**30  # per-entry weights' per-spot Gram matrices (float32, else compact bfloat16)
 
 __all__ = ["deconvolve", "DeconvolutionResult", "Cancelled", "default_params_path"]
 
@@ -270,11 +271,14 @@ def deconvolve(
         case_insensitive=case_insensitive, gene_weighting=gene_weighting,
     )
     mask = prep.spot_mask
-    gram_bytes = 4 * int(mask.sum()) * len(prep.cell_types) ** 2
-    if gene_weighting == "nb" and gram_bytes > MAX_GRAM_BYTES:
+    n_kept, n_types = int(mask.sum()), len(prep.cell_types)
+    # past the limit in float32, the Gram matrices are kept as bfloat16 upper triangles (a quarter)
+    compact_gram = gram_bytes(n_kept, n_types) > MAX_GRAM_BYTES
+    needed = gram_bytes(n_kept, n_types, compact=True)
+    if gene_weighting == "nb" and needed > MAX_GRAM_BYTES:
         fallback = "fitted" if train else "sqrt"
-        message = (f"per-entry weights need {gram_bytes / 2**30:.1f} GiB of per-spot Gram matrices for "
-                   f"{int(mask.sum()):,} spots x {len(prep.cell_types)} cell types (limit {MAX_GRAM_BYTES / 2**30:.0f} GiB)")
+        message = (f"per-entry weights need {needed / 2**30:.1f} GiB of per-spot Gram matrices (bfloat16 upper "
+                   f"triangles) for {n_kept:,} spots x {n_types} cell types (limit {MAX_GRAM_BYTES / 2**30:.0f} GiB)")
         if weighting_given:
             raise StlnmfError(message + "; use gene_weighting='fitted' (or 'sqrt') or fewer cell types")
         warnings.warn(f"{message}: using one weight per gene ('{fallback}') instead", RuntimeWarning, stacklevel=2)
@@ -309,7 +313,8 @@ def deconvolve(
             scale = torch.as_tensor(prep.gene_scale, device=dev)
         else:
             first_noise = estimate_noise(X_s, lib_s, prep.B, V_first)
-            entry_noise = EntryNoise(torch.as_tensor(prep.library_size, device=dev), _overdispersion(first_noise))
+            entry_noise = EntryNoise(torch.as_tensor(prep.library_size, device=dev), _overdispersion(first_noise),
+                                     compact_gram=compact_gram)
     if method == "unrolled":
         param_file = params if params is not None else default_params_path()
         if Path(param_file).exists():
@@ -424,6 +429,7 @@ def deconvolve(
         "min_proportion": min_proportion,
         "gene_weighting": gene_weighting,
         "overdispersion": None if entry_noise is None else entry_noise.overdispersion,
+        "gram_storage": None if entry_noise is None else ("bfloat16 upper triangles" if compact_gram else "float32"),
         "seed": rng_seed,
         "seconds": time.perf_counter() - t_start,
     }

@@ -140,6 +140,44 @@ class EntryNoise:
 
     library_size: torch.Tensor
     overdispersion: float = 0.0
+    # store each spot's Gram matrix as its upper triangle in bfloat16 (a quarter of the memory:
+    # 10^6 bins x 50 types in 2.6 GB instead of 10 GB), unpacked block by block in each layer
+    compact_gram: bool = False
+
+
+def gram_bytes(n_spots: int, n_types: int, compact: bool = False) -> int:
+    """Memory of the per-spot Gram matrices of per-entry weights."""
+    return n_spots * (n_types * (n_types + 1) if compact else 4 * n_types * n_types)
+
+
+UNPACK_CHUNK = 16_384  # spots per block when unpacking compact Gram matrices
+
+
+def _triangle(p: int, device):
+    """Indices of the upper triangle (k <= l) and its flat positions in p x p and mirrored."""
+    upper = torch.triu_indices(p, p, device=device)
+    return upper, (upper[0] * p + upper[1], upper[1] * p + upper[0])
+
+
+def _unpack_gram(packed: torch.Tensor, p: int, flat, dtype) -> torch.Tensor:
+    values = packed.to(dtype)
+    out = torch.empty(packed.shape[0], p * p, dtype=dtype, device=packed.device)
+    out[:, flat[0]] = values
+    out[:, flat[1]] = values
+    return out.view(-1, p, p)
+
+
+def gram_times(V: torch.Tensor, G: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out_s = v_sᵀ G_s`` for full (spots x p x p) or compact (spots x p(p+1)/2) Gram matrices."""
+    if G.ndim == 3:  # G_s symmetric: v_sᵀ G_s, ~5x faster than bmm(G, v)
+        return torch.bmm(V.unsqueeze(1), G, out=out.unsqueeze(1)).squeeze(1)
+    p = V.shape[1]
+    _, flat = _triangle(p, V.device)
+    for start in range(0, V.shape[0], UNPACK_CHUNK):
+        stop = min(start + UNPACK_CHUNK, V.shape[0])
+        block = _unpack_gram(G[start:stop], p, flat, V.dtype)
+        torch.bmm(V[start:stop].unsqueeze(1), block, out=out[start:stop].unsqueeze(1))
+    return out
 
 
 def _weighted_btx(X, start, stop, W: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -167,16 +205,14 @@ def entry_weighted_gram(X, B: torch.Tensor, V: torch.Tensor, noise: EntryNoise, 
     m = B.shape[0]
     Bd = B.to(V.dtype)
     # G_s is symmetric: one GEMM against the products of B's columns k <= l, then mirrored
-    upper = torch.triu_indices(p, p, device=V.device)
+    upper, flat = _triangle(p, V.device)
     BB = Bd[:, upper[0]] * Bd[:, upper[1]]
-    flat = (upper[0] * p + upper[1], upper[1] * p + upper[0])
+    compact = noise.compact_gram
+    diagonal = upper[0] == upper[1]
 
     def gram(W):
         packed = W @ BB
-        out = torch.empty(W.shape[0], p * p, dtype=W.dtype, device=W.device)
-        out[:, flat[0]] = packed
-        out[:, flat[1]] = packed
-        return out.view(-1, p, p)
+        return packed.to(torch.bfloat16) if compact else _unpack_gram(packed, p, flat, W.dtype)
 
     lib = torch.as_tensor(noise.library_size, dtype=V.dtype, device=V.device).clamp_min(1.0)
     phi = float(noise.overdispersion)
@@ -199,7 +235,8 @@ def entry_weighted_gram(X, B: torch.Tensor, V: torch.Tensor, noise: EntryNoise, 
             shared = (W_sizes, which)
             G = gram(W_sizes)[which]
     if shared is None:
-        G = torch.empty(n, p, p, dtype=V.dtype, device=V.device)
+        G = (torch.empty(n, len(upper[0]), dtype=torch.bfloat16, device=V.device) if compact
+             else torch.empty(n, p, p, dtype=V.dtype, device=V.device))
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         if shared is None:
@@ -208,7 +245,10 @@ def entry_weighted_gram(X, B: torch.Tensor, V: torch.Tensor, noise: EntryNoise, 
         else:
             W = shared[0][shared[1][start:stop]]
         BtX[start:stop] = _weighted_btx(X, start, stop, W, Bd)
-    scale = G.diagonal(dim1=1, dim2=2).mean().clamp_min(EPS)
+    if compact:
+        scale = G[:, diagonal].float().mean().clamp_min(EPS)  # bfloat16 keeps float32's range
+    else:
+        scale = G.diagonal(dim1=1, dim2=2).mean().clamp_min(EPS)
     return BtX.div_(scale), G.div_(scale)
 
 
@@ -598,7 +638,7 @@ class UnrolledNMF(nn.Module):
                 torch.add(BtX, l2k, out=num)
                 if A is not None and l1k:
                     A.accumulate(V, num, l1k)
-                torch.bmm(V.unsqueeze(1), G, out=den.unsqueeze(1))  # G_s symmetric: v_sᵀ G_s
+                gram_times(V, G, den)
                 den.addmm_(V, torch.diag(r) + l2k * ones).add_(EPS)
                 if A is not None and l1k:
                     den.addcmul_(V, deg, value=l1k)
