@@ -51,11 +51,9 @@ def groups(seed=0, gene_weighting="sqrt"):
 
 def overdispersion(prep) -> float:
     """φ measured on the pilot as deconvolve measures it on a slide (quick first fit)."""
-    from napari_stlnmf.api import _overdispersion, _quick_fit
-    from napari_stlnmf.train import estimate_noise
+    from napari_stlnmf.api import _quick_overdispersion
 
-    rows = np.arange(prep.X.shape[0])
-    return _overdispersion(estimate_noise(prep.X, prep.library_size, prep.B, _quick_fit(prep, rows, prep.gene_scale)))
+    return _quick_overdispersion(prep, np.arange(prep.X.shape[0]))
 
 
 def main(epochs: int = 40, gene_weighting: str = "sqrt", out_path: str | None = None):

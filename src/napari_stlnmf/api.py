@@ -480,8 +480,7 @@ def _fit_platform_effect(prep: Prepared, seed: int) -> tuple[Prepared, np.ndarra
         model.refresh_layers = REFRESH_LAYERS
     rows = _sample_rows(prep.X.shape[0], PLATFORM_REFINE_SPOTS, seed)
     X, lib = prep.X[rows], prep.library_size[rows]
-    V = _quick_fit(current, rows, prep.gene_scale)
-    noise = EntryNoise(torch.as_tensor(lib), _overdispersion(estimate_noise(X, lib, current.B, V)))
+    noise = EntryNoise(torch.as_tensor(lib), _quick_overdispersion(current, rows))
     for _ in range(PLATFORM_REFINE_PASSES):
         with torch.no_grad():
             V = model.infer(X, torch.as_tensor(current.B), torch.as_tensor(prep.gene_scale), noise=noise)
@@ -531,6 +530,12 @@ def _quick_fit(prep: Prepared, rows: np.ndarray, gene_scale: np.ndarray) -> np.n
     V = model.infer(prep.X[rows], torch.as_tensor(prep.B), torch.as_tensor(gene_scale), None, n_layers=50)
     V = V.cpu().numpy().astype(np.float64)
     return V / np.maximum(V.sum(1, keepdims=True), 1e-12)
+
+
+def _quick_overdispersion(prep: Prepared, rows: np.ndarray) -> float:
+    """φ of the slide measured on a quick first fit of ``rows``."""
+    V = _quick_fit(prep, rows, prep.gene_scale)
+    return _overdispersion(estimate_noise(prep.X[rows], prep.library_size[rows], prep.B, V))
 
 
 def _overdispersion(noise: dict) -> float:
