@@ -27,8 +27,8 @@ from .model import (
     REFRESH_LAYERS,
     EntryNoise,
     UnrolledNMF,
-    gram_bytes,
     finalize_proportions,
+    gram_bytes,
     pick_device,
     solve,
     to_cell_fractions,
@@ -482,8 +482,7 @@ def _fit_platform_effect(prep: Prepared, seed: int) -> tuple[Prepared, np.ndarra
     X, lib = prep.X[rows], prep.library_size[rows]
     noise = EntryNoise(torch.as_tensor(lib), _quick_overdispersion(current, rows))
     for _ in range(PLATFORM_REFINE_PASSES):
-        with torch.no_grad():
-            V = model.infer(X, torch.as_tensor(current.B), torch.as_tensor(prep.gene_scale), noise=noise)
+        V = model.infer(X, torch.as_tensor(current.B), torch.as_tensor(prep.gene_scale), noise=noise)
         V = V.cpu().numpy().astype(np.float64)
         # zero small transcript shares as the output does, back to shares of the selected genes
         V = finalize_proportions(V / current.gene_share[None, :], PLATFORM_MIN_PROPORTION) * current.gene_share[None, :]
