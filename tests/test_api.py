@@ -340,6 +340,7 @@ def test_compact_gram_matrices_give_the_same_maps(demo, monkeypatch):
 
     slide, reference = demo
     full = deconvolve(slide, reference, cell_type_key=KEY)
+    assert full.info["train"] is None  # the default run uses the shipped parameters, no fine-tuning
     n, p = slide.n_obs, full.proportions.shape[1]
     monkeypatch.setattr(api, "MAX_GRAM_BYTES", (gram_bytes(n, p) + gram_bytes(n, p, compact=True)) // 2)
     compact = deconvolve(slide, reference, cell_type_key=KEY)
