@@ -141,7 +141,7 @@ class EntryNoise:
     library_size: torch.Tensor
     overdispersion: float = 0.0
     # store each spot's Gram matrix as its upper triangle in bfloat16 (a quarter of the memory:
-    # 10^6 bins x 50 types in 2.6 GB instead of 10 GB), unpacked block by block in each layer
+    # 10^6 bins x 50 types in 2.6 GB instead of 10 GB), read row by row of the triangle in each layer
     compact_gram: bool = False
 
 
