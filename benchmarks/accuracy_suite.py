@@ -14,7 +14,9 @@ Options: ``--variants a,b`` ``--datasets x,y`` ``--json out.json``. Datasets:
   (``make_reference(12, seed=7)``); slide cells are a different draw of the same types
   (``cell_seed=8``), on hex / square layouts, kinds smooth / regions / gradient, platform
   effect 0 / 0.3, 1,000 or 10,000 counts per spot; cell fractions.
-- ``sim_r*``: the same on three other references (8, 20 and 6 types, seeds 31-33).
+- ``sim_r*``: the same on other references (6-20 types, seeds 31-37); the last four are harder
+  than anything the shipped parameters were trained on: a strong platform effect (σ 0.7),
+  Visium HD-like bins of 1-2 cells at 300 counts, 15 types at σ 0.5, spots of ~2 cells.
 - ``sc_square``: single cells of synthetic_square_2x2; half of each type's cells is the
   reference, the other half builds the slide; cell fractions.
 
@@ -157,6 +159,11 @@ DATASETS = {
     "sim_r8_hex_smooth_p0_deep": ds_sim("hex", "smooth", 0.0, 10000, seed=105, reference=(8, 31)),
     "sim_r20_sq_regions_p03": ds_sim("square", "regions", 0.3, 3000, seed=106, reference=(20, 32)),
     "sim_r6_hex_gradient_p03_shallow": ds_sim("hex", "gradient", 0.3, 1000, seed=107, reference=(6, 33)),
+    # harder than anything the shipped parameters were trained on
+    "sim_r10_hex_smooth_p07": ds_sim("hex", "smooth", 0.7, 3000, seed=108, reference=(10, 34)),
+    "sim_r10_sq_regions_hd_bins": ds_sim("square", "regions", 0.3, 300, seed=109, mean_cells=1.5, reference=(10, 35)),
+    "sim_r15_hex_gradient_p05_shallow": ds_sim("hex", "gradient", 0.5, 1500, seed=110, reference=(15, 36)),
+    "sim_r12_hex_smooth_2cells": ds_sim("hex", "smooth", 0.3, 600, seed=111, mean_cells=2.0, reference=(12, 37)),
 }
 
 

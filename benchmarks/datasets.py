@@ -84,6 +84,12 @@ def real_layouts() -> dict[str, np.ndarray]:
     return layouts
 
 
+def square_bins(n_rows: int, n_cols: int, pitch: float = 16.0) -> np.ndarray:
+    """Centres of a square grid of bins (Visium HD-like; µm)."""
+    r, c = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
+    return np.column_stack([c.ravel() * pitch, r.ravel() * pitch]).astype(np.float64)
+
+
 def split_reference(ref: ad.AnnData, seed: int = 0) -> tuple[ad.AnnData, ad.AnnData]:
     """Disjoint halves of each type's cells: one is the reference, the other fills the slide."""
     rng = np.random.default_rng(seed)
@@ -119,23 +125,27 @@ def simulated(quick: bool = False):
     square = SHARED / "synthetic_square_2x2"
     if square.is_dir():
         specs.append(("sim paper sc cells (4 types) smooth, Visium, platform", "square_sc", "smooth", "Visium layout", 3000, 0.3))
+    # Visium HD-like 16 µm bins: one or two cells each, shallow (the 'auto' zeroing threshold's case)
+    specs.append(("sim 10 types regions, HD bins (1-2 cells), shallow, platform", 10, "regions", "square bins", 300, 0.3, 1.5))
     if quick:
         specs = specs[:2]
     out = []
-    for i, (name, types, kind, layout, depth, platform) in enumerate(specs):
+    for i, (name, types, kind, layout, depth, platform, *cells) in enumerate(specs):
+        mean_cells = cells[0] if cells else 8.0
         if types == "square_sc":
             full = _square_sc(square)
         else:
             full = make_reference(n_types=types, n_genes=max(600, 30 * types), cells_per_type=120, seed=100 + i)
         reference, slide_cells = split_reference(full, seed=i)
-        xy = visium if layout == "Visium layout" else mob
-        sim = simulate_slide(xy, build_reference(slide_cells, cell_type_key=KEY), kind=kind,
+        xy = {"Visium layout": visium, "ST MOB layout": mob, "square bins": square_bins(40, 40)}[layout]
+        sim = simulate_slide(xy, build_reference(slide_cells, cell_type_key=KEY), kind=kind, mean_cells=mean_cells,
                              library_sizes=np.full(100, float(depth)), platform_sigma=platform, seed=1000 + i)
         slide = _slide(sim.counts, xy, full.var_names)
         types_ = build_reference(slide_cells, cell_type_key=KEY).cell_types
         truth = pd.DataFrame(sim.cell_fractions, index=slide.obs_names, columns=types_)
         truth_mrna = pd.DataFrame(sim.mrna_fractions, index=slide.obs_names, columns=types_)
-        out.append((name, slide, reference, KEY, truth, truth_mrna, f"{kind}; {layout}; {depth} counts/spot; platform σ={platform}"))
+        out.append((name, slide, reference, KEY, truth, truth_mrna,
+                    f"{kind}; {layout}; {depth} counts/spot; {mean_cells:g} cells/spot on average; platform σ={platform}"))
     return out
 
 

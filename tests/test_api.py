@@ -266,7 +266,8 @@ def test_cli_run_and_demo(tmp_path, demo, capsys):
     out = tmp_path / "out"
     code = main(["run", "--slide", str(sp_path), "--reference", str(ref_path), "--cell-type-key", KEY,
                  "--out", str(out), "--train", "--epochs", "2", "--quiet"])
-    assert code == 0 and "training: validation RMSE" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert code == 0 and "training: validation RMSE" in printed and "effective cells per spot" in printed
     props = pd.read_csv(out / "proportions.csv", index_col=0)
     assert list(props.index) == list(slide.obs_names)
     assert (out / "result.h5ad").exists()
@@ -274,8 +275,10 @@ def test_cli_run_and_demo(tmp_path, demo, capsys):
     assert len(maps) == len(props.columns) + 1
     assert ad.read_h5ad(out / "result.h5ad").uns[UNS_KEY]["gene_weighting"] == "nb"
     code = main(["run", "--slide", str(sp_path), "--reference", str(ref_path), "--cell-type-key", KEY,
-                 "--out", str(tmp_path / "sqrt"), "--no-train", "--weighting", "sqrt", "--quiet"])
-    assert code == 0 and ad.read_h5ad(tmp_path / "sqrt" / "result.h5ad").uns[UNS_KEY]["gene_weighting"] == "sqrt"
+                 "--out", str(tmp_path / "sqrt"), "--no-train", "--weighting", "sqrt", "--min-proportion", "0.1",
+                 "--quiet"])
+    uns = ad.read_h5ad(tmp_path / "sqrt" / "result.h5ad").uns[UNS_KEY]
+    assert code == 0 and uns["gene_weighting"] == "sqrt" and uns["min_proportion"] == 0.1
     code = main(["run", "--slide", str(sp_path), "--reference", str(ref_path), "--cell-type-key", "nope",
                  "--out", str(out), "--quiet"])
     assert code == 2 and "nope" in capsys.readouterr().err
@@ -393,3 +396,47 @@ def test_platform_refinement_reads_the_effect_without_absent_types(demo, demo_re
     before, after = errors[0], errors[api.PLATFORM_REFINE_PASSES]
     assert after[0] < 0.9 * before[0], errors
     assert after[1] < before[1], errors
+
+
+def test_auto_threshold_reads_cells_per_spot_off_the_noise(demo, demo_reference):
+    """Spots of one or two cells (Visium HD bins) show nearly single cells' overdispersion:
+    the effective cell count read off the noise is small there, and the 'auto' threshold zeroes
+    the noise spread over absent types (lower RMSE and JSD than the fixed 0.05); spots of ~10
+    cells keep 0.05."""
+    from napari_stlnmf.datasets import hex_layout
+    from napari_stlnmf.simulate import simulate_slide
+
+    _, reference = demo
+    xy = hex_layout(22, 22, pitch=100.0)
+    cols = demo_reference.cell_types
+    found = {}
+    for mean_cells, depth in ((1.2, 300.0), (10.0, 3000.0)):
+        sim = simulate_slide(xy, demo_reference, kind="regions", library_sizes=np.array([depth]),
+                             mean_cells=mean_cells, platform_sigma=0.2, seed=7)
+        slide = ad.AnnData(X=sp.csr_matrix(sim.counts), var=pd.DataFrame(index=demo_reference.genes))
+        slide.obsm["spatial"] = xy
+        auto = deconvolve(slide, reference, cell_type_key=KEY)
+        fixed = deconvolve(slide, reference, cell_type_key=KEY, min_proportion=0.05)
+        found[mean_cells] = auto.info["cells_per_spot"], auto.info["min_proportion"]
+        if mean_cells < 2:
+            truth = sim.cell_fractions
+            est_auto, est_fixed = auto.cell_fractions[cols].to_numpy(), fixed.cell_fractions[cols].to_numpy()
+            assert rmse(est_auto, truth) < 0.85 * rmse(est_fixed, truth)
+            assert mean_jensen_shannon(est_auto, truth) < 0.6 * mean_jensen_shannon(est_fixed, truth)
+        else:
+            np.testing.assert_array_equal(auto.cell_fractions.to_numpy(), fixed.cell_fractions.to_numpy())
+    (n_few, t_few), (n_many, t_many) = found[1.2], found[10.0]
+    assert 0.7 < n_few < 1.8 and t_few >= 0.08, found
+    assert n_many > 3 and t_many == 0.05, found
+
+
+def test_auto_threshold_needs_single_cells(demo):
+    """A signature table gives no single cells to compare the slide's noise with: 0.05."""
+    slide, reference = demo
+    from napari_stlnmf.preprocess import build_reference
+
+    signature = build_reference(reference, cell_type_key=KEY).profiles
+    res = deconvolve(slide, signature)
+    assert res.info["cells_per_spot"] is None and res.info["min_proportion"] == 0.05
+    with pytest.raises(StlnmfError, match="min_proportion"):
+        deconvolve(slide, reference, cell_type_key=KEY, min_proportion="often")

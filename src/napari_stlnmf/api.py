@@ -47,6 +47,7 @@ from .train import (
     estimate_noise,
     estimate_platform_effect,
     make_training_slides,
+    reference_overdispersion,
     train_unrolled,
 )
 
@@ -173,7 +174,7 @@ def deconvolve(
     case_insensitive: bool = False,
     gene_weighting: str | None = None,
     fractions: str = "cell",
-    min_proportion: float = 0.05,
+    min_proportion: float | str = "auto",
     save_params: str | Path | None = None,
     seed: int = 0,
     train_options: dict | None = None,
@@ -208,6 +209,11 @@ def deconvolve(
         content); ``'mrna'``: share of the spot's transcripts. Both are returned.
     min_proportion
         Proportions below this are set to zero at the end (then rows are renormalised).
+        ``'auto'`` (default): 0.05, raised on slides whose spots hold one or two cells (Visium HD
+        bins, small spots) up to 0.25 — ``0.25 / n²`` with ``n`` the effective number of cells
+        per spot read off the noise (a spot of n cells shows 1/n of single cells'
+        overdispersion; needs a single-cell reference, else 0.05). The values used are
+        ``info['min_proportion']`` and ``info['cells_per_spot']``.
     gene_weighting
         Weights of the data term. ``'nb'``: one weight per spot and gene, the inverse of a
         negative-binomial variance ``μ/L + φμ²`` at the current fit (``L`` the spot's counts,
@@ -250,6 +256,8 @@ def deconvolve(
         raise StlnmfError(f"method must be 'unrolled' or 'classic', not {method!r}")
     if fractions not in ("cell", "mrna"):
         raise StlnmfError(f"fractions must be 'cell' or 'mrna', not {fractions!r}")
+    if not (min_proportion == "auto" or (isinstance(min_proportion, (int, float)) and 0 <= min_proportion < 1)):
+        raise StlnmfError(f"min_proportion must be 'auto' or a number in [0, 1), not {min_proportion!r}")
     rng_seed = int(seed)
     torch.manual_seed(rng_seed)
     dev = pick_device(device)
@@ -304,17 +312,25 @@ def deconvolve(
         B = torch.as_tensor(prep.B, device=dev)
         _check_stop(should_stop)
     entry_noise = first_noise = None
-    if gene_weighting in ("fitted", "nb"):
+    cells_per_spot = None
+    auto_threshold = min_proportion == "auto" and ref_sel.cell_counts is not None
+    if gene_weighting in ("fitted", "nb") or auto_threshold:
         sample = _sample_rows(prep.X.shape[0], NOISE_SAMPLE_SPOTS, rng_seed)
         V_first = _quick_fit(prep, sample, prep.gene_scale)
         X_s, lib_s = prep.X[sample], prep.library_size[sample]
+        slide_noise = estimate_noise(X_s, lib_s, prep.B, V_first)
         if gene_weighting == "fitted":
             prep = replace(prep, gene_scale=fitted_gene_scale(X_s, lib_s, prep.B, V_first))
             scale = torch.as_tensor(prep.gene_scale, device=dev)
-        else:
-            first_noise = estimate_noise(X_s, lib_s, prep.B, V_first)
-            entry_noise = EntryNoise(torch.as_tensor(prep.library_size, device=dev), _overdispersion(first_noise),
+        elif gene_weighting == "nb":
+            first_noise = slide_noise
+            entry_noise = EntryNoise(torch.as_tensor(prep.library_size, device=dev), _overdispersion(slide_noise),
                                      compact_gram=compact_gram)
+        if ref_sel.cell_counts is not None:  # the reference's own counts: ref_sel's are rescaled by the platform
+            cell_phi = reference_overdispersion(ref.subset_genes(prep.genes), seed=rng_seed)
+            cells_per_spot = effective_cells_per_spot(cell_phi, _overdispersion(slide_noise))
+    if min_proportion == "auto":
+        min_proportion = auto_min_proportion(cells_per_spot)
     if method == "unrolled":
         param_file = params if params is not None else default_params_path()
         if Path(param_file).exists():
@@ -427,6 +443,7 @@ def deconvolve(
         "params": described,
         "train": None if train_report is None else train_report.as_dict(),
         "min_proportion": min_proportion,
+        "cells_per_spot": cells_per_spot,
         "gene_weighting": gene_weighting,
         "overdispersion": None if entry_noise is None else entry_noise.overdispersion,
         "gram_storage": None if entry_noise is None else ("bfloat16 upper triangles" if compact_gram else "float32"),
@@ -541,6 +558,29 @@ def _overdispersion(noise: dict) -> float:
     """φ of ``Var = μ/L + φμ²`` from :func:`estimate_noise`'s gamma shape (0: Poisson only)."""
     shape = float(noise["dispersion"])
     return 1.0 / shape if np.isfinite(shape) and shape > 0 else 0.0
+
+
+AUTO_MIN_PROPORTION = (0.05, 0.25)  # floor (spots of ~2+ effective cells, or unknown) and cap (one cell)
+
+
+def effective_cells_per_spot(cell_overdispersion: float, spot_overdispersion: float) -> float | None:
+    """How many cells a spot holds, read off the noise: summing n independent cells divides
+    single cells' overdispersion φ by n (by Σ w² with w the cells' mRNA shares, so big cells
+    count more and this is below the head count). None when either φ is not measurable."""
+    if cell_overdispersion <= 1e-6 or spot_overdispersion <= 1e-6:
+        return None
+    return float(cell_overdispersion / spot_overdispersion)
+
+
+def auto_min_proportion(cells_per_spot: float | None) -> float:
+    """The 'auto' zeroing threshold, ``0.25 / n²`` within [0.05, 0.25]: both the smallest real
+    share (1/n) and the noise a spot spreads over absent types (φ ∝ 1/n) grow as spots hold fewer
+    cells, so spots of one or two cells (Visium HD bins) lose that noise; spots of ~2+ effective
+    cells keep 0.05. Calibrated on simulated slides of 1-12 cells per spot (docs/method.md)."""
+    lo, hi = AUTO_MIN_PROPORTION
+    if cells_per_spot is None:
+        return lo
+    return float(np.clip(0.25 / cells_per_spot**2, lo, hi))
 
 
 def _default_gene_weighting(method: str, params, train: bool) -> str:

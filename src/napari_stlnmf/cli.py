@@ -62,6 +62,15 @@ def write_results(result, out_dir, *, library_id=None, plots=True) -> list[Path]
     return written
 
 
+def _proportion_or_auto(text: str):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {text!r}") from None
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=["unrolled", "classic"], default="unrolled")
     p.add_argument("--train", dest="train", action="store_true",
@@ -73,7 +82,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", type=Path, default=None, help="parameter file saved by --save-params")
     p.add_argument("--save-params", type=Path, default=None, help="save the trained parameters here")
     p.add_argument("--fractions", choices=["cell", "mrna"], default="cell", help="report cell or mRNA fractions")
-    p.add_argument("--min-proportion", type=float, default=0.05)
+    p.add_argument("--min-proportion", type=_proportion_or_auto, default="auto",
+                   help="zero proportions below this; auto (default): 0.05, higher where spots hold "
+                        "one or two cells (read off the noise; needs a single-cell reference)")
     p.add_argument("--weighting", choices=list(GENE_WEIGHTINGS), default=None,
                    help="data-term weights: nb = per spot and gene (the default), "
                         "or one per gene (fitted, sqrt, mean, none); default: what the parameters were tuned with")
@@ -110,6 +121,9 @@ def _run(a) -> int:
     print(f"used {info['n_genes_used']} genes (of {info['n_shared_genes']} shared) and "
           f"{info['n_spots_used']} spots ({info['n_spots_empty']} without counts); "
           f"proportions are {info['fractions_meaning']}")
+    cells = info.get("cells_per_spot")
+    print(f"proportions below {info['min_proportion']:.3g} set to zero"
+          + (f" (~{cells:.1f} effective cells per spot, read off the noise)" if cells else ""))
     if info.get("train"):
         t = info["train"]
         print(f"training: validation RMSE {t['val_rmse_initial']:.4f} -> {t['val_rmse']:.4f} in {t['seconds']:.1f} s")

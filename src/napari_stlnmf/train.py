@@ -21,6 +21,7 @@ from .simulate import KINDS, simulate_slide
 
 __all__ = [
     "TrainingSlide", "make_training_slides", "train_unrolled", "TrainReport", "Cancelled", "estimate_noise",
+    "reference_overdispersion",
     "calibrated_noise_ranges", "estimate_platform_effect",
 ]
 
@@ -291,6 +292,32 @@ def estimate_noise(X, library_size: np.ndarray, B: np.ndarray, V: np.ndarray, *,
     excess = ((obs - mu_c) ** 2 - obs)[sel]
     phi = float(np.sum(excess) / np.sum(mu_c[sel] ** 2))
     return {"platform_sigma": sigma, "dispersion": float(1.0 / phi) if phi > 1e-6 else float("inf")}
+
+
+def reference_overdispersion(reference: Reference, *, max_cells: int = 5_000, seed: int = 0) -> float:
+    """φ of single cells around their type's profile, measured as :func:`estimate_noise` measures
+    a slide (each cell a "spot" of one type); 0 for a signature-only reference.
+
+    A spot summing n independent cells shows about φ_cell / n of it, so the ratio to the slide's
+    φ reads how many cells a spot holds (:func:`napari_stlnmf.api.effective_cells_per_spot`)."""
+    if reference.cell_counts is None:
+        return 0.0
+    counts = reference.cell_counts
+    rows = np.arange(counts.shape[0])
+    if rows.size > max_cells:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, max_cells, replace=False))
+    C = counts[rows]
+    lib = np.asarray(C.sum(1), dtype=np.float64).ravel()
+    keep = lib > 0
+    if keep.sum() < 10:
+        return 0.0
+    C, lib, labels = C[keep], lib[keep], reference.cell_labels[rows][keep]
+    B = reference.profiles.to_numpy(np.float64)
+    B = B / np.maximum(B.sum(0, keepdims=True), 1e-300)
+    V = np.eye(B.shape[1])[labels]
+    shares = C.multiply(1.0 / lib[:, None]).tocsr()
+    shape = estimate_noise(shares, lib, B, V)["dispersion"]
+    return 1.0 / shape if np.isfinite(shape) and shape > 0 else 0.0
 
 
 def calibrated_noise_ranges(noise: dict, *, signature_only: bool) -> dict:
