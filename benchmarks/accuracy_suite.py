@@ -119,6 +119,27 @@ def ds_sim(layout, kind, platform, depth, seed, mean_cells=8.0, reference=(12, 7
     return make
 
 
+def ds_substates(layout, kind, platform, depth, seed, n_states=24, n_types=8, ref_seed=38):
+    """Cell types made of states (sub-types) whose mix changes across the slide: the reference
+    labels only the types, so its profile is one average mix of states."""
+    def make():
+        full = make_reference(n_types=n_states, seed=ref_seed)
+        cells = build_reference(make_reference(n_types=n_states, seed=ref_seed, cell_seed=ref_seed + 1),
+                                cell_type_key="cell_type")
+        coarse = lambda names: pd.Categorical([f"type_{int(str(n).split('_')[1]) % n_types}" for n in names])  # noqa: E731
+        full.obs["cell_type"] = coarse(full.obs["cell_type"])
+        xy = hex_layout(22, 22, pitch=100.0) if layout == "hex" else square_layout(20, 20)
+        sim = simulate_slide(xy, cells, kind=kind, library_sizes=np.array([float(depth)]),
+                             platform_sigma=platform, seed=seed)
+        slide = _slide(sim.counts, xy, cells.genes)
+        types = sorted(set(coarse(cells.cell_types)), key=lambda t: int(t.split("_")[1]))
+        group = np.array([types.index(t) for t in coarse(cells.cell_types)])
+        agg = lambda f: pd.DataFrame(f @ np.eye(n_types)[group], index=slide.obs_names, columns=types)  # noqa: E731
+        return dict(slide=slide, reference=full, key="cell_type", truth=agg(sim.cell_fractions),
+                    truth_mrna=agg(sim.mrna_fractions), fractions="cell")
+    return make
+
+
 def ds_sc_square():
     folder = SHARED / "synthetic_square_2x2"
     sc = pd.read_csv(folder / "sc_counts.csv.gz", index_col=0)
@@ -163,6 +184,7 @@ DATASETS = {
     "sim_r10_hex_smooth_p07": ds_sim("hex", "smooth", 0.7, 3000, seed=108, reference=(10, 34)),
     "sim_r10_sq_regions_hd_bins": ds_sim("square", "regions", 0.3, 300, seed=109, mean_cells=1.5, reference=(10, 35)),
     "sim_r15_hex_gradient_p05_shallow": ds_sim("hex", "gradient", 0.5, 1500, seed=110, reference=(15, 36)),
+    "sim_states24as8_hex_smooth_p03": ds_substates("hex", "smooth", 0.3, 3000, seed=112),
     "sim_r12_hex_smooth_2cells": ds_sim("hex", "smooth", 0.3, 600, seed=111, mean_cells=2.0, reference=(12, 37)),
 }
 

@@ -430,13 +430,19 @@ def test_auto_threshold_reads_cells_per_spot_off_the_noise(demo, demo_reference)
     assert n_many > 3 and t_many == 0.05, found
 
 
-def test_auto_threshold_needs_single_cells(demo):
-    """A signature table gives no single cells to compare the slide's noise with: 0.05."""
+def test_auto_threshold_needs_single_cells_and_raw_counts(demo):
+    """A signature table gives no single cells to compare the slide's noise with, and scaled
+    counts have no Poisson part to subtract: 0.05 in both cases."""
     slide, reference = demo
     from napari_stlnmf.preprocess import build_reference
 
     signature = build_reference(reference, cell_type_key=KEY).profiles
     res = deconvolve(slide, signature)
     assert res.info["cells_per_spot"] is None and res.info["min_proportion"] == 0.05
+    scaled = _copy_slide(slide)
+    scaled.X = scaled.X * 6.6
+    res = deconvolve(scaled, reference, cell_type_key=KEY)
+    assert res.info["cells_per_spot"] is None and res.info["min_proportion"] == 0.05
+    assert deconvolve(slide, reference, cell_type_key=KEY).info["cells_per_spot"] > 2
     with pytest.raises(StlnmfError, match="min_proportion"):
         deconvolve(slide, reference, cell_type_key=KEY, min_proportion="often")

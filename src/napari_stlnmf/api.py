@@ -212,7 +212,7 @@ def deconvolve(
         ``'auto'`` (default): 0.05, raised on slides whose spots hold one or two cells (Visium HD
         bins, small spots) up to 0.25 — ``0.25 / n²`` with ``n`` the effective number of cells
         per spot read off the noise (a spot of n cells shows 1/n of single cells'
-        overdispersion; needs a single-cell reference, else 0.05). The values used are
+        overdispersion; needs raw counts in the slide and a single-cell reference, else 0.05). The values used are
         ``info['min_proportion']`` and ``info['cells_per_spot']``.
     gene_weighting
         Weights of the data term. ``'nb'``: one weight per spot and gene, the inverse of a
@@ -313,7 +313,9 @@ def deconvolve(
         _check_stop(should_stop)
     entry_noise = first_noise = None
     cells_per_spot = None
-    auto_threshold = min_proportion == "auto" and ref_sel.cell_counts is not None
+    # φ's Poisson part assumes raw counts on both sides (scaled or normalised values would fake noise)
+    counts_both = ref.cell_counts is not None and _integer_valued(ref.cell_counts) and _integer_valued(adata.X)
+    auto_threshold = min_proportion == "auto" and counts_both
     if gene_weighting in ("fitted", "nb") or auto_threshold:
         sample = _sample_rows(prep.X.shape[0], NOISE_SAMPLE_SPOTS, rng_seed)
         V_first = _quick_fit(prep, sample, prep.gene_scale)
@@ -326,7 +328,7 @@ def deconvolve(
             first_noise = slide_noise
             entry_noise = EntryNoise(torch.as_tensor(prep.library_size, device=dev), _overdispersion(slide_noise),
                                      compact_gram=compact_gram)
-        if ref_sel.cell_counts is not None:  # the reference's own counts: ref_sel's are rescaled by the platform
+        if counts_both:  # the reference's own counts: ref_sel's are rescaled by the platform effect
             cell_phi = reference_overdispersion(ref.subset_genes(prep.genes), seed=rng_seed)
             cells_per_spot = effective_cells_per_spot(cell_phi, _overdispersion(slide_noise))
     if min_proportion == "auto":
@@ -561,6 +563,13 @@ def _overdispersion(noise: dict) -> float:
 
 
 AUTO_MIN_PROPORTION = (0.05, 0.25)  # floor (spots of ~2+ effective cells, or unknown) and cap (one cell)
+
+
+def _integer_valued(matrix, at_most: int = 200_000) -> bool:
+    """Whether (a sample of) the stored values are whole numbers, as raw counts are."""
+    values = matrix.data if hasattr(matrix, "data") and not isinstance(matrix, np.ndarray) else np.asarray(matrix).ravel()
+    values = np.asarray(values[:at_most], dtype=np.float64)
+    return bool(np.all(np.abs(values - np.round(values)) < 1e-6))
 
 
 def effective_cells_per_spot(cell_overdispersion: float, spot_overdispersion: float) -> float | None:
