@@ -1,4 +1,4 @@
-"""Learn the shipped default parameters (λ's, σ's, ω; no gene weights) on many simulated slides.
+"""Learn the shipped default parameters (λ's, σ's, ω, the cell-fraction head's α; no gene weights) on many simulated slides.
 
     python benchmarks/train_defaults.py   # writes src/napari_stlnmf/data/default_params.pt
 
@@ -56,18 +56,26 @@ def overdispersion(prep) -> float:
     return _quick_overdispersion(prep, np.arange(prep.X.shape[0]))
 
 
-def main(epochs: int = 40, gene_weighting: str = "sqrt", out_path: str | None = None):
+def main(epochs: int = 40, gene_weighting: str = "sqrt", out_path: str | None = None, head_from: str | None = None):
     from napari_stlnmf.api import default_params_path
-    from napari_stlnmf.model import DEFAULTS, REFRESH_LAYERS, EntryNoise, UnrolledNMF, to_cell_fractions
+    from napari_stlnmf.model import DEFAULTS, REFRESH_LAYERS, EntryNoise, UnrolledNMF
     from napari_stlnmf.train import _stack
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
     data = groups(gene_weighting=gene_weighting)
-    model = UnrolledNMF(1, 1, learn_gene_weights=False, omega=DEFAULTS.omega_start)
-    if gene_weighting == "nb":
-        model.refresh_layers = REFRESH_LAYERS
-    params = [model.log_lambda, model.raw_sigma, model.raw_omega]
+    if head_from:  # the layers as they are; learn the cell-fraction head on the output as users get it
+        model, _ = UnrolledNMF.load(head_from)
+        model.log_gene_weight.requires_grad_(False)
+        with torch.no_grad():  # start the head where a fresh model does (a file without one loads as α ≈ 0)
+            model.log_cell_smoothing.fill_(float(np.log(DEFAULTS.cell_smoothing)))
+        params = [model.log_cell_smoothing, model.raw_cell_sigma]
+    else:
+        model = UnrolledNMF(1, 1, learn_gene_weights=False, omega=DEFAULTS.omega_start)
+        if gene_weighting == "nb":
+            model.refresh_layers = REFRESH_LAYERS
+        params = [model.log_lambda, model.raw_sigma, model.raw_omega]
+    zeroed = head_from is not None
     opt = torch.optim.Adam(params, lr=0.05)
     batches = [(torch.as_tensor(p.B), torch.as_tensor(p.gene_scale), torch.as_tensor(p.mrna_content, dtype=torch.float32),
                 _stack(sl[:3]), _stack(sl[3:]), phi) for p, sl, phi in data]
@@ -79,12 +87,17 @@ def main(epochs: int = 40, gene_weighting: str = "sqrt", out_path: str | None = 
             model.log_type_weight = torch.nn.Parameter(torch.zeros(B.shape[1]), requires_grad=False)
             model.log_gene_weight = torch.nn.Parameter(torch.zeros(B.shape[0]), requires_grad=False)
             V = model(b.X, B, g, b.graph, noise=EntryNoise(b.library_size, phi) if model.entry_weights else None)
-            total = total + ((to_cell_fractions(V, c) - b.truth) ** 2).mean()
+            cells = model.cell_fractions(V, c, b.graph)
+            if zeroed:  # as deconvolve's output: below 0.05 zeroed (the mask is a constant for the gradient)
+                keep = ((cells >= 0.05) | (cells == cells.max(1, keepdim=True).values)).detach()
+                cells = cells * keep
+                cells = cells / cells.sum(1, keepdim=True)
+            total = total + ((cells - b.truth) ** 2).mean()
         return total / len(batches)
 
     with torch.no_grad():
         start = float(loss_on("val").sqrt())
-    keys = ("log_lambda", "raw_sigma", "raw_omega")
+    keys = ("log_cell_smoothing", "raw_cell_sigma") if head_from else ("log_lambda", "raw_sigma", "raw_omega")
     best, best_state = start, {k: v.detach().clone() for k, v in model.state_dict().items() if k in keys}
     for epoch in range(epochs):
         opt.zero_grad()
@@ -99,8 +112,8 @@ def main(epochs: int = 40, gene_weighting: str = "sqrt", out_path: str | None = 
     out = UnrolledNMF(1, 1, learn_gene_weights=False)
     out.refresh_layers = model.refresh_layers
     with torch.no_grad():
-        for k in keys:
-            getattr(out, k).copy_(best_state[k])
+        for k in ("log_lambda", "raw_sigma", "raw_omega", "log_cell_smoothing", "raw_cell_sigma"):
+            getattr(out, k).copy_(best_state[k] if k in best_state else getattr(model, k))
     path = Path(out_path) if out_path else default_params_path()
     out.save(path, extra={"gene_weighting": gene_weighting, "trained_on": "6 synthetic references (5-30 types), hex and square layouts",
                           "val_rmse_initial": start, "val_rmse": best, "seconds": time.perf_counter() - t0})
@@ -114,7 +127,10 @@ if __name__ == "__main__":
     ap.add_argument("epochs", nargs="?", type=int, default=40)
     ap.add_argument("--gene-weighting", default="sqrt", choices=["sqrt", "nb", "mean", "none"])
     ap.add_argument("--out", default=None, help="parameter file to write (default: the shipped one)")
+    ap.add_argument("--head-only", default=None, metavar="PARAMS",
+                    help="keep the layers of this parameter file and learn only the cell-fraction head "
+                         "(on cell fractions zeroed below 0.05, as deconvolve reports them)")
     a = ap.parse_args()
     if a.gene_weighting not in ("sqrt", "nb") and a.out is None:  # the shipped file is what untrained runs use
         ap.error("--out is required with --gene-weighting mean or none")
-    main(a.epochs, a.gene_weighting, a.out)
+    main(a.epochs, a.gene_weighting, a.out, a.head_only)

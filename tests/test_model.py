@@ -87,9 +87,10 @@ def test_unrolled_layers_with_fixed_parameters_equal_classic(problem):
 def test_gradients_are_finite_and_reach_every_parameter(problem):
     model = UnrolledNMF(problem["B"].shape[0], problem["B"].shape[1], n_layers=20, tied=False)
     X, B, g = problem["X"].float(), problem["B"].float(), problem["g"].float()
-    V = model(X, B, g, graph_tensors(problem["graph"]))
+    graph = graph_tensors(problem["graph"])
+    V = model(X, B, g, graph)
     truth = torch.as_tensor(problem["sim"].cell_fractions, dtype=torch.float32)
-    loss = ((to_cell_fractions(V, problem["prep"].mrna_content) - truth) ** 2).mean()
+    loss = ((model.cell_fractions(V, problem["prep"].mrna_content, graph) - truth) ** 2).mean()
     loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None, name
@@ -104,6 +105,28 @@ def test_outputs_non_negative_and_sum_to_one(problem):
     assert (out >= 0).all()
     np.testing.assert_allclose(out.sum(1), 1.0, atol=1e-9)
     assert ((out == 0) | (out >= 0.05)).all()
+
+
+def test_cell_fraction_head_same_in_training_and_inference(problem, tmp_path):
+    """The cell-fraction head smooths over the graph the same way on the differentiable path
+    (tensors) and at inference (scipy); rows still sum to one; a file saved before the head
+    existed loads without smoothing."""
+    model = UnrolledNMF(problem["B"].shape[0], problem["B"].shape[1], n_layers=30, cell_smoothing=0.5)
+    V = model.infer(problem["X"].float(), problem["B"].float(), problem["g"].float(), problem["graph"])
+    content = problem["prep"].mrna_content
+    with torch.no_grad():
+        trained = model.cell_fractions(V, content, graph_tensors(problem["graph"])).numpy()
+    inferred = model.cell_fractions(V.numpy().astype(np.float64), content, problem["graph"])
+    np.testing.assert_allclose(trained, inferred, atol=1e-5)
+    np.testing.assert_allclose(inferred.sum(1), 1.0, atol=1e-6)
+    plain = to_cell_fractions(V.numpy().astype(np.float64), content)
+    assert np.abs(inferred - plain).max() > 1e-3  # it does smooth
+    path = model.save(tmp_path / "old.pt")
+    blob = torch.load(path, weights_only=True)
+    del blob["state"]["log_cell_smoothing"]
+    torch.save(blob, path)
+    old, _ = UnrolledNMF.load(path)
+    np.testing.assert_allclose(old.cell_fractions(V.numpy().astype(np.float64), content, problem["graph"]), plain, atol=1e-6)
 
 
 def test_cell_fraction_conversion():

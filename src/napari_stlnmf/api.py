@@ -417,7 +417,9 @@ def deconvolve(
         V = V / V.sum(1, keepdim=True).clamp_min(1e-12)
         fit = _fit_error(prep.X, gene_scale_eff, V, BtX, BtB)
         mrna_sel = V.cpu().numpy().astype(np.float64)
-    cell = finalize_proportions(to_cell_fractions(mrna_sel, prep.mrna_content), min_proportion)
+    cells = to_cell_fractions(mrna_sel, prep.mrna_content) if model is None else model.cell_fractions(
+        mrna_sel, prep.mrna_content, graph)
+    cell = finalize_proportions(cells, min_proportion)
     # transcripts of the whole transcriptome, not only the selected genes
     mrna = finalize_proportions(mrna_sel / prep.gene_share[None, :], min_proportion)
 

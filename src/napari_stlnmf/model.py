@@ -53,6 +53,11 @@ SIGMA_RANGE = (0.25, 8.0)  # σ's in spot spacings / standardised feature units
 OMEGA_RANGE = (0.5, 2.0)  # over-relaxation exponent of the multiplicative update
 
 
+CELL_SMOOTHING_STEPS = 3  # Jacobi steps of the cell-fraction head
+CELL_SMOOTHING_MAX = 4.0
+NO_CELL_SMOOTHING = 1e-8
+
+
 @dataclass(frozen=True)
 class Defaults:
     lambda_graph: float = 0.05
@@ -63,6 +68,8 @@ class Defaults:
     n_layers: int = 100
     omega: float = 1.0  # over-relaxation exponent of the update (plain MU), in OMEGA_RANGE
     omega_start: float = 1.5  # what deconvolve() starts a fresh unrolled model from
+    cell_smoothing: float = 0.3  # α of the cell-fraction head (UnrolledNMF.cell_fractions)
+    cell_sigma: float = 1.0  # its distance scale (spot spacings)
 
 
 DEFAULTS = Defaults()
@@ -511,6 +518,7 @@ class UnrolledNMF(nn.Module):
         sigma_feature: float = DEFAULTS.sigma_feature,
         learn_gene_weights: bool = True,
         omega: float = DEFAULTS.omega,
+        cell_smoothing: float = DEFAULTS.cell_smoothing,
     ):
         super().__init__()
         self.n_layers = int(n_layers)
@@ -528,8 +536,50 @@ class UnrolledNMF(nn.Module):
         self.log_type_weight = nn.Parameter(torch.zeros(n_types))
         self.log_gene_weight = nn.Parameter(torch.zeros(n_genes), requires_grad=learn_gene_weights)
         self.raw_omega = nn.Parameter(torch.tensor(_inv_sigmoid_range(omega, *OMEGA_RANGE), dtype=torch.float32))
+        self.log_cell_smoothing = nn.Parameter(torch.tensor(float(np.log(max(cell_smoothing, NO_CELL_SMOOTHING)))))
+        # the head's own distance scale: the layers' σ can be short (their graph term acts 100 times)
+        self.raw_cell_sigma = nn.Parameter(torch.tensor(_inv_sigmoid_range(DEFAULTS.cell_sigma, lo, hi), dtype=torch.float32))
         # layers at which per-entry weights are recomputed; None: one weight per gene
         self.refresh_layers: tuple[int, ...] | None = None
+
+    def cell_smoothing(self) -> torch.Tensor:
+        return torch.exp(self.log_cell_smoothing.clamp(max=np.log(CELL_SMOOTHING_MAX)))
+
+    def cell_sigma(self) -> torch.Tensor:
+        lo, hi = SIGMA_RANGE
+        return lo + (hi - lo) * torch.sigmoid(self.raw_cell_sigma)
+
+    def cell_fractions(self, V, mrna_content, graph) -> torch.Tensor | np.ndarray:
+        """Cell fractions from mRNA fractions ``V``, smoothed over the graph.
+
+        Spots draw cells of random size, so a spot's mRNA shares are its cell shares distorted
+        by those sizes: real for mRNA fractions, noise for cell fractions. ``CELL_SMOOTHING_STEPS``
+        steps of ``c = (c0 + α A c) / (1 + α A1)`` (A the graph with the head's σ) average it
+        out over neighbours; α is learned on the cell-fraction loss like the λ's, which then
+        need not over-smooth the mRNA fractions. ``graph``: the training path's tensors (see
+        :func:`graph_tensors`) for a tensor ``V``, a :class:`SpatialGraph` for an array, or None.
+        """
+        c0 = to_cell_fractions(V, mrna_content)
+        if graph is None:
+            return c0
+        alpha = self.cell_smoothing()
+        sigma_feature = self.sigmas()[1]
+        if isinstance(V, torch.Tensor):
+            w = edge_weights(graph, self.cell_sigma(), sigma_feature)
+            deg = torch.zeros(c0.shape[0], dtype=c0.dtype, device=c0.device).index_add_(0, graph["rows"], w)
+            c = c0
+            for _ in range(CELL_SMOOTHING_STEPS):
+                c = (c0 + alpha * _graph_product(graph, w, c)) / (1 + alpha * deg)[:, None]
+            return c
+        if graph.n_edges == 0:
+            return c0
+        alpha = float(alpha.detach())
+        A = graph.adjacency(float(self.cell_sigma().detach()), float(sigma_feature.detach()))
+        scale = 1.0 / (1.0 + alpha * np.asarray(A.sum(1)).ravel())[:, None]
+        c = c0
+        for _ in range(CELL_SMOOTHING_STEPS):
+            c = (c0 + alpha * (A @ c)) * scale
+        return c
 
     def omega(self) -> torch.Tensor:
         lo, hi = OMEGA_RANGE
@@ -705,6 +755,8 @@ class UnrolledNMF(nn.Module):
             "sigma_feature": float(s[1]),
             "n_layers": self.n_layers,
             "omega": float(self.omega().detach()),
+            "cell_smoothing": float(self.cell_smoothing().detach()),
+            "cell_sigma": float(self.cell_sigma().detach()),
             "tied": self.tied,
             "gene_weight_range": [float(gw.min()), float(gw.max())],
             "refresh_layers": None if self.refresh_layers is None else list(self.refresh_layers),
@@ -765,6 +817,10 @@ class UnrolledNMF(nn.Module):
             model.raw_sigma.copy_(state["raw_sigma"])
             if "raw_omega" in state:
                 model.raw_omega.copy_(state["raw_omega"])
+            # files saved before the cell-fraction head: no smoothing, as they were trained
+            model.log_cell_smoothing.fill_(float(state.get("log_cell_smoothing", np.log(NO_CELL_SMOOTHING))))
+            if "raw_cell_sigma" in state:
+                model.raw_cell_sigma.copy_(state["raw_cell_sigma"])
             if state["log_type_weight"].numel() == p:
                 model.log_type_weight.copy_(state["log_type_weight"])
             if genes is not None and saved_genes is not None:
