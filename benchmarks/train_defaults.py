@@ -1,6 +1,8 @@
 """Learn the shipped default parameters (λ's, σ's, ω, the cell-fraction head's α; no gene weights) on many simulated slides.
 
-    python benchmarks/train_defaults.py   # writes src/napari_stlnmf/data/default_params.pt
+    python benchmarks/train_defaults.py --gene-weighting nb --out layers.pt   # the layers
+    python benchmarks/train_defaults.py --gene-weighting nb --head-only layers.pt
+        # then the cell-fraction head on them; writes src/napari_stlnmf/data/default_params.pt
 
 Slides come from synthetic references of 5-30 types on hexagonal and square layouts with all
 three kinds of proportions, several depths and platform effects. Gene weights are not learned:

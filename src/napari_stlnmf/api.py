@@ -212,8 +212,8 @@ def deconvolve(
         ``'auto'`` (default): 0.05, raised on slides whose spots hold one or two cells (Visium HD
         bins, small spots) up to 0.25 — ``0.25 / n²`` with ``n`` the effective number of cells
         per spot read off the noise (a spot of n cells shows 1/n of single cells'
-        overdispersion; needs raw counts in the slide and a single-cell reference, else 0.05). The values used are
-        ``info['min_proportion']`` and ``info['cells_per_spot']``.
+        overdispersion; needs raw counts in the slide and a single-cell reference, else 0.05).
+        The values used are ``info['min_proportion']`` and ``info['cells_per_spot']``.
     gene_weighting
         Weights of the data term. ``'nb'``: one weight per spot and gene, the inverse of a
         negative-binomial variance ``μ/L + φμ²`` at the current fit (``L`` the spot's counts,

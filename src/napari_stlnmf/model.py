@@ -68,8 +68,9 @@ class Defaults:
     n_layers: int = 100
     omega: float = 1.0  # over-relaxation exponent of the update (plain MU), in OMEGA_RANGE
     omega_start: float = 1.5  # what deconvolve() starts a fresh unrolled model from
-    cell_smoothing: float = 0.3  # α of the cell-fraction head (UnrolledNMF.cell_fractions)
-    cell_sigma: float = 1.0  # its distance scale (spot spacings)
+    # the cell-fraction head (UnrolledNMF.cell_fractions) as learned with the shipped layers
+    cell_smoothing: float = 0.19  # α
+    cell_sigma: float = 0.73  # its distance scale (spot spacings)
 
 
 DEFAULTS = Defaults()
@@ -555,8 +556,10 @@ class UnrolledNMF(nn.Module):
         Spots draw cells of random size, so a spot's mRNA shares are its cell shares distorted
         by those sizes: real for mRNA fractions, noise for cell fractions. ``CELL_SMOOTHING_STEPS``
         steps of ``c = (c0 + α A c) / (1 + α A1)`` (A the graph with the head's σ) average it
-        out over neighbours; α is learned on the cell-fraction loss like the λ's, which then
-        need not over-smooth the mRNA fractions. ``graph``: the training path's tensors (see
+        out over neighbours, and the zeroing that follows decides with them which small
+        proportions are real. α and the head's σ are learned on the zeroed cell fractions with
+        the layers frozen (``benchmarks/train_defaults.py --head-only``), so the layers keep the
+        λ's that suit mRNA fractions. ``graph``: the training path's tensors (see
         :func:`graph_tensors`) for a tensor ``V``, a :class:`SpatialGraph` for an array, or None.
         """
         c0 = to_cell_fractions(V, mrna_content)
