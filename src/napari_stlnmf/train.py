@@ -292,7 +292,7 @@ def estimate_noise(X, library_size: np.ndarray, B: np.ndarray, V: np.ndarray, *,
     factor = np.ones(B.shape[0])
     factor[ok] = np.exp(r)
     Bc = B * factor[:, None]
-    obs = X.toarray().astype(np.float64) if sp.issparse(X) else np.array(X, dtype=np.float64)
+    obs = X.astype(np.float64).toarray() if sp.issparse(X) else np.array(X, dtype=np.float64)
     obs *= lib[:, None]
     row_scale = obs.sum(1) / np.maximum(V @ Bc.sum(0), 1e-12)
     mu_c = (V * row_scale[:, None]) @ Bc.T
