@@ -43,6 +43,8 @@ from .preprocess import (
 )
 from .train import (
     Cancelled,
+    _overdispersion,
+    _sample_rows,
     calibrated_noise_ranges,
     estimate_noise,
     estimate_platform_effect,
@@ -535,14 +537,6 @@ def _release_freed_memory() -> None:
         pass
 
 
-def _sample_rows(n: int, at_most: int, seed: int) -> np.ndarray:
-    """All rows, or a seeded sorted sample of ``at_most`` of them."""
-    rows = np.arange(n)
-    if n > at_most:
-        rows = np.sort(np.random.default_rng(seed).choice(rows, at_most, replace=False))
-    return rows
-
-
 def _quick_fit(prep: Prepared, rows: np.ndarray, gene_scale: np.ndarray) -> np.ndarray:
     """mRNA fractions of ``rows`` from the default parameters (50 layers, no graph): the first
     fit the slide's platform effect and gene weights are measured on."""
@@ -556,12 +550,6 @@ def _quick_overdispersion(prep: Prepared, rows: np.ndarray) -> float:
     """φ of the slide measured on a quick first fit of ``rows``."""
     V = _quick_fit(prep, rows, prep.gene_scale)
     return _overdispersion(estimate_noise(prep.X[rows], prep.library_size[rows], prep.B, V))
-
-
-def _overdispersion(noise: dict) -> float:
-    """φ of ``Var = μ/L + φμ²`` from :func:`estimate_noise`'s gamma shape (0: Poisson only)."""
-    shape = float(noise["dispersion"])
-    return 1.0 / shape if np.isfinite(shape) and shape > 0 else 0.0
 
 
 AUTO_MIN_PROPORTION = (0.05, 0.25)  # floor (spots of ~2+ effective cells, or unknown) and cap (one cell)

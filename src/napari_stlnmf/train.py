@@ -307,6 +307,20 @@ def estimate_noise(X, library_size: np.ndarray, B: np.ndarray, V: np.ndarray, *,
     return {"platform_sigma": sigma, "dispersion": float(1.0 / phi) if phi > 1e-6 else float("inf")}
 
 
+def _sample_rows(n: int, at_most: int, seed: int) -> np.ndarray:
+    """All rows, or a seeded sorted sample of ``at_most`` of them."""
+    rows = np.arange(n)
+    if n > at_most:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, at_most, replace=False))
+    return rows
+
+
+def _overdispersion(noise: dict) -> float:
+    """φ of ``Var = μ/L + φμ²`` from :func:`estimate_noise`'s gamma shape (0: Poisson only)."""
+    shape = float(noise["dispersion"])
+    return 1.0 / shape if np.isfinite(shape) and shape > 0 else 0.0
+
+
 def reference_overdispersion(reference: Reference, *, max_cells: int = 2_000, seed: int = 0) -> float:
     """φ of single cells around their type's profile, measured as :func:`estimate_noise` measures
     a slide (each cell a "spot" of one type); 0 for a signature-only reference.
@@ -315,11 +329,8 @@ def reference_overdispersion(reference: Reference, *, max_cells: int = 2_000, se
     φ reads how many cells a spot holds (:func:`napari_stlnmf.api.effective_cells_per_spot`)."""
     if reference.cell_counts is None:
         return 0.0
-    counts = reference.cell_counts
-    rows = np.arange(counts.shape[0])
-    if rows.size > max_cells:
-        rows = np.sort(np.random.default_rng(seed).choice(rows, max_cells, replace=False))
-    C = counts[rows]
+    rows = _sample_rows(reference.cell_counts.shape[0], max_cells, seed)
+    C = reference.cell_counts[rows]
     lib = np.asarray(C.sum(1), dtype=np.float64).ravel()
     keep = lib > 0
     if keep.sum() < 10:
@@ -329,8 +340,7 @@ def reference_overdispersion(reference: Reference, *, max_cells: int = 2_000, se
     B = B / np.maximum(B.sum(0, keepdims=True), 1e-300)
     V = np.eye(B.shape[1])[labels]
     shares = C.multiply(1.0 / lib[:, None]).tocsr()
-    shape = estimate_noise(shares, lib, B, V)["dispersion"]
-    return 1.0 / shape if np.isfinite(shape) and shape > 0 else 0.0
+    return _overdispersion(estimate_noise(shares, lib, B, V))
 
 
 def calibrated_noise_ranges(noise: dict, *, signature_only: bool) -> dict:
