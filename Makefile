@@ -17,7 +17,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/stlnmf demo --out results
 
+# installs Xvfb and Qt's X11 libraries first where missing and possible (root or passwordless sudo);
+# without them the napari GUI tests are skipped with the reason
 test: $(STAMP)
+	@bash scripts/install-gui-deps.sh
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
@@ -27,6 +30,7 @@ bench-peers:
 	bash benchmarks/peers/install.sh
 
 screenshot: $(STAMP)
+	@bash scripts/install-gui-deps.sh
 	xvfb-run -a -s "-screen 0 1400x900x24" $(BIN)/python docs/make_screenshot.py
 
 clean:

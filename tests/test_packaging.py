@@ -103,15 +103,19 @@ def _deps_view(target: Path) -> Path:
     return target
 
 
-def test_wheel_install_registers_plugin(wheel, tmp_path):
+def _site_packages(py: Path) -> Path:
+    code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    return Path(_run([str(py), "-c", code]).stdout.strip())
+
+
+@pytest.fixture(scope="module")
+def wheel_python(wheel, tmp_path_factory) -> Path:
+    """A fresh venv with only the wheel installed (dependencies linked from this one)."""
+    tmp_path = tmp_path_factory.mktemp("wheel_venv")
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
     py = venv / "bin" / "python"
-    site = Path(
-        _run(
-            [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
-        ).stdout.strip()
-    )
+    site = _site_packages(py)
     _run(
         [
             sys.executable,
@@ -128,6 +132,12 @@ def test_wheel_install_registers_plugin(wheel, tmp_path):
         env=_clean_env(),
     )
     (site / "_stlnmf_test_deps.pth").write_text(str(_deps_view(tmp_path / "deps")) + "\n")
+    return py
+
+
+def test_wheel_install_registers_plugin(wheel_python, tmp_path):
+    py = wheel_python
+    site = _site_packages(py)
     script = textwrap.dedent(f"""
         import importlib.metadata as md, json, sys
         import npe2
@@ -164,7 +174,13 @@ def test_wheel_install_registers_plugin(wheel, tmp_path):
     listed = _run([str(py), "-m", "npe2", "list"], env=_clean_env(), cwd=tmp_path).stdout
     assert "napari-stlnmf" in listed
     _run([str(py), "-m", "npe2", "validate", "napari-stlnmf"], env=_clean_env(), cwd=tmp_path)
-    # and napari, started from the wheel install, docks the widget as the Plugins menu does
+
+
+@pytest.mark.gui
+def test_wheel_install_docks_widget(wheel_python, tmp_path):
+    """napari, started from the wheel install, docks the widget as the Plugins menu does."""
+    py = wheel_python
+    site = _site_packages(py)
     dock = textwrap.dedent(f"""
         import napari, napari_stlnmf
         viewer = napari.Viewer(show=False)

@@ -1,0 +1,25 @@
+"""The default run's output on the bundled demo, stored before the redesign (main at c25f47e):
+restructuring the code must not change the numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+STORED = Path(__file__).parent / "data" / "demo_seed0_reference_output.csv.gz"
+
+
+def test_demo_output_matches_the_stored_run(demo):
+    from napari_stlnmf import deconvolve
+
+    slide, reference = demo
+    res = deconvolve(slide, reference, cell_type_key="cell_type", seed=0)
+    stored = pd.read_csv(STORED, index_col=0)
+    types = [c.removeprefix("cell:") for c in stored.columns if c.startswith("cell:")]
+    assert list(res.cell_fractions.columns) == types
+    assert list(res.cell_fractions.index) == list(stored.index.astype(str))
+    np.testing.assert_allclose(res.cell_fractions.to_numpy(), stored[[f"cell:{t}" for t in types]], atol=1e-6)
+    np.testing.assert_allclose(res.mrna_fractions.to_numpy(), stored[[f"mrna:{t}" for t in types]], atol=1e-6)
+    np.testing.assert_allclose(res.fit_error.to_numpy(), stored["fit_error"], rtol=1e-5, atol=1e-7)
