@@ -17,14 +17,19 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-SHARED = Path(os.environ.get("STLNMF_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHARED = Path(
+    os.environ.get("STLNMF_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
 KEY = "cell_type"
 
 
 def _slide(counts: np.ndarray, xy: np.ndarray, genes, barcodes=None) -> ad.AnnData:
     barcodes = barcodes if barcodes is not None else [f"spot{i}" for i in range(len(xy))]
-    a = ad.AnnData(X=sp.csr_matrix(np.asarray(counts, dtype=np.float32)), obs=pd.DataFrame(index=list(map(str, barcodes))),
-                   var=pd.DataFrame(index=list(map(str, genes))))
+    a = ad.AnnData(
+        X=sp.csr_matrix(np.asarray(counts, dtype=np.float32)),
+        obs=pd.DataFrame(index=list(map(str, barcodes))),
+        var=pd.DataFrame(index=list(map(str, genes))),
+    )
     a.obsm["spatial"] = np.asarray(xy, dtype=float)
     return a
 
@@ -32,7 +37,9 @@ def _slide(counts: np.ndarray, xy: np.ndarray, genes, barcodes=None) -> ad.AnnDa
 def mrna_truth(truth: pd.DataFrame, mrna_per_cell) -> pd.DataFrame:
     """mRNA fractions implied by cell fractions and each type's mRNA per cell."""
     w = truth.to_numpy(float) * np.asarray(mrna_per_cell, dtype=float)[None, :]
-    return pd.DataFrame(w / np.maximum(w.sum(1, keepdims=True), 1e-12), index=truth.index, columns=truth.columns)
+    return pd.DataFrame(
+        w / np.maximum(w.sum(1, keepdims=True), 1e-12), index=truth.index, columns=truth.columns
+    )
 
 
 def paper_grids(noise_counts=(2000,)):
@@ -53,20 +60,46 @@ def paper_grids(noise_counts=(2000,)):
             sc = _square_sc(folder)
             for depth in noise_counts:
                 noisy = np.random.default_rng(0).poisson(X / X.sum(1, keepdims=True) * depth)
-                content = pd.DataFrame(sc.X.toarray(), columns=sc.var_names).groupby(sc.obs[KEY].to_numpy()).mean().sum(1)
-                out.append((f"paper square 2x2 + Poisson ({depth}/spot)", _slide(noisy, xy, counts.columns, counts.index),
-                            sc, KEY, truth, mrna_truth(truth, content.reindex(truth.columns).to_numpy()), "original paper's grid; noiseless X given Poisson noise; sc reference (B = its type means)"))
+                content = (
+                    pd.DataFrame(sc.X.toarray(), columns=sc.var_names)
+                    .groupby(sc.obs[KEY].to_numpy())
+                    .mean()
+                    .sum(1)
+                )
+                out.append(
+                    (
+                        f"paper square 2x2 + Poisson ({depth}/spot)",
+                        _slide(noisy, xy, counts.columns, counts.index),
+                        sc,
+                        KEY,
+                        truth,
+                        mrna_truth(truth, content.reindex(truth.columns).to_numpy()),
+                        "original paper's grid; noiseless X given Poisson noise; sc reference (B = its type means)",
+                    )
+                )
         else:
-            out.append(("paper circle 2x2", _slide(X, xy, counts.columns, counts.index), sig, None, truth,
-                        mrna_truth(truth, sig[truth.columns].sum(0).to_numpy()), "original paper's noisy grid; collinear signature; no sc reference"))
+            out.append(
+                (
+                    "paper circle 2x2",
+                    _slide(X, xy, counts.columns, counts.index),
+                    sig,
+                    None,
+                    truth,
+                    mrna_truth(truth, sig[truth.columns].sum(0).to_numpy()),
+                    "original paper's noisy grid; collinear signature; no sc reference",
+                )
+            )
     return out
 
 
 def _square_sc(folder: Path) -> ad.AnnData:
     sc = pd.read_csv(folder / "sc_counts.csv.gz", index_col=0)
     labels = pd.read_csv(folder / "sc_labels.csv", index_col=0)
-    ref = ad.AnnData(X=sp.csr_matrix(sc.to_numpy(np.float32)), obs=pd.DataFrame({KEY: pd.Categorical(labels.loc[sc.index, "cell_type"])}, index=sc.index),
-                     var=pd.DataFrame(index=sc.columns))
+    ref = ad.AnnData(
+        X=sp.csr_matrix(sc.to_numpy(np.float32)),
+        obs=pd.DataFrame({KEY: pd.Categorical(labels.loc[sc.index, "cell_type"])}, index=sc.index),
+        var=pd.DataFrame(index=sc.columns),
+    )
     return ref
 
 
@@ -117,16 +150,42 @@ def simulated(quick: bool = False):
     specs = [
         # name, n_types, kind, layout, depth, platform sigma
         ("sim 8 types smooth, Visium, deep", 8, "smooth", "Visium layout", 10000, 0.0),
-        ("sim 8 types regions, Visium, shallow, platform", 8, "regions", "Visium layout", 1000, 0.3),
+        (
+            "sim 8 types regions, Visium, shallow, platform",
+            8,
+            "regions",
+            "Visium layout",
+            1000,
+            0.3,
+        ),
         ("sim 20 types gradient, Visium, platform", 20, "gradient", "Visium layout", 3000, 0.3),
         ("sim 5 types regions, MOB, deep", 5, "regions", "ST MOB layout", 10000, 0.0),
         ("sim 50 types smooth, Visium, platform", 50, "smooth", "Visium layout", 5000, 0.3),
     ]
     square = SHARED / "synthetic_square_2x2"
     if square.is_dir():
-        specs.append(("sim paper sc cells (4 types) smooth, Visium, platform", "square_sc", "smooth", "Visium layout", 3000, 0.3))
+        specs.append(
+            (
+                "sim paper sc cells (4 types) smooth, Visium, platform",
+                "square_sc",
+                "smooth",
+                "Visium layout",
+                3000,
+                0.3,
+            )
+        )
     # Visium HD-like 16 µm bins: one or two cells each, shallow (the 'auto' zeroing threshold's case)
-    specs.append(("sim 10 types regions, HD bins (1-2 cells), shallow, platform", 10, "regions", "square bins", 300, 0.3, 1.5))
+    specs.append(
+        (
+            "sim 10 types regions, HD bins (1-2 cells), shallow, platform",
+            10,
+            "regions",
+            "square bins",
+            300,
+            0.3,
+            1.5,
+        )
+    )
     if quick:
         specs = specs[:2]
     out = []
@@ -135,17 +194,37 @@ def simulated(quick: bool = False):
         if types == "square_sc":
             full = _square_sc(square)
         else:
-            full = make_reference(n_types=types, n_genes=max(600, 30 * types), cells_per_type=120, seed=100 + i)
+            full = make_reference(
+                n_types=types, n_genes=max(600, 30 * types), cells_per_type=120, seed=100 + i
+            )
         reference, slide_cells = split_reference(full, seed=i)
-        xy = {"Visium layout": visium, "ST MOB layout": mob, "square bins": square_bins(40, 40)}[layout]
-        sim = simulate_slide(xy, build_reference(slide_cells, cell_type_key=KEY), kind=kind, mean_cells=mean_cells,
-                             library_sizes=np.full(100, float(depth)), platform_sigma=platform, seed=1000 + i)
+        xy = {"Visium layout": visium, "ST MOB layout": mob, "square bins": square_bins(40, 40)}[
+            layout
+        ]
+        sim = simulate_slide(
+            xy,
+            build_reference(slide_cells, cell_type_key=KEY),
+            kind=kind,
+            mean_cells=mean_cells,
+            library_sizes=np.full(100, float(depth)),
+            platform_sigma=platform,
+            seed=1000 + i,
+        )
         slide = _slide(sim.counts, xy, full.var_names)
         types_ = build_reference(slide_cells, cell_type_key=KEY).cell_types
         truth = pd.DataFrame(sim.cell_fractions, index=slide.obs_names, columns=types_)
         truth_mrna = pd.DataFrame(sim.mrna_fractions, index=slide.obs_names, columns=types_)
-        out.append((name, slide, reference, KEY, truth, truth_mrna,
-                    f"{kind}; {layout}; {depth} counts/spot; {mean_cells:g} cells/spot on average; platform σ={platform}"))
+        out.append(
+            (
+                name,
+                slide,
+                reference,
+                KEY,
+                truth,
+                truth_mrna,
+                f"{kind}; {layout}; {depth} counts/spot; {mean_cells:g} cells/spot on average; platform σ={platform}",
+            )
+        )
     return out
 
 
@@ -156,7 +235,17 @@ def demo():
     truth, truth_mrna = slide.obsm[TRUTH_KEY], slide.obsm["true_mrna_fractions"]
     for key in (TRUTH_KEY, "true_mrna_fractions"):  # methods never see the truth
         del slide.obsm[key]
-    return [("bundled demo (8 types, synthetic H&E)", slide, reference, KEY, truth, truth_mrna, "package demo slide")]
+    return [
+        (
+            "bundled demo (8 types, synthetic H&E)",
+            slide,
+            reference,
+            KEY,
+            truth,
+            truth_mrna,
+            "package demo slide",
+        )
+    ]
 
 
 def all_slides(quick: bool = False):

@@ -24,13 +24,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.simplefilter("ignore")
 
-import accuracy_suite as suite  # noqa: E402
+import accuracy_suite as suite
 
-from napari_stlnmf import api  # noqa: E402
-from napari_stlnmf.metrics import rmse  # noqa: E402
-from napari_stlnmf.model import finalize_proportions, to_cell_fractions  # noqa: E402
-from napari_stlnmf.preprocess import prepare  # noqa: E402
-from napari_stlnmf.train import estimate_noise  # noqa: E402
+from napari_stlnmf import api
+from napari_stlnmf.metrics import rmse
+from napari_stlnmf.model import finalize_proportions, to_cell_fractions
+from napari_stlnmf.preprocess import prepare
+from napari_stlnmf.train import estimate_noise
 
 
 class Slide:
@@ -59,7 +59,9 @@ class Slide:
         cell = finalize_proportions(to_cell_fractions(V, self.prep.mrna_content), 0.05)
         return round(rmse(mrna, self.truth_mrna), 4), round(rmse(cell, self.truth_cell), 4)
 
-    def weighted_updates(self, V, n_updates, *, nb=True, lam1=0.0, lam2=0.0, graph=None, gram_scaled=False):
+    def weighted_updates(
+        self, V, n_updates, *, nb=True, lam1=0.0, lam2=0.0, graph=None, gram_scaled=False
+    ):
         """Multiplicative updates of least squares with per-entry weights ``1/(μ/L + φμ²)``
         (``nb=False``: Poisson only), refreshed every 20 updates; optional graph (``graph`` =
         (A, degree)) and sum-to-one terms. ``gram_scaled``: weights scaled so that
@@ -99,8 +101,14 @@ def with_graph(names, graph_multipliers=(0.0, 0.5, 1.0, 2.0), n_updates=100):
     for name in names:
         s = Slide(name)
         d, prep = s.data, s.prep
-        res = deconvolve(d["slide"], d["reference"], cell_type_key=d["key"], seed=0, min_proportion=0.0,
-                         gene_weighting="fitted")  # the per-gene model the experiment started from
+        res = deconvolve(
+            d["slide"],
+            d["reference"],
+            cell_type_key=d["key"],
+            seed=0,
+            min_proportion=0.0,
+            gene_weighting="fitted",
+        )  # the per-gene model the experiment started from
         Vt = res.mrna_fractions.to_numpy()[prep.spot_mask] * prep.gene_share[None]
         Vt = np.maximum(Vt / Vt.sum(1, keepdims=True), 1e-6)
         lam = res.model.lambdas().detach().numpy()
@@ -110,8 +118,14 @@ def with_graph(names, graph_multipliers=(0.0, 0.5, 1.0, 2.0), n_updates=100):
         graph = (A, np.asarray(A.sum(1)).ravel()[:, None])
         out = [f"trained {s.score(Vt)}"]
         for g in graph_multipliers:
-            V = s.weighted_updates(Vt, n_updates, lam1=float(np.median(lam[:, 0])) * g,
-                                   lam2=float(np.median(lam[:, 1])), graph=graph, gram_scaled=True)
+            V = s.weighted_updates(
+                Vt,
+                n_updates,
+                lam1=float(np.median(lam[:, 0])) * g,
+                lam2=float(np.median(lam[:, 1])),
+                graph=graph,
+                gram_scaled=True,
+            )
             out.append(f"λ1 x{g} {s.score(V)}")
         print(name, " | ".join(out), flush=True)
 

@@ -59,7 +59,9 @@ def nnls(smooth):
 
     def run(slide, reference, key):
         cell = nnls_proportions(slide, reference, cell_type_key=key, smooth=smooth)
-        mrna = nnls_proportions(slide, reference, cell_type_key=key, smooth=smooth, fractions="mrna")
+        mrna = nnls_proportions(
+            slide, reference, cell_type_key=key, smooth=smooth, fractions="mrna"
+        )
         return cell, mrna, {}
 
     return run
@@ -76,8 +78,22 @@ def peer(name, timeout):
             tmp = Path(tmp)
             slide.write_h5ad(tmp / "slide.h5ad")
             reference.write_h5ad(tmp / "ref.h5ad")
-            cmd = [str(python), str(HERE / "peers" / "run_peer.py"), "--method", method, "--slide", str(tmp / "slide.h5ad"),
-                   "--reference", str(tmp / "ref.h5ad"), "--cell-type-key", key, "--out", str(tmp / "p.csv"), "--seed", "0"]
+            cmd = [
+                str(python),
+                str(HERE / "peers" / "run_peer.py"),
+                "--method",
+                method,
+                "--slide",
+                str(tmp / "slide.h5ad"),
+                "--reference",
+                str(tmp / "ref.h5ad"),
+                "--cell-type-key",
+                key,
+                "--out",
+                str(tmp / "p.csv"),
+                "--seed",
+                "0",
+            ]
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -86,7 +102,11 @@ def peer(name, timeout):
                 lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
                 raise RuntimeError(lines[-1][:200])
             props = pd.read_csv(tmp / "p.csv", index_col=0)
-            side = json.loads((tmp / "p.csv.json").read_text()) if (tmp / "p.csv.json").exists() else {}
+            side = (
+                json.loads((tmp / "p.csv.json").read_text())
+                if (tmp / "p.csv.json").exists()
+                else {}
+            )
             return props, props, side  # one output, scored against both truths
 
     return run if python.exists() else None
@@ -102,11 +122,24 @@ def score_slide(est: pd.DataFrame, truth: pd.DataFrame) -> dict:
     return score(e, truth.to_numpy()[ok])
 
 
-NAN_SCORES = {"rmse": np.nan, "jsd": np.nan, "pearson": np.nan, "rel_frobenius": np.nan, "rmse_mrna": np.nan, "jsd_mrna": np.nan}
+NAN_SCORES = {
+    "rmse": np.nan,
+    "jsd": np.nan,
+    "pearson": np.nan,
+    "rel_frobenius": np.nan,
+    "rmse_mrna": np.nan,
+    "jsd_mrna": np.nan,
+}
 
 
-def accuracy(quick: bool, peers: bool, peer_timeout: int, heavy_on: str = "bundled demo", only: str | None = None,
-             slides: str | None = None):
+def accuracy(
+    quick: bool,
+    peers: bool,
+    peer_timeout: int,
+    heavy_on: str = "bundled demo",
+    only: str | None = None,
+    slides: str | None = None,
+):
     """Every method on every slide, scored against true cell fractions and true mRNA fractions.
 
     ``only`` / ``slides``: regular expressions; methods / slides whose names do not match are
@@ -144,18 +177,39 @@ def accuracy(quick: bool, peers: bool, peer_timeout: int, heavy_on: str = "bundl
                 sc = score_slide(cell, truth)
                 sc_m = score_slide(mrna, truth_mrna)
                 info = info if isinstance(info, dict) else {}
-                secs = info.get("fit_time_s", info.get("seconds", time.perf_counter() - t0))  # peers: the fit, not file I/O
-                row = {"slide": name, "method": mname, **sc, "rmse_mrna": sc_m["rmse"], "jsd_mrna": sc_m["jsd"],
-                       "seconds": float(secs), "peak_mb": info.get("peak_rss_mb"), "note": ""}
+                secs = info.get(
+                    "fit_time_s", info.get("seconds", time.perf_counter() - t0)
+                )  # peers: the fit, not file I/O
+                row = {
+                    "slide": name,
+                    "method": mname,
+                    **sc,
+                    "rmse_mrna": sc_m["rmse"],
+                    "jsd_mrna": sc_m["jsd"],
+                    "seconds": float(secs),
+                    "peak_mb": info.get("peak_rss_mb"),
+                    "note": "",
+                }
                 if mname == DEFAULT_OURS:
                     maps[name] = (slide, truth, cell)
             except Exception as exc:  # noqa: BLE001 - a failing peer is recorded, not fatal
-                row = {"slide": name, "method": mname, **NAN_SCORES, "seconds": time.perf_counter() - t0,
-                       "peak_mb": None, "note": str(exc)[:160]}
-            print(f"   {mname:38s} rmse={row['rmse']:.4f} jsd={row['jsd']:.4f} rmse_mrna={row['rmse_mrna']:.4f} "
-                  f"{row['seconds']:.1f}s {row['note']}", flush=True)
+                row = {
+                    "slide": name,
+                    "method": mname,
+                    **NAN_SCORES,
+                    "seconds": time.perf_counter() - t0,
+                    "peak_mb": None,
+                    "note": str(exc)[:160],
+                }
+            print(
+                f"   {mname:38s} rmse={row['rmse']:.4f} jsd={row['jsd']:.4f} rmse_mrna={row['rmse_mrna']:.4f} "
+                f"{row['seconds']:.1f}s {row['note']}",
+                flush=True,
+            )
             rows.append(row)
-            pd.DataFrame(rows).to_csv(DOCS / "bench_accuracy.partial.csv", index=False)  # survives an interrupted run
+            pd.DataFrame(rows).to_csv(
+                DOCS / "bench_accuracy.partial.csv", index=False
+            )  # survives an interrupted run
     return pd.DataFrame(rows), maps
 
 
@@ -165,11 +219,13 @@ def merge_rows(new: pd.DataFrame, old: pd.DataFrame) -> pd.DataFrame:
         return new
     if not len(new):
         return old
-    key = lambda d: d.slide + "\t" + d.method  # noqa: E731
+    key = lambda d: d.slide + "\t" + d.method
     kept = old[~key(old).isin(set(key(new)))]
     out = pd.concat([kept, new], ignore_index=True)
     order = {s: i for i, s in enumerate(pd.concat([old.slide, new.slide]).unique())}
-    return out.sort_values("slide", key=lambda c: c.map(order), kind="stable").reset_index(drop=True)
+    return out.sort_values("slide", key=lambda c: c.map(order), kind="stable").reset_index(
+        drop=True
+    )
 
 
 def scaling(quick: bool, peers: bool = True):
@@ -177,7 +233,9 @@ def scaling(quick: bool, peers: bool = True):
     sizes = [1000, 5000, 50_000] if quick else [1000, 5000, 50_000, 100_000, 500_000, 1_000_000]
     jobs = [(n, 20, 2000, "infer") for n in sizes]
     jobs += [(5000, p, 2000, "infer") for p in (5, 50)]
-    jobs += [(n, 20, 2000, "train") for n in ((5000,) if quick else (1000, 5000, 100_000, 1_000_000))]
+    jobs += [
+        (n, 20, 2000, "train") for n in ((5000,) if quick else (1000, 5000, 100_000, 1_000_000))
+    ]
     jobs += [(5000, p, 2000, "train") for p in (() if quick else (5, 50))]
     if peers:
         jobs += [(n, 20, 2000, "flashdeconv") for n in sizes]
@@ -185,8 +243,12 @@ def scaling(quick: bool, peers: bool = True):
     out = []
     for n, p, m, what in jobs:
         print(f"-- scaling {what} n={n} p={p}", flush=True)
-        proc = subprocess.run([sys.executable, str(HERE / "scaling_worker.py"), str(n), str(p), str(m), what],
-                              capture_output=True, text=True, timeout=4000)
+        proc = subprocess.run(
+            [sys.executable, str(HERE / "scaling_worker.py"), str(n), str(p), str(m), what],
+            capture_output=True,
+            text=True,
+            timeout=4000,
+        )
         if proc.returncode != 0:
             print(proc.stderr[-2000:])
             continue
@@ -199,18 +261,21 @@ def scaling(quick: bool, peers: bool = True):
 
 def speed_comparison(sc: pd.DataFrame) -> pd.DataFrame:
     """Per (spots, types): our time without and with training next to FlashDeconv's."""
+
     def pick(what, col):
         d = sc[sc.what == what].set_index(["n_spots", "n_types"])
         return d[col] if col in d else pd.Series(dtype=float)
 
-    out = pd.DataFrame({
-        "STL NMF, shipped/saved parameters (s)": pick("infer", "seconds"),
-        "STL NMF incl. fine-tuning (s)": pick("train", "seconds"),
-        "FlashDeconv (s)": pick("flashdeconv", "seconds"),
-        "STL NMF peak (MB)": pick("infer", "peak_rss_mb"),
-        "FlashDeconv peak (MB)": pick("flashdeconv", "peak_rss_mb"),
-        "FlashDeconv note": pick("flashdeconv", "note"),
-    })
+    out = pd.DataFrame(
+        {
+            "STL NMF, shipped/saved parameters (s)": pick("infer", "seconds"),
+            "STL NMF incl. fine-tuning (s)": pick("train", "seconds"),
+            "FlashDeconv (s)": pick("flashdeconv", "seconds"),
+            "STL NMF peak (MB)": pick("infer", "peak_rss_mb"),
+            "FlashDeconv peak (MB)": pick("flashdeconv", "peak_rss_mb"),
+            "FlashDeconv note": pick("flashdeconv", "note"),
+        }
+    )
     return out.sort_index()
 
 
@@ -218,22 +283,38 @@ def plots(acc: pd.DataFrame, sc: pd.DataFrame, maps: dict):
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.ticker  # noqa: F401 - used as matplotlib.ticker below
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     figs = {}
     if len(acc):
         cols = [c for c in ("rmse", "rmse_mrna") if c in acc and acc[c].notna().any()]
         n_slides = acc.slide.nunique()
-        fig, axes = plt.subplots(1, len(cols), figsize=(7 * len(cols), 0.5 * len(acc) / max(len(cols), 1) + 3), sharey=True, squeeze=False)
+        fig, axes = plt.subplots(
+            1,
+            len(cols),
+            figsize=(7 * len(cols), 0.5 * len(acc) / max(len(cols), 1) + 3),
+            sharey=True,
+            squeeze=False,
+        )
         for ax, col in zip(axes[0], cols):
             piv = acc.pivot_table(index="slide", columns="method", values=col, sort=False)
-            piv = piv[[m for m in ESTIMATES if m in piv.columns] + [m for m in piv.columns if m not in ESTIMATES]]
+            piv = piv[
+                [m for m in ESTIMATES if m in piv.columns]
+                + [m for m in piv.columns if m not in ESTIMATES]
+            ]
             palette = plt.get_cmap("tab20").colors  # one colour per method (tab10 repeats after 10)
-            piv.plot.barh(ax=ax, width=0.85, legend=False, logx=True,
-                          color=[palette[(2 * i) % 20 + (2 * i) // 20] for i in range(piv.shape[1])])
+            piv.plot.barh(
+                ax=ax,
+                width=0.85,
+                legend=False,
+                logx=True,
+                color=[palette[(2 * i) % 20 + (2 * i) // 20] for i in range(piv.shape[1])],
+            )
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-            ax.set_xlabel(f"RMSE vs true {'cell' if col == 'rmse' else 'mRNA'} fractions (log scale; lower is better)")
+            ax.set_xlabel(
+                f"RMSE vs true {'cell' if col == 'rmse' else 'mRNA'} fractions (log scale; lower is better)"
+            )
             ax.set_ylabel("")
             ax.grid(axis="x", which="both", alpha=0.3)
         axes[0][0].invert_yaxis()
@@ -248,10 +329,16 @@ def plots(acc: pd.DataFrame, sc: pd.DataFrame, maps: dict):
         inf = sc[(sc.what == "infer") & (sc.n_types == 20)].sort_values("n_spots")
         if len(inf) >= 2:
             fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-            for col, label in (("graph_s", "STL NMF graph build"), ("inference_s", "STL NMF inference"),
-                               ("seconds", "STL NMF total (default: shipped parameters)")):
+            for col, label in (
+                ("graph_s", "STL NMF graph build"),
+                ("inference_s", "STL NMF inference"),
+                ("seconds", "STL NMF total (default: shipped parameters)"),
+            ):
                 axes[0].loglog(inf.n_spots, inf[col], "o-", label=label)
-            for what, label, style in (("train", "STL NMF total incl. fine-tuning (opt-in)", "s--"), ("flashdeconv", "FlashDeconv", "k^-")):
+            for what, label, style in (
+                ("train", "STL NMF total incl. fine-tuning (opt-in)", "s--"),
+                ("flashdeconv", "FlashDeconv", "k^-"),
+            ):
                 d = sc[(sc.what == what) & (sc.n_types == 20)].sort_values("n_spots")
                 d = d[np.isfinite(d.seconds.astype(float))]
                 if len(d):
@@ -261,7 +348,9 @@ def plots(acc: pd.DataFrame, sc: pd.DataFrame, maps: dict):
             axes[0].set_ylabel("seconds")
             axes[0].legend(fontsize=8)
             axes[0].set_title("time vs spots (20 types, 2,000 genes)")
-            axes[1].loglog(inf.n_spots, inf.peak_rss_mb / 1024, "o-", label="STL NMF (process peak)")
+            axes[1].loglog(
+                inf.n_spots, inf.peak_rss_mb / 1024, "o-", label="STL NMF (process peak)"
+            )
             axes[1].set_xlabel("spots")
             axes[1].set_ylabel("peak memory (GB)")
             axes[1].legend(fontsize=8)
@@ -290,7 +379,10 @@ def growth(sc: pd.DataFrame, col: str) -> float | None:
 
 
 ESTIMATES = {  # method -> (what its output is, the truth it should be judged on); peers: benchmarks/peers/README.md
-    "STL NMF unrolled (trained)": ("both: mRNA fractions, and cell fractions = mRNA fractions / mRNA per cell", "both (matching output)"),
+    "STL NMF unrolled (trained)": (
+        "both: mRNA fractions, and cell fractions = mRNA fractions / mRNA per cell",
+        "both (matching output)",
+    ),
     "STL NMF unrolled (shipped defaults)": ("both (as above)", "both (matching output)"),
     "STL NMF classic": ("both (as above)", "both (matching output)"),
     "NNLS": ("both (same conversion as STL NMF)", "both (matching output)"),
@@ -304,17 +396,23 @@ ESTIMATES = {  # method -> (what its output is, the truth it should be judged on
 }
 
 
-DEFAULT_OURS = "STL NMF unrolled (shipped defaults)"  # what deconvolve() does unless asked to fine-tune
+DEFAULT_OURS = (
+    "STL NMF unrolled (shipped defaults)"  # what deconvolve() does unless asked to fine-tune
+)
 SHORT_NAMES = {DEFAULT_OURS: "STL NMF", "STL NMF unrolled (trained)": "STL NMF fine-tuned"}
 
 
 def win_summary(acc: pd.DataFrame) -> list[str]:
     """Per slide: the best method on each score, and the best peer judged on its own quantity."""
-    out = ["**Best per slide** (lowest; `STL NMF` = STL NMF unrolled (shipped defaults), the default run; "
-           "ties name it first). 'best peer, own truth' scores each peer against the quantity it estimates:", "",
-           "| slide | RMSE (cells) | JSD (cells) | RMSE (mRNA) | JSD (mRNA) | STL NMF RMSE cells / mRNA | best peer, own truth: RMSE |",
-           "|---|---|---|---|---|---|---|"]
+    out = [
+        "**Best per slide** (lowest; `STL NMF` = STL NMF unrolled (shipped defaults), the default run; "
+        "ties name it first). 'best peer, own truth' scores each peer against the quantity it estimates:",
+        "",
+        "| slide | RMSE (cells) | JSD (cells) | RMSE (mRNA) | JSD (mRNA) | STL NMF RMSE cells / mRNA | best peer, own truth: RMSE |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for slide, g in acc.groupby("slide", sort=False):
+
         def best(col):
             h = g.dropna(subset=[col])
             h = pd.concat([h[h.method == DEFAULT_OURS], h[h.method != DEFAULT_OURS]])
@@ -322,6 +420,7 @@ def win_summary(acc: pd.DataFrame) -> list[str]:
                 return "–"
             r = h.iloc[int(np.argmin(h[col].to_numpy()))]
             return f"{SHORT_NAMES.get(r.method, r.method)} {r[col]:.4f}"
+
         t = g[g.method == DEFAULT_OURS]
         ours_s = f"{t.rmse.iloc[0]:.4f} / {t.rmse_mrna.iloc[0]:.4f}" if len(t) else "–"
         own = []
@@ -331,43 +430,70 @@ def win_summary(acc: pd.DataFrame) -> list[str]:
             if judge in ("mRNA", "cells") and np.isfinite(value):
                 own.append((value, r.method, judge))
         own_s = "–" if not own else "{1} {0:.4f} ({2})".format(*min(own))
-        out.append(f"| {slide} | {best('rmse')} | {best('jsd')} | {best('rmse_mrna')} | {best('jsd_mrna')} | {ours_s} | {own_s} |")
+        out.append(
+            f"| {slide} | {best('rmse')} | {best('jsd')} | {best('rmse_mrna')} | {best('jsd_mrna')} | {ours_s} | {own_s} |"
+        )
     return out + [""]
 
 
 def write_page(acc, sc, figs, args, started):
-    lines = ["# Benchmarks", "",
-             f"Generated by `make bench` (`python benchmarks/run_benchmarks.py{' --quick' if args.quick else ''}`) on "
-             f"{time.strftime('%Y-%m-%d', time.gmtime(started))}: {platform.machine()}, {os.cpu_count()} cores, "
-             f"torch threads = {os.environ.get('OMP_NUM_THREADS', 'default')}; "
-             + (f"run time {time.time() - started:.0f} s" if (args.accuracy or args.scaling)
-                else "page rebuilt from docs/bench_accuracy.csv and docs/bench_scaling.csv (`--no-accuracy --no-scaling --reuse`)")
-             + (f"; this run re-ran only the methods matching `{args.methods}` / slides matching `{args.slides}`, the other "
-                "rows come from earlier runs (docs/bench_accuracy.csv)." if args.accuracy and (args.methods or args.slides) else "."),
-             "", "RMSE over all spots and types, JSD = mean per-spot Jensen–Shannon divergence (natural log), "
-             "Pearson = mean over types, rel. Frobenius = ||V̂ − V|| / ||V|| (the original paper's score). "
-             "'STL NMF unrolled (shipped defaults)' is what `deconvolve` does by default: the parameters shipped with "
-             "the package, learned by unrolling on slides simulated from many references. '(trained)' fine-tunes them "
-             "first (`train=True`) on slides simulated on each slide's own layout from its reference (never from the "
-             "slide's truth).",
-             ""]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Generated by `make bench` (`python benchmarks/run_benchmarks.py{' --quick' if args.quick else ''}`) on "
+        f"{time.strftime('%Y-%m-%d', time.gmtime(started))}: {platform.machine()}, {os.cpu_count()} cores, "
+        f"torch threads = {os.environ.get('OMP_NUM_THREADS', 'default')}; "
+        + (
+            f"run time {time.time() - started:.0f} s"
+            if (args.accuracy or args.scaling)
+            else "page rebuilt from docs/bench_accuracy.csv and docs/bench_scaling.csv (`--no-accuracy --no-scaling --reuse`)"
+        )
+        + (
+            f"; this run re-ran only the methods matching `{args.methods}` / slides matching `{args.slides}`, the other "
+            "rows come from earlier runs (docs/bench_accuracy.csv)."
+            if args.accuracy and (args.methods or args.slides)
+            else "."
+        ),
+        "",
+        "RMSE over all spots and types, JSD = mean per-spot Jensen–Shannon divergence (natural log), "
+        "Pearson = mean over types, rel. Frobenius = ||V̂ − V|| / ||V|| (the original paper's score). "
+        "'STL NMF unrolled (shipped defaults)' is what `deconvolve` does by default: the parameters shipped with "
+        "the package, learned by unrolling on slides simulated from many references. '(trained)' fine-tunes them "
+        "first (`train=True`) on slides simulated on each slide's own layout from its reference (never from the "
+        "slide's truth).",
+        "",
+    ]
     if len(acc):
-        lines += ["## Accuracy", "",
-                  "Two truths, because methods estimate different things: **cell fractions** (share of each spot's cells) "
-                  "and **mRNA fractions** (share of each spot's transcripts). They differ where cell types differ in mRNA "
-                  "per cell (the synthetic references here differ up to ~4x). Every method is scored against both: STL NMF "
-                  "and NNLS report both quantities (mRNA fractions, and cell fractions = mRNA fractions / mRNA per cell, "
-                  "renormalised), and are scored with the matching one; a peer's single output is scored against both truths, "
-                  "so each peer can be judged against the quantity it estimates (table below). The paper grids' truth is the "
-                  "mixing weight of per-type mean profiles per cell, i.e. cell fractions; their mRNA truth weights it by the "
-                  "profiles' totals.", "",
-                  "| method | output | judge it on |", "|---|---|---|"]
-        present = [m for m in ESTIMATES if m in set(acc.method)] + [m for m in acc.method.unique() if m not in ESTIMATES]
-        lines += [f"| {m} | {ESTIMATES.get(m, ('', ''))[0]} | {ESTIMATES.get(m, ('', ''))[1]} |" for m in present]
-        lines += ["", "Peers run with their documented defaults except where recorded in benchmarks/peers/README.md "
-                  "(cell2location 250 + 10,000 epochs, Stereoscope ~30,000 steps, DestVI 300 + 2,000 epochs; being slow here (5-45 min per slide), "
-                  "these three run on the demo slide only). "
-                  "Peers need a single-cell reference: they have no score on the signature-only slide.", ""]
+        lines += [
+            "## Accuracy",
+            "",
+            "Two truths, because methods estimate different things: **cell fractions** (share of each spot's cells) "
+            "and **mRNA fractions** (share of each spot's transcripts). They differ where cell types differ in mRNA "
+            "per cell (the synthetic references here differ up to ~4x). Every method is scored against both: STL NMF "
+            "and NNLS report both quantities (mRNA fractions, and cell fractions = mRNA fractions / mRNA per cell, "
+            "renormalised), and are scored with the matching one; a peer's single output is scored against both truths, "
+            "so each peer can be judged against the quantity it estimates (table below). The paper grids' truth is the "
+            "mixing weight of per-type mean profiles per cell, i.e. cell fractions; their mRNA truth weights it by the "
+            "profiles' totals.",
+            "",
+            "| method | output | judge it on |",
+            "|---|---|---|",
+        ]
+        present = [m for m in ESTIMATES if m in set(acc.method)] + [
+            m for m in acc.method.unique() if m not in ESTIMATES
+        ]
+        lines += [
+            f"| {m} | {ESTIMATES.get(m, ('', ''))[0]} | {ESTIMATES.get(m, ('', ''))[1]} |"
+            for m in present
+        ]
+        lines += [
+            "",
+            "Peers run with their documented defaults except where recorded in benchmarks/peers/README.md "
+            "(cell2location 250 + 10,000 epochs, Stereoscope ~30,000 steps, DestVI 300 + 2,000 epochs; being slow here (5-45 min per slide), "
+            "these three run on the demo slide only). "
+            "Peers need a single-cell reference: they have no score on the signature-only slide.",
+            "",
+        ]
         lines += win_summary(acc)
         analysis = HERE / "analysis.md"  # hand-written reading of the results, kept across runs
         if analysis.exists():
@@ -375,47 +501,84 @@ def write_page(acc, sc, figs, args, started):
         if "accuracy" in figs:
             lines += [f"![RMSE per method]({figs['accuracy']})", ""]
         for slide, grp in acc.groupby("slide", sort=False):
-            lines += [f"### {slide}", "",
-                      "| method | RMSE (cells) | JSD (cells) | Pearson (cells) | rel. Frobenius (cells) | RMSE (mRNA) | JSD (mRNA) | time (s) | note |",
-                      "|---|---|---|---|---|---|---|---|---|"]
+            lines += [
+                f"### {slide}",
+                "",
+                "| method | RMSE (cells) | JSD (cells) | Pearson (cells) | rel. Frobenius (cells) | RMSE (mRNA) | JSD (mRNA) | time (s) | note |",
+                "|---|---|---|---|---|---|---|---|---|",
+            ]
             best = {c: grp[c].min() for c in ("rmse", "jsd", "rmse_mrna", "jsd_mrna")}
-            bold = lambda r, c: f"**{r[c]:.4f}**" if r[c] == best[c] else f"{r[c]:.4f}"  # noqa: E731
+            bold = lambda r, c: f"**{r[c]:.4f}**" if r[c] == best[c] else f"{r[c]:.4f}"
             for _, r in grp.sort_values("rmse", na_position="last").iterrows():
-                lines.append(f"| {r.method} | {bold(r, 'rmse')} | {bold(r, 'jsd')} | {r.pearson:.3f} | {r.rel_frobenius:.3f} | "
-                             f"{bold(r, 'rmse_mrna')} | {bold(r, 'jsd_mrna')} | {r.seconds:.1f} | {r.note} |")
+                lines.append(
+                    f"| {r.method} | {bold(r, 'rmse')} | {bold(r, 'jsd')} | {r.pearson:.3f} | {r.rel_frobenius:.3f} | "
+                    f"{bold(r, 'rmse_mrna')} | {bold(r, 'jsd_mrna')} | {r.seconds:.1f} | {r.note} |"
+                )
             lines.append("")
         if "maps" in figs:
-            lines += [f"Truth (left) vs STL NMF (right) on *{figs['maps'][1]}*:", "", f"![maps]({figs['maps'][0]})", ""]
+            lines += [
+                f"Truth (left) vs STL NMF (right) on *{figs['maps'][1]}*:",
+                "",
+                f"![maps]({figs['maps'][0]})",
+                "",
+            ]
         elif (DOCS / "bench_maps.png").exists():
-            lines += ["Truth (left) vs STL NMF (right) on one simulated slide:", "", "![maps](bench_maps.png)", ""]
+            lines += [
+                "Truth (left) vs STL NMF (right) on one simulated slide:",
+                "",
+                "![maps](bench_maps.png)",
+                "",
+            ]
     if len(sc):
-        lines += ["## Speed and memory", "",
-                  "Each measurement is a fresh process on the same simulated input (sparse counts: 150 reads per bin above "
-                  "100k spots, like Visium HD; 2,000 per spot below; square 8 µm bins; 2,000 genes). "
-                  "'STL NMF' = `deconvolve()` as it runs by default, with the shipped (or saved) parameters: preparing + graph + "
-                  "platform-effect and noise pre-fits + inference. 'incl. training' is the opt-in fine-tuning "
-                  "(`train=True`) on simulated crops (≤1,500 spots each, so its cost does not grow with the slide). "
-                  "FlashDeconv: its own fit time (`fit_time_s`, file reading excluded) in its venv; its memory is "
-                  f"watched and it is stopped above the cap (`STLNMF_BENCH_MEM_CAP_GB`, default 20 GB).", ""]
+        lines += [
+            "## Speed and memory",
+            "",
+            "Each measurement is a fresh process on the same simulated input (sparse counts: 150 reads per bin above "
+            "100k spots, like Visium HD; 2,000 per spot below; square 8 µm bins; 2,000 genes). "
+            "'STL NMF' = `deconvolve()` as it runs by default, with the shipped (or saved) parameters: preparing + graph + "
+            "platform-effect and noise pre-fits + inference. 'incl. training' is the opt-in fine-tuning "
+            "(`train=True`) on simulated crops (≤1,500 spots each, so its cost does not grow with the slide). "
+            "FlashDeconv: its own fit time (`fit_time_s`, file reading excluded) in its venv; its memory is "
+            "watched and it is stopped above the cap (`STLNMF_BENCH_MEM_CAP_GB`, default 20 GB).",
+            "",
+        ]
         cmp_ = speed_comparison(sc)
         if len(cmp_):
-            lines += ["| spots | types | STL NMF (s) | STL NMF incl. fine-tuning (s) | FlashDeconv (s) | STL NMF peak (MB) | FlashDeconv peak (MB) | note |",
-                      "|---|---|---|---|---|---|---|---|"]
-            f = lambda v, d=1: "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:,.{d}f}"  # noqa: E731
+            lines += [
+                "| spots | types | STL NMF (s) | STL NMF incl. fine-tuning (s) | FlashDeconv (s) | STL NMF peak (MB) | FlashDeconv peak (MB) | note |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            f = lambda v, d=1: (
+                "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:,.{d}f}"
+            )
             for (n, p), r in cmp_.iterrows():
-                lines.append(f"| {n:,} | {p} | {f(r.iloc[0])} | {f(r.iloc[1])} | {f(r.iloc[2])} | {f(r.iloc[3], 0)} | "
-                             f"{f(r.iloc[4], 0)} | {r.iloc[5] if isinstance(r.iloc[5], str) else ''} |")
-            lines += ["", "Stages of our runs (peak RSS includes Python, torch and the simulated input; "
-                      "`RSS before` is the process before `deconvolve`):", ""]
-        lines += ["| what | spots | types | genes used | graph (s) | platform & noise (s) | training (s) | inference (s) | total (s) | peak RSS (MB) | RSS before (MB) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                lines.append(
+                    f"| {n:,} | {p} | {f(r.iloc[0])} | {f(r.iloc[1])} | {f(r.iloc[2])} | {f(r.iloc[3], 0)} | "
+                    f"{f(r.iloc[4], 0)} | {r.iloc[5] if isinstance(r.iloc[5], str) else ''} |"
+                )
+            lines += [
+                "",
+                "Stages of our runs (peak RSS includes Python, torch and the simulated input; "
+                "`RSS before` is the process before `deconvolve`):",
+                "",
+            ]
+        lines += [
+            "| what | spots | types | genes used | graph (s) | platform & noise (s) | training (s) | inference (s) | total (s) | peak RSS (MB) | RSS before (MB) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for _, r in sc[sc.what != "flashdeconv"].iterrows():
             prefit = getattr(r, "platform_s", float("nan"))
             prefit = f"{prefit:.2f}" if np.isfinite(prefit) else "–"
-            lines.append(f"| {r.what} | {r.n_spots:,} | {r.n_types} | {int(r.n_genes_used)} | {r.graph_s:.2f} | {prefit} | {r.training_s:.1f} | "
-                         f"{r.inference_s:.2f} | {r.seconds:.1f} | {r.peak_rss_mb:.0f} | {r.rss_before_mb:.0f} |")
+            lines.append(
+                f"| {r.what} | {r.n_spots:,} | {r.n_types} | {int(r.n_genes_used)} | {r.graph_s:.2f} | {prefit} | {r.training_s:.1f} | "
+                f"{r.inference_s:.2f} | {r.seconds:.1f} | {r.peak_rss_mb:.0f} | {r.rss_before_mb:.0f} |"
+            )
         lines.append("")
-        for col, label in (("seconds", "total time"), ("inference_s", "inference"), ("graph_s", "graph build")):
+        for col, label in (
+            ("seconds", "total time"),
+            ("inference_s", "inference"),
+            ("graph_s", "graph build"),
+        ):
             g = growth(sc, col)
             if g is not None:
                 lines.append(f"- fitted growth of {label} with spots (5k and up): ∝ n^{g:.2f}")
@@ -427,7 +590,9 @@ def write_page(acc, sc, figs, args, started):
 
 def _cached(name, args) -> pd.DataFrame:
     path = DOCS / name
-    return pd.read_csv(path).fillna({"note": ""}) if args.reuse and path.exists() else pd.DataFrame()
+    return (
+        pd.read_csv(path).fillna({"note": ""}) if args.reuse and path.exists() else pd.DataFrame()
+    )
 
 
 def main():
@@ -437,17 +602,36 @@ def main():
     ap.add_argument("--no-accuracy", dest="accuracy", action="store_false")
     ap.add_argument("--no-scaling", dest="scaling", action="store_false")
     ap.add_argument("--peer-timeout", type=int, default=1800)
-    ap.add_argument("--heavy-peers-on", default="bundled demo", help="slide-name prefix on which cell2location/Stereoscope run")
-    ap.add_argument("--reuse", action="store_true", help="reuse docs/bench_*.csv of sections not re-run")
-    ap.add_argument("--methods", default=None,
-                    help="regex: run only matching methods; the other methods' rows are kept from docs/bench_accuracy.csv")
-    ap.add_argument("--slides", default=None,
-                    help="regex: run only on matching slides; the other slides' rows are kept from docs/bench_accuracy.csv")
+    ap.add_argument(
+        "--heavy-peers-on",
+        default="bundled demo",
+        help="slide-name prefix on which cell2location/Stereoscope run",
+    )
+    ap.add_argument(
+        "--reuse", action="store_true", help="reuse docs/bench_*.csv of sections not re-run"
+    )
+    ap.add_argument(
+        "--methods",
+        default=None,
+        help="regex: run only matching methods; the other methods' rows are kept from docs/bench_accuracy.csv",
+    )
+    ap.add_argument(
+        "--slides",
+        default=None,
+        help="regex: run only on matching slides; the other slides' rows are kept from docs/bench_accuracy.csv",
+    )
     args = ap.parse_args()
     started = time.time()
     DOCS.mkdir(exist_ok=True)
     if args.accuracy:
-        acc, maps = accuracy(args.quick, args.peers, args.peer_timeout, args.heavy_peers_on, args.methods, args.slides)
+        acc, maps = accuracy(
+            args.quick,
+            args.peers,
+            args.peer_timeout,
+            args.heavy_peers_on,
+            args.methods,
+            args.slides,
+        )
         if (args.methods or args.slides) and (DOCS / "bench_accuracy.csv").exists():
             acc = merge_rows(acc, pd.read_csv(DOCS / "bench_accuracy.csv").fillna({"note": ""}))
     else:

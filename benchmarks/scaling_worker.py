@@ -77,18 +77,46 @@ def _tree_rss_mb(pid: int) -> float:
 
 def run_flashdeconv(n, p, m, slide, ref) -> dict:
     python = HERE / ".venvs" / "flashdeconv" / "bin" / "python"
-    rec = {"n_spots": n, "n_types": p, "n_genes": m, "what": "flashdeconv", "n_genes_used": None,
-           "graph_s": float("nan"), "training_s": 0.0, "inference_s": float("nan"), "preparing_s": float("nan")}
+    rec = {
+        "n_spots": n,
+        "n_types": p,
+        "n_genes": m,
+        "what": "flashdeconv",
+        "n_genes_used": None,
+        "graph_s": float("nan"),
+        "training_s": 0.0,
+        "inference_s": float("nan"),
+        "preparing_s": float("nan"),
+    }
     if not python.exists():
-        return {**rec, "seconds": float("nan"), "peak_rss_mb": float("nan"), "rss_before_mb": float("nan"),
-                "note": "FlashDeconv venv missing (make bench-peers)"}
+        return {
+            **rec,
+            "seconds": float("nan"),
+            "peak_rss_mb": float("nan"),
+            "rss_before_mb": float("nan"),
+            "note": "FlashDeconv venv missing (make bench-peers)",
+        }
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         slide.write_h5ad(tmp / "slide.h5ad")
         ref.write_h5ad(tmp / "ref.h5ad")
         del slide, ref
-        cmd = [str(python), str(HERE / "peers" / "run_peer.py"), "--method", "flashdeconv", "--slide", str(tmp / "slide.h5ad"),
-               "--reference", str(tmp / "ref.h5ad"), "--cell-type-key", "cell_type", "--out", str(tmp / "p.csv"), "--seed", "0"]
+        cmd = [
+            str(python),
+            str(HERE / "peers" / "run_peer.py"),
+            "--method",
+            "flashdeconv",
+            "--slide",
+            str(tmp / "slide.h5ad"),
+            "--reference",
+            str(tmp / "ref.h5ad"),
+            "--cell-type-key",
+            "cell_type",
+            "--out",
+            str(tmp / "p.csv"),
+            "--seed",
+            "0",
+        ]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         peak, note, t0 = 0.0, "", time.perf_counter()
         while proc.poll() is None:
@@ -108,8 +136,14 @@ def run_flashdeconv(n, p, m, slide, ref) -> dict:
         if not note and proc.returncode != 0:
             note = "failed: " + (err.strip().splitlines() or ["no output"])[-1][:150]
     secs = info.get("fit_time_s", float("nan"))
-    return {**rec, "seconds": secs, "inference_s": secs, "peak_rss_mb": max(peak, info.get("peak_rss_mb", 0.0)) if not note else peak,
-            "rss_before_mb": float("nan"), "note": note}
+    return {
+        **rec,
+        "seconds": secs,
+        "inference_s": secs,
+        "peak_rss_mb": max(peak, info.get("peak_rss_mb", 0.0)) if not note else peak,
+        "rss_before_mb": float("nan"),
+        "note": note,
+    }
 
 
 def main():
@@ -126,7 +160,11 @@ def main():
     R = build_reference(ref, cell_type_key="cell_type")
     V = rng.dirichlet(np.full(p, 0.3), size=n)
     X = sparse_counts(V, R.profiles.to_numpy(), 150 if n > 100_000 else 2000, rng)
-    slide = ad.AnnData(X=X, obs=pd.DataFrame(index=[f"b{i}" for i in range(n)]), var=pd.DataFrame(index=ref.var_names))
+    slide = ad.AnnData(
+        X=X,
+        obs=pd.DataFrame(index=[f"b{i}" for i in range(n)]),
+        var=pd.DataFrame(index=ref.var_names),
+    )
     slide.obsm["spatial"] = square_bins(n)
     if what == "flashdeconv":
         del X, V
@@ -144,16 +182,37 @@ def main():
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
-    res = deconvolve(slide, R, train=(what == "train"), progress=progress, n_markers=max(2000 // p, 20),
-                     train_epochs=60, seed=0)
+    res = deconvolve(
+        slide,
+        R,
+        train=(what == "train"),
+        progress=progress,
+        n_markers=max(2000 // p, 20),
+        train_epochs=60,
+        seed=0,
+    )
     total = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MB
-    print(json.dumps({
-        "n_spots": n, "n_types": p, "n_genes": m, "what": what, "seconds": total,
-        "graph_s": stages.get("graph", 0.0), "platform_s": stages.get("platform", 0.0), "training_s": stages.get("training", 0.0) + stages.get("simulating", 0.0),
-        "inference_s": stages.get("deconvolving", 0.0), "preparing_s": stages.get("preparing", 0.0),
-        "peak_rss_mb": rss, "rss_before_mb": rss_before, "n_genes_used": res.info["n_genes_used"], "note": "",
-    }))
+    print(
+        json.dumps(
+            {
+                "n_spots": n,
+                "n_types": p,
+                "n_genes": m,
+                "what": what,
+                "seconds": total,
+                "graph_s": stages.get("graph", 0.0),
+                "platform_s": stages.get("platform", 0.0),
+                "training_s": stages.get("training", 0.0) + stages.get("simulating", 0.0),
+                "inference_s": stages.get("deconvolving", 0.0),
+                "preparing_s": stages.get("preparing", 0.0),
+                "peak_rss_mb": rss,
+                "rss_before_mb": rss_before,
+                "n_genes_used": res.info["n_genes_used"],
+                "note": "",
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -72,4 +72,6 @@ def main(train: bool = False) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(train="--train" in sys.argv))  # the default run, as a user clicking Deconvolve gets it
+    sys.exit(
+        main(train="--train" in sys.argv)
+    )  # the default run, as a user clicking Deconvolve gets it

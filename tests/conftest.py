@@ -16,7 +16,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # fixtures that open Qt windows; tests that start napari in a subprocess are marked `gui` by hand
 GUI_FIXTURES = {"make_napari_viewer", "make_napari_viewer_proxy", "qtbot", "qapp"}
-_QT_PROBE = "from qtpy.QtWidgets import QApplication, QWidget; app = QApplication([]); QWidget().show()"
+_QT_PROBE = (
+    "from qtpy.QtWidgets import QApplication, QWidget; app = QApplication([]); QWidget().show()"
+)
 _display_problem: str | None = None
 
 
@@ -24,7 +26,7 @@ def _install_hint() -> str:
     """The command that installs the GUI tests' system packages (the list lives in the script)."""
     script = ROOT / "scripts" / "install-gui-deps.sh"
     text = script.read_text() if script.is_file() else ""
-    found = re.search(r'^packages="(.*?)"', text, flags=re.S | re.M)
+    found = re.search(r'^packages="(.*?)"', text, flags=re.DOTALL | re.MULTILINE)
     packages = " ".join(found.group(1).replace("\\\n", " ").split()) if found else "xvfb"
     return f"sudo apt-get install -y --no-install-recommends {packages} (or: make test, as root)"
 
@@ -43,7 +45,9 @@ def _find_display_problem() -> str | None:
         return "Qt did not open a window within 120 s"
     if probe.returncode != 0:
         lines = [line for line in probe.stderr.splitlines() if line.strip()]
-        detail = next((line for line in lines if "plugin" in line.lower()), lines[-1] if lines else "")
+        detail = next(
+            (line for line in lines if "plugin" in line.lower()), lines[-1] if lines else ""
+        )
         return f"Qt cannot open a window on display {os.environ.get('DISPLAY')!r}: {detail.strip()}"
     return None
 
@@ -59,7 +63,9 @@ def pytest_configure(config):
 
 def pytest_report_header(config):
     if _display_problem:
-        return f"napari GUI tests will be SKIPPED: {_display_problem}. To run them: {_install_hint()}"
+        return (
+            f"napari GUI tests will be SKIPPED: {_display_problem}. To run them: {_install_hint()}"
+        )
     return None
 
 
@@ -81,8 +87,11 @@ def pytest_terminal_summary(terminalreporter):
             yellow=True,
         )
 
+
 # ../shared/data beside the repository (developers and CI); STLNMF_SHARED_DATA overrides
-SHARED_DATA = Path(os.environ.get("STLNMF_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHARED_DATA = Path(
+    os.environ.get("STLNMF_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
 
 
 def shared_dir(name: str) -> Path:
@@ -114,7 +123,9 @@ def trained_demo(demo, tmp_path_factory):
 
     slide, reference = demo
     path = tmp_path_factory.mktemp("model") / "demo_model.pt"
-    return deconvolve(slide, reference, cell_type_key="cell_type", train=True, seed=0, save_params=path), path
+    return deconvolve(
+        slide, reference, cell_type_key="cell_type", train=True, seed=0, save_params=path
+    ), path
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,5 @@
 """End to end: accuracy on the demo slide, outputs, reproducibility, bad input, CLI."""
 
-import copy
 
 import anndata as ad
 import numpy as np
@@ -12,13 +11,13 @@ from napari_stlnmf import Cancelled, deconvolve
 from napari_stlnmf._constants import PROPORTIONS_KEY, UNS_KEY
 from napari_stlnmf.baselines import nnls_proportions
 from napari_stlnmf.errors import (
-    StlnmfError,
     CellTypeKeyError,
     CoordinateError,
     DuplicateNamesError,
     EmptyCellTypeError,
     GeneMismatchError,
     InvalidCountsError,
+    StlnmfError,
 )
 from napari_stlnmf.metrics import mean_jensen_shannon, rmse
 
@@ -34,7 +33,11 @@ def test_trained_unrolled_beats_nnls_and_never_loses_to_untrained(demo, trained_
     truth = _truth(slide)
     ours = trained_demo_result.proportions[truth.columns].to_numpy()
     nnls = nnls_proportions(slide, reference, cell_type_key=KEY)[truth.columns].to_numpy()
-    untrained = deconvolve(slide, reference, cell_type_key=KEY, train=False).proportions[truth.columns].to_numpy()
+    untrained = (
+        deconvolve(slide, reference, cell_type_key=KEY, train=False)
+        .proportions[truth.columns]
+        .to_numpy()
+    )
     r_ours, r_nnls, r_untrained = rmse(ours, truth), rmse(nnls, truth), rmse(untrained, truth)
     assert r_ours < 0.85 * r_nnls, (r_ours, r_nnls)
     # training keeps the shipped parameters unless validation improves by > 5 %
@@ -83,7 +86,9 @@ def test_result_h5ad_roundtrip(tmp_path, trained_demo_result):
     path = tmp_path / "r.h5ad"
     trained_demo_result.adata.write_h5ad(path)
     back = ad.read_h5ad(path)
-    np.testing.assert_allclose(back.obsm[PROPORTIONS_KEY].to_numpy(), trained_demo_result.proportions.to_numpy())
+    np.testing.assert_allclose(
+        back.obsm[PROPORTIONS_KEY].to_numpy(), trained_demo_result.proportions.to_numpy()
+    )
 
 
 def test_saved_model_reused_without_training(demo, trained_demo):
@@ -96,7 +101,9 @@ def test_saved_model_reused_without_training(demo, trained_demo):
     assert reused.info["train"] is None
     assert reused.info["gene_weighting"] == trained.info["gene_weighting"]  # kept with the model
     assert reused.info["params"] == trained.info["params"]
-    np.testing.assert_allclose(reused.proportions.to_numpy(), trained.proportions.to_numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        reused.proportions.to_numpy(), trained.proportions.to_numpy(), atol=1e-5
+    )
 
 
 def test_same_seed_same_output(demo):
@@ -109,11 +116,17 @@ def test_same_seed_same_output(demo):
 
 def test_cell_and_mrna_fractions_differ_by_content(demo):
     slide, reference = demo
-    res = deconvolve(slide, reference, cell_type_key=KEY, train=False, fractions="mrna", min_proportion=0)
+    res = deconvolve(
+        slide, reference, cell_type_key=KEY, train=False, fractions="mrna", min_proportion=0
+    )
     assert res.info["fractions"] == "mrna"
     pd.testing.assert_frame_equal(res.proportions, res.mrna_fractions)
     # types with more mRNA per cell take a larger share of mRNA than of cells
-    content = pd.Series(np.asarray(reference.X.sum(1)).ravel(), index=reference.obs[KEY].values).groupby(level=0).mean()
+    content = (
+        pd.Series(np.asarray(reference.X.sum(1)).ravel(), index=reference.obs[KEY].values)
+        .groupby(level=0)
+        .mean()
+    )
     big, small = content.idxmax(), content.idxmin()
     ratio = (res.mrna_fractions / res.cell_fractions).mean()
     assert ratio[big] > ratio[small]
@@ -128,8 +141,15 @@ def test_classic_method_runs(demo):
 def test_progress_and_cancel(demo):
     slide, reference = demo
     stages = []
-    deconvolve(slide, reference, cell_type_key=KEY, train=True, train_epochs=2, n_train_slides=2,
-               progress=lambda s, i, n: stages.append(s))
+    deconvolve(
+        slide,
+        reference,
+        cell_type_key=KEY,
+        train=True,
+        train_epochs=2,
+        n_train_slides=2,
+        progress=lambda s, i, n: stages.append(s),
+    )
     for stage in ("preparing", "graph", "training", "deconvolving", "done"):
         assert stage in stages
     calls = []
@@ -157,7 +177,12 @@ def test_empty_spots_get_nan_and_flag(demo):
 
 
 def _copy_slide(slide):
-    return ad.AnnData(X=slide.X.copy(), obs=slide.obs.copy(), var=slide.var.copy(), obsm={"spatial": slide.obsm["spatial"].copy()})
+    return ad.AnnData(
+        X=slide.X.copy(),
+        obs=slide.obs.copy(),
+        var=slide.var.copy(),
+        obsm={"spatial": slide.obsm["spatial"].copy()},
+    )
 
 
 @pytest.mark.filterwarnings("ignore:.*names are not unique")
@@ -178,7 +203,12 @@ def test_bad_inputs_raise_clear_errors(demo):
     lower.var_names = [g.lower() for g in lower.var_names]
     with pytest.raises(GeneMismatchError, match="case"):
         deconvolve(lower, reference, cell_type_key=KEY, train=False)
-    assert deconvolve(lower, reference, cell_type_key=KEY, train=False, case_insensitive=True).proportions.notna().all().all()
+    assert (
+        deconvolve(lower, reference, cell_type_key=KEY, train=False, case_insensitive=True)
+        .proportions.notna()
+        .all()
+        .all()
+    )
 
     dup = small.copy()
     dup.obs_names = ["same"] * dup.n_obs
@@ -218,11 +248,18 @@ def test_image_not_covering_spots_is_reported(demo):
     slide, reference = demo
     wrong = slide.copy()
     lib = next(iter(wrong.uns["spatial"]))
-    wrong.uns["spatial"][lib]["scalefactors"]["tissue_hires_scalef"] = 1.0  # full-res coords on a small image
+    wrong.uns["spatial"][lib]["scalefactors"]["tissue_hires_scalef"] = (
+        1.0  # full-res coords on a small image
+    )
     with pytest.raises(ImageMismatchError, match="scale"):
         deconvolve(wrong, reference, cell_type_key=KEY, train=False)
     # the distance-only graph does not need the image
-    assert deconvolve(wrong, reference, cell_type_key=KEY, train=False, use_image=False).info["graph"]["features"] == "none"
+    assert (
+        deconvolve(wrong, reference, cell_type_key=KEY, train=False, use_image=False).info["graph"][
+            "features"
+        ]
+        == "none"
+    )
 
 
 def test_user_objects_not_modified(demo):
@@ -247,7 +284,11 @@ def test_signature_reference_on_the_papers_grid():
     truth = pd.read_csv(folder / "truth_proportions.csv", index_col=0)
     X = counts.to_numpy()
     X = np.random.default_rng(0).poisson(X / X.sum(1, keepdims=True) * 2000).astype(np.float32)
-    slide = ad.AnnData(X=sp.csr_matrix(X), obs=pd.DataFrame(index=counts.index), var=pd.DataFrame(index=counts.columns))
+    slide = ad.AnnData(
+        X=sp.csr_matrix(X),
+        obs=pd.DataFrame(index=counts.index),
+        var=pd.DataFrame(index=counts.columns),
+    )
     slide.obsm["spatial"] = coords[["x", "y"]].to_numpy(float)
     res = deconvolve(slide, sig, train=False, fractions="mrna")
     est = res.proportions[truth.columns].to_numpy()
@@ -264,23 +305,70 @@ def test_cli_run_and_demo(tmp_path, demo, capsys):
     slide.write_h5ad(sp_path)
     reference.write_h5ad(ref_path)
     out = tmp_path / "out"
-    code = main(["run", "--slide", str(sp_path), "--reference", str(ref_path), "--cell-type-key", KEY,
-                 "--out", str(out), "--train", "--epochs", "2", "--quiet"])
+    code = main(
+        [
+            "run",
+            "--slide",
+            str(sp_path),
+            "--reference",
+            str(ref_path),
+            "--cell-type-key",
+            KEY,
+            "--out",
+            str(out),
+            "--train",
+            "--epochs",
+            "2",
+            "--quiet",
+        ]
+    )
     printed = capsys.readouterr().out
-    assert code == 0 and "training: validation RMSE" in printed and "effective cells per spot" in printed
+    assert (
+        code == 0
+        and "training: validation RMSE" in printed
+        and "effective cells per spot" in printed
+    )
     props = pd.read_csv(out / "proportions.csv", index_col=0)
     assert list(props.index) == list(slide.obs_names)
     assert (out / "result.h5ad").exists()
     maps = sorted(p.name for p in out.glob("map_*.png"))
     assert len(maps) == len(props.columns) + 1
     assert ad.read_h5ad(out / "result.h5ad").uns[UNS_KEY]["gene_weighting"] == "nb"
-    code = main(["run", "--slide", str(sp_path), "--reference", str(ref_path), "--cell-type-key", KEY,
-                 "--out", str(tmp_path / "sqrt"), "--no-train", "--weighting", "sqrt", "--min-proportion", "0.1",
-                 "--quiet"])
+    code = main(
+        [
+            "run",
+            "--slide",
+            str(sp_path),
+            "--reference",
+            str(ref_path),
+            "--cell-type-key",
+            KEY,
+            "--out",
+            str(tmp_path / "sqrt"),
+            "--no-train",
+            "--weighting",
+            "sqrt",
+            "--min-proportion",
+            "0.1",
+            "--quiet",
+        ]
+    )
     uns = ad.read_h5ad(tmp_path / "sqrt" / "result.h5ad").uns[UNS_KEY]
     assert code == 0 and uns["gene_weighting"] == "sqrt" and uns["min_proportion"] == 0.1
-    code = main(["run", "--slide", str(sp_path), "--reference", str(ref_path), "--cell-type-key", "nope",
-                 "--out", str(out), "--quiet"])
+    code = main(
+        [
+            "run",
+            "--slide",
+            str(sp_path),
+            "--reference",
+            str(ref_path),
+            "--cell-type-key",
+            "nope",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 2 and "nope" in capsys.readouterr().err
 
 
@@ -294,14 +382,18 @@ def test_fitted_gene_weights_follow_the_slides_noise(demo, trained_demo_result):
     prep = prepare(slide.X, slide.var_names, ref)
     V = slide.obsm["true_mrna_fractions"][prep.cell_types].to_numpy()[prep.spot_mask]
     gene_share = prep.gene_share / prep.gene_share.sum()
-    V = V * gene_share / (V * gene_share).sum(1, keepdims=True)  # mRNA shares within the model's genes
+    V = (
+        V * gene_share / (V * gene_share).sum(1, keepdims=True)
+    )  # mRNA shares within the model's genes
     before = fitted_gene_scale(prep.X, prep.library_size, prep.B, V)
 
     j = int(np.argmax(prep.B.mean(1)))  # a well-expressed gene, made unreliable on the slide
     col = slide.var_names.get_loc(prep.genes[j])
     counts = sp.csr_matrix(slide.X, dtype=np.float32, copy=True).tolil()
     rng = np.random.default_rng(0)
-    counts[:, col] = np.round(counts[:, col].toarray() * rng.lognormal(0, 1.0, size=(slide.n_obs, 1)))
+    counts[:, col] = np.round(
+        counts[:, col].toarray() * rng.lognormal(0, 1.0, size=(slide.n_obs, 1))
+    )
     noisy = prepare(counts.tocsr(), slide.var_names, ref, genes=list(prep.genes))
     after = fitted_gene_scale(noisy.X, noisy.library_size, noisy.B, V)
     others = np.arange(len(before)) != j
@@ -323,14 +415,18 @@ def test_per_entry_weights_beat_gene_weights_on_mrna_fractions(demo, trained_dem
     res = trained_demo_result
     assert res.info["gene_weighting"] == "nb" and res.info["overdispersion"] > 0
     assert res.info["params"]["refresh_layers"]
-    per_gene = deconvolve(slide, reference, cell_type_key=KEY, gene_weighting="fitted", train=True, seed=0)
+    per_gene = deconvolve(
+        slide, reference, cell_type_key=KEY, gene_weighting="fitted", train=True, seed=0
+    )
     mrna_truth = slide.obsm["true_mrna_fractions"]
     cols = list(mrna_truth.columns)
     r_entry = rmse(res.mrna_fractions[cols].to_numpy(), mrna_truth)
     r_gene = rmse(per_gene.mrna_fractions[cols].to_numpy(), mrna_truth)
     assert r_entry < 0.95 * r_gene, (r_entry, r_gene)
     truth = _truth(slide)
-    assert rmse(res.proportions[truth.columns].to_numpy(), truth) <= rmse(per_gene.proportions[truth.columns].to_numpy(), truth)
+    assert rmse(res.proportions[truth.columns].to_numpy(), truth) <= rmse(
+        per_gene.proportions[truth.columns].to_numpy(), truth
+    )
     with pytest.raises(StlnmfError, match="unrolled"):
         deconvolve(slide, reference, cell_type_key=KEY, method="classic", gene_weighting="nb")
 
@@ -345,9 +441,14 @@ def test_compact_gram_matrices_give_the_same_maps(demo, monkeypatch):
     full = deconvolve(slide, reference, cell_type_key=KEY)
     assert full.info["train"] is None  # the default run uses the shipped parameters, no fine-tuning
     n, p = slide.n_obs, full.proportions.shape[1]
-    monkeypatch.setattr(api, "MAX_GRAM_BYTES", (gram_bytes(n, p) + gram_bytes(n, p, compact=True)) // 2)
+    monkeypatch.setattr(
+        api, "MAX_GRAM_BYTES", (gram_bytes(n, p) + gram_bytes(n, p, compact=True)) // 2
+    )
     compact = deconvolve(slide, reference, cell_type_key=KEY)
-    assert full.info["gram_storage"] == "float32" and compact.info["gram_storage"] == "bfloat16 upper triangles"
+    assert (
+        full.info["gram_storage"] == "float32"
+        and compact.info["gram_storage"] == "bfloat16 upper triangles"
+    )
     assert np.abs(full.mrna_fractions.to_numpy() - compact.mrna_fractions.to_numpy()).mean() < 0.002
     truth = _truth(slide)
     r_full = rmse(full.proportions[truth.columns].to_numpy(), truth)
@@ -371,7 +472,9 @@ def test_per_entry_weights_fall_back_when_their_gram_matrices_would_not_fit(demo
         deconvolve(slide, reference, cell_type_key=KEY, train=False, gene_weighting="nb")
 
 
-def test_platform_refinement_reads_the_effect_without_absent_types(demo, demo_reference, monkeypatch):
+def test_platform_refinement_reads_the_effect_without_absent_types(
+    demo, demo_reference, monkeypatch
+):
     """A shallow slide with a per-gene platform effect: the quick fit leaves a little of every
     absent type in each spot, and read off the slide totals that excess looks like a platform
     effect on those types' genes. Refining the factors on a fit with small proportions zeroed
@@ -382,8 +485,14 @@ def test_platform_refinement_reads_the_effect_without_absent_types(demo, demo_re
 
     slide_demo, reference = demo
     xy = hex_layout(22, 22, pitch=100.0)
-    sim = simulate_slide(xy, demo_reference, kind="regions", library_sizes=np.array([1000.0]),
-                         platform_sigma=0.3, seed=102)
+    sim = simulate_slide(
+        xy,
+        demo_reference,
+        kind="regions",
+        library_sizes=np.array([1000.0]),
+        platform_sigma=0.3,
+        seed=102,
+    )
     slide = ad.AnnData(X=sp.csr_matrix(sim.counts), var=pd.DataFrame(index=demo_reference.genes))
     slide.obsm["spatial"] = xy
     errors = {}
@@ -391,8 +500,10 @@ def test_platform_refinement_reads_the_effect_without_absent_types(demo, demo_re
         monkeypatch.setattr(api, "PLATFORM_REFINE_PASSES", passes)
         res = deconvolve(slide, reference, cell_type_key=KEY, train=False)
         cols = demo_reference.cell_types
-        errors[passes] = (rmse(res.mrna_fractions[cols].to_numpy(), sim.mrna_fractions),
-                          rmse(res.cell_fractions[cols].to_numpy(), sim.cell_fractions))
+        errors[passes] = (
+            rmse(res.mrna_fractions[cols].to_numpy(), sim.mrna_fractions),
+            rmse(res.cell_fractions[cols].to_numpy(), sim.cell_fractions),
+        )
     before, after = errors[0], errors[api.PLATFORM_REFINE_PASSES]
     assert after[0] < 0.9 * before[0], errors
     assert after[1] < before[1], errors
@@ -411,20 +522,36 @@ def test_auto_threshold_reads_cells_per_spot_off_the_noise(demo, demo_reference)
     cols = demo_reference.cell_types
     found = {}
     for mean_cells, depth in ((1.2, 300.0), (10.0, 3000.0)):
-        sim = simulate_slide(xy, demo_reference, kind="regions", library_sizes=np.array([depth]),
-                             mean_cells=mean_cells, platform_sigma=0.2, seed=7)
-        slide = ad.AnnData(X=sp.csr_matrix(sim.counts), var=pd.DataFrame(index=demo_reference.genes))
+        sim = simulate_slide(
+            xy,
+            demo_reference,
+            kind="regions",
+            library_sizes=np.array([depth]),
+            mean_cells=mean_cells,
+            platform_sigma=0.2,
+            seed=7,
+        )
+        slide = ad.AnnData(
+            X=sp.csr_matrix(sim.counts), var=pd.DataFrame(index=demo_reference.genes)
+        )
         slide.obsm["spatial"] = xy
         auto = deconvolve(slide, reference, cell_type_key=KEY)
         fixed = deconvolve(slide, reference, cell_type_key=KEY, min_proportion=0.05)
         found[mean_cells] = auto.info["cells_per_spot"], auto.info["min_proportion"]
         if mean_cells < 2:
             truth = sim.cell_fractions
-            est_auto, est_fixed = auto.cell_fractions[cols].to_numpy(), fixed.cell_fractions[cols].to_numpy()
+            est_auto, est_fixed = (
+                auto.cell_fractions[cols].to_numpy(),
+                fixed.cell_fractions[cols].to_numpy(),
+            )
             assert rmse(est_auto, truth) < 0.85 * rmse(est_fixed, truth)
-            assert mean_jensen_shannon(est_auto, truth) < 0.6 * mean_jensen_shannon(est_fixed, truth)
+            assert mean_jensen_shannon(est_auto, truth) < 0.6 * mean_jensen_shannon(
+                est_fixed, truth
+            )
         else:
-            np.testing.assert_array_equal(auto.cell_fractions.to_numpy(), fixed.cell_fractions.to_numpy())
+            np.testing.assert_array_equal(
+                auto.cell_fractions.to_numpy(), fixed.cell_fractions.to_numpy()
+            )
     (n_few, t_few), (n_many, t_many) = found[1.2], found[10.0]
     assert 0.7 < n_few < 1.8 and t_few >= 0.08, found
     assert n_many > 3 and t_many == 0.05, found
@@ -463,8 +590,12 @@ def test_cell_fraction_head_lowers_cell_error_and_leaves_mrna_alone(demo, tmp_pa
     torch.save(blob, tmp_path / "no_head.pt")
     with_head = deconvolve(slide, reference, cell_type_key=KEY)
     without = deconvolve(slide, reference, cell_type_key=KEY, params=tmp_path / "no_head.pt")
-    np.testing.assert_allclose(with_head.mrna_fractions.to_numpy(), without.mrna_fractions.to_numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        with_head.mrna_fractions.to_numpy(), without.mrna_fractions.to_numpy(), atol=1e-6
+    )
     truth = _truth(slide)
-    err = {name: rmse(r.cell_fractions[truth.columns].to_numpy(), truth.to_numpy())
-           for name, r in (("with", with_head), ("without", without))}
+    err = {
+        name: rmse(r.cell_fractions[truth.columns].to_numpy(), truth.to_numpy())
+        for name, r in (("with", with_head), ("without", without))
+    }
     assert err["with"] < 0.98 * err["without"], err

@@ -42,8 +42,12 @@ def test_hexagonal_lattice_has_six_neighbours():
     xy = hex_layout(12, 12, pitch=100.0)
     g = build_graph(xy)
     deg = np.bincount(g.rows, minlength=g.n_spots)
-    interior = (xy[:, 0] > xy[:, 0].min() + 150) & (xy[:, 0] < xy[:, 0].max() - 150) & (
-        xy[:, 1] > xy[:, 1].min() + 150) & (xy[:, 1] < xy[:, 1].max() - 150)
+    interior = (
+        (xy[:, 0] > xy[:, 0].min() + 150)
+        & (xy[:, 0] < xy[:, 0].max() - 150)
+        & (xy[:, 1] > xy[:, 1].min() + 150)
+        & (xy[:, 1] < xy[:, 1].max() - 150)
+    )
     assert (deg[interior] == 6).all()
     assert g.spacing == pytest.approx(100.0)
     np.testing.assert_allclose(g.distance, 1.0, rtol=1e-5)

@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import shared_dir
 from PIL import Image
 from scipy import sparse
 
@@ -26,7 +27,6 @@ from napari_stlnmf.errors import (
     StlnmfError,
 )
 
-from conftest import shared_dir
 # anndata warns when a test corrupts names on purpose
 ignore_duplicate_warning = pytest.mark.filterwarnings("ignore:.*names are not unique")
 

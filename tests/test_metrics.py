@@ -14,7 +14,9 @@ def test_metrics_known_values():
     expected = 0.5 * np.log(1 / 0.75) + 0.5 * (0.5 * np.log(0.5 / 0.75) + 0.5 * np.log(0.5 / 0.25))
     assert js[0] == pytest.approx(expected)
     assert 0 < js[0] <= np.log(2) and js[1] == pytest.approx(0, abs=1e-12)
-    assert metrics.relative_frobenius_error(est, truth) == pytest.approx(np.linalg.norm(est - truth) / np.linalg.norm(truth))
+    assert metrics.relative_frobenius_error(est, truth) == pytest.approx(
+        np.linalg.norm(est - truth) / np.linalg.norm(truth)
+    )
     a = np.array([[0.1, 0.9], [0.4, 0.6], [0.8, 0.2]])
     b = np.array([[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]])
     r = metrics.pearson_per_type(a, b)

@@ -10,8 +10,8 @@ from napari_stlnmf.model import (
     EntryNoise,
     UnrolledNMF,
     entry_weighted_gram,
-    gram_times,
     finalize_proportions,
+    gram_times,
     graph_tensors,
     objective,
     solve,
@@ -40,7 +40,15 @@ def test_classic_update_never_increases_objective(problem):
     A = problem["graph"].adjacency(1.0, 1.0)
     lam1, lam2, ridge = 0.5, 0.3, torch.full((Bw.shape[1],), 0.01, dtype=torch.float64)
     BtX, BtB = Xw @ Bw, Bw.T @ Bw
-    V = torch.rand(Xw.shape[0], Bw.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 0.1
+    V = (
+        torch.rand(
+            Xw.shape[0],
+            Bw.shape[1],
+            dtype=torch.float64,
+            generator=torch.Generator().manual_seed(0),
+        )
+        + 0.1
+    )
     At = torch.as_tensor(A.toarray(), dtype=torch.float64)
     deg = At.sum(1)
     values = [objective(V, Xw, Bw, lam1, lam2, ridge, A)]
@@ -69,16 +77,35 @@ def test_fused_solver_equals_reference_update(problem):
 
 def test_unrolled_layers_with_fixed_parameters_equal_classic(problem):
     p = problem["B"].shape[1]
-    model = UnrolledNMF(problem["B"].shape[0], p, n_layers=30, lambda_graph=0.3, lambda_sum=0.2,
-                        lambda_ridge=0.01, sigma_distance=1.2, sigma_feature=0.9).double()
+    model = UnrolledNMF(
+        problem["B"].shape[0],
+        p,
+        n_layers=30,
+        lambda_graph=0.3,
+        lambda_sum=0.2,
+        lambda_ridge=0.01,
+        sigma_distance=1.2,
+        sigma_feature=0.9,
+    ).double()
     gt = graph_tensors(problem["graph"])
-    gt = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in gt.items()}
+    gt = {
+        k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v)
+        for k, v in gt.items()
+    }
     with torch.no_grad():
         V_unrolled = model(problem["X"], problem["B"], problem["g"], gt)
         BtX, BtB = model.gram(problem["X"], problem["B"], problem["g"])
     s = model.sigmas().detach().numpy()
     A = problem["graph"].adjacency(float(s[0]), float(s[1]))
-    V_classic = solve(BtX, BtB, adjacency=A, lam1=0.3, lam2=0.2, ridge=torch.full((p,), 0.02, dtype=torch.float64), n_iter=30)
+    V_classic = solve(
+        BtX,
+        BtB,
+        adjacency=A,
+        lam1=0.3,
+        lam2=0.2,
+        ridge=torch.full((p,), 0.02, dtype=torch.float64),
+        n_iter=30,
+    )
     torch.testing.assert_close(V_unrolled, V_classic, rtol=1e-6, atol=1e-9)
     V_infer = model.infer(problem["X"], problem["B"], problem["g"], problem["graph"])
     torch.testing.assert_close(V_infer, V_classic, rtol=1e-6, atol=1e-9)
@@ -100,7 +127,9 @@ def test_gradients_are_finite_and_reach_every_parameter(problem):
 
 def test_outputs_non_negative_and_sum_to_one(problem):
     model = UnrolledNMF(problem["B"].shape[0], problem["B"].shape[1], n_layers=50)
-    V = model.infer(problem["X"].float(), problem["B"].float(), problem["g"].float(), problem["graph"]).numpy()
+    V = model.infer(
+        problem["X"].float(), problem["B"].float(), problem["g"].float(), problem["graph"]
+    ).numpy()
     out = finalize_proportions(to_cell_fractions(V, problem["prep"].mrna_content), 0.05)
     assert (out >= 0).all()
     np.testing.assert_allclose(out.sum(1), 1.0, atol=1e-9)
@@ -111,8 +140,12 @@ def test_cell_fraction_head_same_in_training_and_inference(problem, tmp_path):
     """The cell-fraction head smooths over the graph the same way on the differentiable path
     (tensors) and at inference (scipy); rows still sum to one; a file saved before the head
     existed loads without smoothing."""
-    model = UnrolledNMF(problem["B"].shape[0], problem["B"].shape[1], n_layers=30, cell_smoothing=0.5)
-    V = model.infer(problem["X"].float(), problem["B"].float(), problem["g"].float(), problem["graph"])
+    model = UnrolledNMF(
+        problem["B"].shape[0], problem["B"].shape[1], n_layers=30, cell_smoothing=0.5
+    )
+    V = model.infer(
+        problem["X"].float(), problem["B"].float(), problem["g"].float(), problem["graph"]
+    )
     content = problem["prep"].mrna_content
     with torch.no_grad():
         trained = model.cell_fractions(V, content, graph_tensors(problem["graph"])).numpy()
@@ -126,7 +159,11 @@ def test_cell_fraction_head_same_in_training_and_inference(problem, tmp_path):
     del blob["state"]["log_cell_smoothing"]
     torch.save(blob, path)
     old, _ = UnrolledNMF.load(path)
-    np.testing.assert_allclose(old.cell_fractions(V.numpy().astype(np.float64), content, problem["graph"]), plain, atol=1e-6)
+    np.testing.assert_allclose(
+        old.cell_fractions(V.numpy().astype(np.float64), content, problem["graph"]),
+        plain,
+        atol=1e-6,
+    )
 
 
 def test_cell_fraction_conversion():
@@ -146,7 +183,9 @@ def test_save_and_load_roundtrip(tmp_path, problem):
     loaded, _ = UnrolledNMF.load(path, genes=genes[::-1] + ["unknown"], n_types=p)
     assert loaded.n_layers == 12
     assert float(loaded.lambdas()[0, 0]) == pytest.approx(0.7, rel=1e-5)
-    np.testing.assert_allclose(loaded.log_gene_weight.detach().numpy()[:m], np.linspace(-1, 1, m)[::-1], rtol=1e-5)
+    np.testing.assert_allclose(
+        loaded.log_gene_weight.detach().numpy()[:m], np.linspace(-1, 1, m)[::-1], rtol=1e-5
+    )
     assert float(loaded.log_gene_weight[-1]) == 0.0
 
 
@@ -160,10 +199,18 @@ def test_inference_damps_an_over_relaxation_that_diverges(problem):
     with pytest.warns(RuntimeWarning, match="diverged"):
         V = model.infer(prep.X, B, g, graph)
     assert torch.isfinite(V).all() and float(V.sum(1).max()) < 2.0
-    plain = solve(*model.gram(prep.X, B, g), adjacency=graph.adjacency(*model.sigmas().tolist()),
-                  lam1=5.0, lam2=float(model.lambdas().detach()[0, 1]), ridge=model.ridge()[0].detach().numpy(), n_iter=100,
-                  omega=1.99)
-    assert not torch.isfinite(plain).all() or float(plain.sum(1).max()) >= 10.0  # undamped, it does diverge
+    plain = solve(
+        *model.gram(prep.X, B, g),
+        adjacency=graph.adjacency(*model.sigmas().tolist()),
+        lam1=5.0,
+        lam2=float(model.lambdas().detach()[0, 1]),
+        ridge=model.ridge()[0].detach().numpy(),
+        n_iter=100,
+        omega=1.99,
+    )
+    assert (
+        not torch.isfinite(plain).all() or float(plain.sum(1).max()) >= 10.0
+    )  # undamped, it does diverge
 
 
 def test_entry_weighted_gram_is_the_negative_binomial_weighted_normal_equation(problem):
@@ -185,12 +232,16 @@ def test_entry_weighted_gram_is_the_negative_binomial_weighted_normal_equation(p
     _, G0 = entry_weighted_gram(X, B, V, EntryNoise(lib, 0.0))
     Gv = torch.bmm(G0, V.unsqueeze(2)).squeeze(2)
     ratio = Gv / lib[:, None]
-    torch.testing.assert_close(ratio, torch.full_like(ratio, float(ratio.mean())), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        ratio, torch.full_like(ratio, float(ratio.mean())), rtol=1e-6, atol=0
+    )
     # compact storage (bfloat16 upper triangles, for 10^6 bins x many types): same products
     BtX_c, G_c = entry_weighted_gram(X, B, V, EntryNoise(lib, 0.3, compact_gram=True), chunk=17)
     p = B.shape[1]
     assert G_c.dtype == torch.bfloat16 and G_c.shape == (V.shape[0], p * (p + 1) // 2)
-    torch.testing.assert_close(BtX_c, BtX, rtol=1e-3, atol=0)  # the scale is read off bfloat16 diagonals
+    torch.testing.assert_close(
+        BtX_c, BtX, rtol=1e-3, atol=0
+    )  # the scale is read off bfloat16 diagonals
     vG = gram_times(V, G_c, torch.empty_like(V))
     torch.testing.assert_close(vG, gram_times(V, G, torch.empty_like(V)), rtol=1e-2, atol=1e-6)
 
@@ -217,7 +268,9 @@ def test_entry_weighted_layers_train_and_infer_alike(problem, tmp_path):
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
     loaded, _ = UnrolledNMF.load(model.save(tmp_path / "nb.pt"), n_types=p)
     assert loaded.refresh_layers == (0, 5, 15)
-    torch.testing.assert_close(loaded.infer(prep.X, B, problem["g"].float(), problem["graph"], noise=noise), V_infer)
+    torch.testing.assert_close(
+        loaded.infer(prep.X, B, problem["g"].float(), problem["graph"], noise=noise), V_infer
+    )
 
 
 def test_entry_weights_of_a_shared_fit_are_computed_per_library_size(problem):
@@ -226,7 +279,9 @@ def test_entry_weights_of_a_shared_fit_are_computed_per_library_size(problem):
     prep = problem["prep"]
     B = torch.as_tensor(prep.B, dtype=torch.float64)
     n, p = prep.X.shape[0], B.shape[1]
-    lib = torch.as_tensor(np.round(prep.library_size / 50) * 50, dtype=torch.float64)  # few distinct sizes
+    lib = torch.as_tensor(
+        np.round(prep.library_size / 50) * 50, dtype=torch.float64
+    )  # few distinct sizes
     assert len(torch.unique(lib)) <= n // 2
     V = torch.full((n, p), 1.0 / p, dtype=torch.float64)
     nudged = V.clone()

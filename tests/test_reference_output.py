@@ -20,6 +20,10 @@ def test_demo_output_matches_the_stored_run(demo):
     types = [c.removeprefix("cell:") for c in stored.columns if c.startswith("cell:")]
     assert list(res.cell_fractions.columns) == types
     assert list(res.cell_fractions.index) == list(stored.index.astype(str))
-    np.testing.assert_allclose(res.cell_fractions.to_numpy(), stored[[f"cell:{t}" for t in types]], atol=1e-6)
-    np.testing.assert_allclose(res.mrna_fractions.to_numpy(), stored[[f"mrna:{t}" for t in types]], atol=1e-6)
+    np.testing.assert_allclose(
+        res.cell_fractions.to_numpy(), stored[[f"cell:{t}" for t in types]], atol=1e-6
+    )
+    np.testing.assert_allclose(
+        res.mrna_fractions.to_numpy(), stored[[f"mrna:{t}" for t in types]], atol=1e-6
+    )
     np.testing.assert_allclose(res.fit_error.to_numpy(), stored["fit_error"], rtol=1e-5, atol=1e-7)

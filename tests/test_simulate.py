@@ -28,14 +28,20 @@ def test_proportions_are_valid_sparse_and_smooth(kind):
 def test_slide_counts_and_truth(demo_reference):
     xy = hex_layout(12, 12)
     lib = np.full(50, 3000.0)
-    sim = simulate_slide(xy, demo_reference, kind="smooth", library_sizes=lib, platform_sigma=0.3, seed=1)
+    sim = simulate_slide(
+        xy, demo_reference, kind="smooth", library_sizes=lib, platform_sigma=0.3, seed=1
+    )
     assert sim.counts.shape == (len(xy), len(demo_reference.genes))
     assert (sim.counts >= 0).all() and np.allclose(sim.counts, np.round(sim.counts))
     np.testing.assert_allclose(sim.cell_fractions.sum(1), 1.0)
     np.testing.assert_allclose(sim.mrna_fractions.sum(1), 1.0)
     assert np.median(sim.counts.sum(1)) == pytest.approx(3000, rel=0.15)
     # realised cell fractions are multiples of 1/n_cells
-    np.testing.assert_allclose(sim.cell_fractions * sim.n_cells[:, None], np.round(sim.cell_fractions * sim.n_cells[:, None]), atol=1e-9)
+    np.testing.assert_allclose(
+        sim.cell_fractions * sim.n_cells[:, None],
+        np.round(sim.cell_fractions * sim.n_cells[:, None]),
+        atol=1e-9,
+    )
 
 
 def test_simulation_is_seeded(demo_reference):
@@ -64,11 +70,15 @@ def test_noise_estimate_sees_the_platform_effect(demo_reference):
     xy = hex_layout(20, 20)
     sigmas = []
     for platform in (0.0, 0.4):
-        sim = simulate_slide(xy, demo_reference, library_sizes=np.full(10, 5000.0), platform_sigma=platform, seed=2)
+        sim = simulate_slide(
+            xy, demo_reference, library_sizes=np.full(10, 5000.0), platform_sigma=platform, seed=2
+        )
         prep = prepare(sim.counts, demo_reference.genes, demo_reference)
         truth_mrna = sim.mrna_fractions * prep.gene_share[None, :]  # on the selected genes
         truth_mrna /= truth_mrna.sum(1, keepdims=True)
-        sigmas.append(estimate_noise(prep.X, prep.library_size, prep.B, truth_mrna)["platform_sigma"])
+        sigmas.append(
+            estimate_noise(prep.X, prep.library_size, prep.B, truth_mrna)["platform_sigma"]
+        )
     assert sigmas[0] < 0.1
     assert 0.25 < sigmas[1] < 0.6
 
@@ -98,8 +108,10 @@ def test_platform_effect_estimate_recovers_gene_factors(demo_reference):
             assert np.corrcoef(est, expected - np.median(expected))[0, 1] > 0.9
             corrected = with_platform_effect(prep, est)
             assert np.allclose(corrected.B.sum(0), 1.0, atol=1e-5)
-            target = prep.B * np.exp(expected)[:, None]  # the reference as this platform measures it
+            target = (
+                prep.B * np.exp(expected)[:, None]
+            )  # the reference as this platform measures it
             target /= target.sum(0)
             pos = target > 0
-            err = lambda b: np.abs(np.log(b[pos] / target[pos])).mean()  # noqa: E731
+            err = lambda b: np.abs(np.log(b[pos] / target[pos])).mean()
             assert err(corrected.B) < 0.5 * err(prep.B)

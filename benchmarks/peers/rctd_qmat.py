@@ -22,6 +22,7 @@ about a second per sigma.
 
 Run inside the rctd venv:  python rctd_qmat.py OUT.npz [--check]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,11 +30,10 @@ import sys
 import time
 
 import numpy as np
-from scipy.special import gammaln
-
 from rctd._likelihood import _get_q_single, _ht_pdf_norm, build_x_vals
 from rctd._sigma import SIGMA_ALL
 from rctd._types import RCTDConfig
+from scipy.special import gammaln
 
 N_Y = 5000
 GAMMA_STEP = 4e-3
@@ -85,8 +85,10 @@ def main(argv=None) -> int:
     for s in SIGMA_ALL:
         out[f"Q_{int(s)}"] = q_matrix_fast(int(s) / 100, x_vals, K_val)
     np.savez(a.out, **out)
-    print(f"wrote {len(out) - 1} Q-matrices ({K_val + 3} x {len(x_vals)}) to {a.out} "
-          f"in {time.time() - t:.0f}s")
+    print(
+        f"wrote {len(out) - 1} Q-matrices ({K_val + 3} x {len(x_vals)}) to {a.out} "
+        f"in {time.time() - t:.0f}s"
+    )
     return 0
 
 

@@ -23,6 +23,7 @@ Exit codes: 0 ok, 1 the method crashed (traceback on stderr), 2 bad usage/input,
 Each method uses its documented defaults (read from the installed package);
 where we deviate (fewer epochs on CPU, ...) the sidecar says so.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,15 +54,21 @@ def _early_threads() -> int:
         n = max(1, int(n))
     except ValueError:
         n = 1
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                "NUMBA_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"):
+    for var in (
+        "OMP_NUM_THREADS",
+        "OPENBLAS_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "NUMBA_NUM_THREADS",
+        "VECLIB_MAXIMUM_THREADS",
+        "NUMEXPR_NUM_THREADS",
+    ):
         os.environ[var] = str(n)
     return n
 
 
 N_THREADS = _early_threads()
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 METHOD_GROUP = {
     "flashdeconv": "flashdeconv",
@@ -127,8 +134,11 @@ def _rss_mb() -> dict:
     # compile workers).  peak_rss_mb = self + children, a conservative upper bound.
     s = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     c = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
-    return {"peak_rss_mb": round(s + c, 1), "peak_rss_mb_self": round(s, 1),
-            "peak_rss_mb_children": round(c, 1)}
+    return {
+        "peak_rss_mb": round(s + c, 1),
+        "peak_rss_mb_self": round(s, 1),
+        "peak_rss_mb_children": round(c, 1),
+    }
 
 
 def _version(pkg: str) -> str:
@@ -155,6 +165,7 @@ def _seed_everything(seed: int) -> None:
 # ----------------------------------------------------------------------------- methods
 # Each returns (DataFrame spots x types [unnormalised ok], params dict, info dict).
 
+
 def run_flashdeconv(slide, ref, key, a):
     import flashdeconv as fd
 
@@ -164,9 +175,11 @@ def run_flashdeconv(slide, ref, key, a):
     props = slide.obsm["flashdeconv"]
     params = dict(slide.uns["flashdeconv_params"])
     params.pop("cell_type_names", None)
-    info = {"quantity": "mRNA fraction (approx.): row-normalised non-negative regression "
-                        "coefficients of log-CPM spot profiles on library-normalised "
-                        "cell-type signatures"}
+    info = {
+        "quantity": "mRNA fraction (approx.): row-normalised non-negative regression "
+        "coefficients of log-CPM spot profiles on library-normalised "
+        "cell-type signatures"
+    }
     return props, params, info
 
 
@@ -178,7 +191,8 @@ def run_rctd(slide, ref, key, a):
     if not os.path.exists(qpath):
         raise PeerUnavailable(
             f"rctd-py likelihood table missing ({qpath}); it is normally downloaded and there is "
-            "no internet: run `bash benchmarks/peers/install.sh rctd` (builds it locally)")
+            "no internet: run `bash benchmarks/peers/install.sh rctd` (builds it locally)"
+        )
     os.environ["RCTD_Q_MATRICES"] = qpath
     compile_ = os.environ.get("RCTD_COMPILE", "0") == "1"
     # Documented: Reference(adata, cell_type_col=...), run_rctd(spatial, reference, mode=...).
@@ -195,14 +209,22 @@ def run_rctd(slide, ref, key, a):
     full = np.full((slide.n_obs, len(names)), np.nan)
     full[mask] = w
     props = pd.DataFrame(full, index=slide.obs_names, columns=names)
-    params = {"mode": "full", **{k: v for k, v in config._asdict().items()
-                                 if isinstance(v, (int, float, str, bool, type(None)))},
-              "q_matrices": qpath,
-              "q_matrices_source": "computed locally by benchmarks/peers/rctd_qmat.py"}
-    info = {"quantity": "mRNA fraction: full-mode RCTD weights (reference profiles normalised "
-                        "per UMI), normalised to sum 1 as spacexr normalize_weights",
-            "n_spots_filtered_by_rctd": int((~mask).sum()),
-            "n_not_converged": int((~np.asarray(res.converged)).sum())}
+    params = {
+        "mode": "full",
+        **{
+            k: v
+            for k, v in config._asdict().items()
+            if isinstance(v, (int, float, str, bool, type(None)))
+        },
+        "q_matrices": qpath,
+        "q_matrices_source": "computed locally by benchmarks/peers/rctd_qmat.py",
+    }
+    info = {
+        "quantity": "mRNA fraction: full-mode RCTD weights (reference profiles normalised "
+        "per UMI), normalised to sum 1 as spacexr normalize_weights",
+        "n_spots_filtered_by_rctd": int((~mask).sum()),
+        "n_not_converged": int((~np.asarray(res.converged)).sum()),
+    }
     return props, params, info
 
 
@@ -218,8 +240,9 @@ def run_cell2location(slide, ref, key, a):
     # cell_percentage_cutoff2=0.03, nonz_mean_cutoff=1.12) then regression model.
     from cell2location.utils.filtering import filter_genes
 
-    keep = filter_genes(ref, cell_count_cutoff=5, cell_percentage_cutoff2=0.03,
-                        nonz_mean_cutoff=1.12)
+    keep = filter_genes(
+        ref, cell_count_cutoff=5, cell_percentage_cutoff2=0.03, nonz_mean_cutoff=1.12
+    )
     import matplotlib.pyplot as plt
 
     plt.close("all")
@@ -228,12 +251,14 @@ def run_cell2location(slide, ref, key, a):
     RegressionModel.setup_anndata(adata=ref, labels_key=key)
     rm = RegressionModel(ref)
     rm.train(max_epochs=ref_epochs, accelerator="cpu")
-    ref = rm.export_posterior(ref, sample_kwargs={"num_samples": 1000, "batch_size": 2500,
-                                                  "accelerator": "cpu"})
+    ref = rm.export_posterior(
+        ref, sample_kwargs={"num_samples": 1000, "batch_size": 2500, "accelerator": "cpu"}
+    )
     names = list(ref.uns["mod"]["factor_names"])
     if "means_per_cluster_mu_fg" in ref.varm.keys():
         inf_aver = ref.varm["means_per_cluster_mu_fg"][
-            [f"means_per_cluster_mu_fg_{i}" for i in names]].copy()
+            [f"means_per_cluster_mu_fg_{i}" for i in names]
+        ].copy()
     else:
         inf_aver = ref.var[[f"means_per_cluster_mu_fg_{i}" for i in names]].copy()
     inf_aver.columns = names
@@ -243,28 +268,41 @@ def run_cell2location(slide, ref, key, a):
 
     n_cells = a.cells_per_spot if a.cells_per_spot is not None else 8.0  # module default
     Cell2location.setup_anndata(adata=slide)
-    m = Cell2location(slide, cell_state_df=inf_aver, N_cells_per_location=n_cells,
-                      detection_alpha=20)
+    m = Cell2location(
+        slide, cell_state_df=inf_aver, N_cells_per_location=n_cells, detection_alpha=20
+    )
     epochs = a.epochs if a.epochs is not None else DEFAULT_EPOCHS["cell2location"]
     m.train(max_epochs=epochs, batch_size=None, train_size=1, accelerator="cpu")
-    slide = m.export_posterior(slide, sample_kwargs={"num_samples": 1000,
-                                                     "batch_size": m.adata.n_obs,
-                                                     "accelerator": "cpu"})
+    slide = m.export_posterior(
+        slide,
+        sample_kwargs={"num_samples": 1000, "batch_size": m.adata.n_obs, "accelerator": "cpu"},
+    )
     ab = slide.obsm["means_cell_abundance_w_sf"].copy()
     ab.columns = [c.replace("meanscell_abundance_w_sf_", "") for c in ab.columns]
     props = pd.DataFrame(ab.values, index=slide.obs_names, columns=list(ab.columns))
-    params = {"reference_model": "RegressionModel", "reference_epochs": ref_epochs,
-              "reference_filter_genes": dict(cell_count_cutoff=5, cell_percentage_cutoff2=0.03,
-                                             nonz_mean_cutoff=1.12),
-              "n_genes_used": len(genes),
-              "spatial_model": "Cell2location", "spatial_epochs": epochs,
-              "spatial_epochs_documented": 30000, "N_cells_per_location": n_cells,
-              "detection_alpha": 20, "posterior_samples": 1000, "lr": 0.002,
-              "estimate": "posterior mean cell abundance (means_cell_abundance_w_sf)"}
-    info = {"quantity": "cell fraction: posterior mean absolute cell abundance normalised per spot",
-            "cell2location_version": cell2location.__version__ if hasattr(
-                cell2location, "__version__") else _version("cell2location"),
-            "final_elbo": float(m.history["elbo_train"].values[-1, 0])}
+    params = {
+        "reference_model": "RegressionModel",
+        "reference_epochs": ref_epochs,
+        "reference_filter_genes": dict(
+            cell_count_cutoff=5, cell_percentage_cutoff2=0.03, nonz_mean_cutoff=1.12
+        ),
+        "n_genes_used": len(genes),
+        "spatial_model": "Cell2location",
+        "spatial_epochs": epochs,
+        "spatial_epochs_documented": 30000,
+        "N_cells_per_location": n_cells,
+        "detection_alpha": 20,
+        "posterior_samples": 1000,
+        "lr": 0.002,
+        "estimate": "posterior mean cell abundance (means_cell_abundance_w_sf)",
+    }
+    info = {
+        "quantity": "cell fraction: posterior mean absolute cell abundance normalised per spot",
+        "cell2location_version": cell2location.__version__
+        if hasattr(cell2location, "__version__")
+        else _version("cell2location"),
+        "final_elbo": float(m.history["elbo_train"].values[-1, 0]),
+    }
     return props, params, info
 
 
@@ -289,14 +327,22 @@ def run_stereoscope(slide, ref, key, a):
     stm = SpatialStereoscope.from_rna_model(slide, scm)
     stm.train(max_epochs=st_epochs, accelerator="cpu")
     props = stm.get_proportions()
-    params = {"sc_model": "RNAStereoscope", "sc_epochs": sc_epochs,
-              "spatial_model": "SpatialStereoscope", "spatial_epochs": st_epochs,
-              "lr": 0.01, "n_genes_used": slide.n_vars,
-              "spatial_epochs_package_default": 400, "spatial_batch_size": 128,
-              "note": "sc epochs = package default; spatial epochs raised to ~30000 steps "
-                      "(package default 400 does not converge on small slides)"}
-    info = {"quantity": "mRNA fraction: normalised loadings of per-UMI cell-type rates "
-                        "(noise term dropped)"}
+    params = {
+        "sc_model": "RNAStereoscope",
+        "sc_epochs": sc_epochs,
+        "spatial_model": "SpatialStereoscope",
+        "spatial_epochs": st_epochs,
+        "lr": 0.01,
+        "n_genes_used": slide.n_vars,
+        "spatial_epochs_package_default": 400,
+        "spatial_batch_size": 128,
+        "note": "sc epochs = package default; spatial epochs raised to ~30000 steps "
+        "(package default 400 does not converge on small slides)",
+    }
+    info = {
+        "quantity": "mRNA fraction: normalised loadings of per-UMI cell-type rates "
+        "(noise term dropped)"
+    }
     return props, params, info
 
 
@@ -324,8 +370,10 @@ def run_destvi(slide, ref, key, a):
 
         def _vamp_as_tensors(*args, **kwargs):
             out = _orig_vamp(*args, **kwargs)
-            return {k: (torch.as_tensor(v, dtype=torch.float32) if isinstance(v, np.ndarray)
-                        else v) for k, v in out.items()}
+            return {
+                k: (torch.as_tensor(v, dtype=torch.float32) if isinstance(v, np.ndarray) else v)
+                for k, v in out.items()
+            }
 
         scm.get_vamp_prior = _vamp_as_tensors
         DestVI.setup_anndata(slide)
@@ -337,18 +385,24 @@ def run_destvi(slide, ref, key, a):
         last = traceback.extract_tb(e.__traceback__)[-1]
         raise PeerUnavailable(
             f"DestVI failed in scvi-tools {_version('scvi-tools')}: {type(e).__name__}: {e} "
-            f"(at {os.path.basename(last.filename)}:{last.lineno})") from e
+            f"(at {os.path.basename(last.filename)}:{last.lineno})"
+        ) from e
     if props is None:
         raise PeerUnavailable(
             f"DestVI.get_proportions() returned None in scvi-tools {_version('scvi-tools')} "
-            "(the method computes the proportions but never returns them)")
-    params = {"sc_model": "CondSCVI(weight_obs=False, prior='normal')", "sc_epochs": sc_epochs,
-              "workaround": "prior='normal' (the default) passed explicitly: scvi-tools 1.4.2 "
-                            "DestVI.from_rna_model raises KeyError 'prior' otherwise; "
-                            "CondSCVI.get_vamp_prior output converted numpy->torch (TypeError "
-                            "registering buffer 'mean_vprior' otherwise)",
-              "spatial_model": "DestVI.from_rna_model", "spatial_epochs": st_epochs,
-              "n_genes_used": slide.n_vars}
+            "(the method computes the proportions but never returns them)"
+        )
+    params = {
+        "sc_model": "CondSCVI(weight_obs=False, prior='normal')",
+        "sc_epochs": sc_epochs,
+        "workaround": "prior='normal' (the default) passed explicitly: scvi-tools 1.4.2 "
+        "DestVI.from_rna_model raises KeyError 'prior' otherwise; "
+        "CondSCVI.get_vamp_prior output converted numpy->torch (TypeError "
+        "registering buffer 'mean_vprior' otherwise)",
+        "spatial_model": "DestVI.from_rna_model",
+        "spatial_epochs": st_epochs,
+        "n_genes_used": slide.n_vars,
+    }
     info = {"quantity": "mRNA fraction: normalised DestVI proportions (additional types dropped)"}
     return props, params, info
 
@@ -371,20 +425,40 @@ def run_tangram(slide, ref, key, a):
     markers = list(np.unique(markers_df.melt().value.values))
     tg.pp_adatas(ref, slide, genes=markers)
     epochs = a.epochs if a.epochs is not None else 1000
-    ad_map = tg.map_cells_to_space(ref, slide, mode="cells", density_prior="rna_count_based",
-                                   num_epochs=epochs, device="cpu", random_state=a.seed,
-                                   verbose=False)
+    ad_map = tg.map_cells_to_space(
+        ref,
+        slide,
+        mode="cells",
+        density_prior="rna_count_based",
+        num_epochs=epochs,
+        device="cpu",
+        random_state=a.seed,
+        verbose=False,
+    )
     tg.project_cell_annotations(ad_map, slide, annotation=key)
     ct = slide.obsm["tangram_ct_pred"]
-    props = pd.DataFrame(np.asarray(ct, dtype=np.float64), index=slide.obs_names,
-                         columns=[str(c) for c in ct.columns])
-    params = {"mode": "cells", "density_prior": "rna_count_based", "num_epochs": epochs,
-              "learning_rate": 0.1, "lambda_d": 1, "lambda_g1": 1, "lambda_g2": 0,
-              "lambda_r": 0, "preprocessing": "normalize_total + log1p (sc and spatial)",
-              "training_genes": f"top-100 rank_genes_groups markers per type ({len(markers)})",
-              "n_training_genes": len(slide.uns["training_genes"])}
-    info = {"quantity": "cell fraction: expected number of mapped cells per type "
-                        "(project_cell_annotations) normalised per spot"}
+    props = pd.DataFrame(
+        np.asarray(ct, dtype=np.float64),
+        index=slide.obs_names,
+        columns=[str(c) for c in ct.columns],
+    )
+    params = {
+        "mode": "cells",
+        "density_prior": "rna_count_based",
+        "num_epochs": epochs,
+        "learning_rate": 0.1,
+        "lambda_d": 1,
+        "lambda_g1": 1,
+        "lambda_g2": 0,
+        "lambda_r": 0,
+        "preprocessing": "normalize_total + log1p (sc and spatial)",
+        "training_genes": f"top-100 rank_genes_groups markers per type ({len(markers)})",
+        "n_training_genes": len(slide.uns["training_genes"]),
+    }
+    info = {
+        "quantity": "cell fraction: expected number of mapped cells per type "
+        "(project_cell_annotations) normalised per spot"
+    }
     return props, params, info
 
 
@@ -406,25 +480,48 @@ def main(argv=None) -> int:
     ap.add_argument("--reference", required=True)
     ap.add_argument("--cell-type-key", default="cell_type")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--epochs", type=int, default=None,
-                    help="training epochs of the spatial model (SGD methods); "
-                         "default = the method's documented default (cell2location: 10000)")
-    ap.add_argument("--ref-epochs", type=int, default=None,
-                    help="epochs of the reference model (cell2location/stereoscope/destvi)")
-    ap.add_argument("--cells-per-spot", type=float, default=None,
-                    help="cell2location N_cells_per_location (default: package default 8)")
+    ap.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="training epochs of the spatial model (SGD methods); "
+        "default = the method's documented default (cell2location: 10000)",
+    )
+    ap.add_argument(
+        "--ref-epochs",
+        type=int,
+        default=None,
+        help="epochs of the reference model (cell2location/stereoscope/destvi)",
+    )
+    ap.add_argument(
+        "--cells-per-spot",
+        type=float,
+        default=None,
+        help="cell2location N_cells_per_location (default: package default 8)",
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="CPU threads for BLAS/OpenMP/torch/numba (default 1 or $PEER_THREADS)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for BLAS/OpenMP/torch/numba (default 1 or $PEER_THREADS)",
+    )
     a = ap.parse_args(argv)
 
     t0 = time.perf_counter()
-    sidecar = {"method": a.method, "package": METHOD_PACKAGE[a.method],
-               "package_version": _version(METHOD_PACKAGE[a.method]),
-               "venv": sys.prefix, "python": platform.python_version(),
-               "torch_version": _version("torch"), "seed": a.seed, "threads": N_THREADS,
-               "slide": os.path.abspath(a.slide), "reference": os.path.abspath(a.reference),
-               "cell_type_key": a.cell_type_key}
+    sidecar = {
+        "method": a.method,
+        "package": METHOD_PACKAGE[a.method],
+        "package_version": _version(METHOD_PACKAGE[a.method]),
+        "venv": sys.prefix,
+        "python": platform.python_version(),
+        "torch_version": _version("torch"),
+        "seed": a.seed,
+        "threads": N_THREADS,
+        "slide": os.path.abspath(a.slide),
+        "reference": os.path.abspath(a.reference),
+        "cell_type_key": a.cell_type_key,
+    }
     side_path = a.out + ".json"
 
     def write_sidecar(status, **kw):
@@ -448,8 +545,12 @@ def main(argv=None) -> int:
         ref.obs[a.cell_type_key] = ref.obs[a.cell_type_key].astype(str).astype("category")
         types = sorted(ref.obs[a.cell_type_key].cat.categories)
         spots = list(slide.obs_names)
-        sidecar.update(n_spots=slide.n_obs, n_genes_slide=slide.n_vars, n_cells_ref=ref.n_obs,
-                       n_cell_types=len(types))
+        sidecar.update(
+            n_spots=slide.n_obs,
+            n_genes_slide=slide.n_vars,
+            n_cells_ref=ref.n_obs,
+            n_cell_types=len(types),
+        )
         _seed_everything(a.seed)
         t_fit = time.perf_counter()
         props, params, info = RUNNERS[a.method](slide, ref, a.cell_type_key, a)
@@ -471,9 +572,14 @@ def main(argv=None) -> int:
         out = pd.DataFrame(vals, index=spots, columns=types)
         out.index.name = "spot"
         out.to_csv(a.out)
-        write_sidecar("ok", fit_time_s=round(fit_s, 3), parameters=params,
-                      n_spots_without_estimate_set_uniform=int(bad.sum()),
-                      cell_types_missing_from_output=missing, **info)
+        write_sidecar(
+            "ok",
+            fit_time_s=round(fit_s, 3),
+            parameters=params,
+            n_spots_without_estimate_set_uniform=int(bad.sum()),
+            cell_types_missing_from_output=missing,
+            **info,
+        )
         print(f"run_peer: {a.method} ok in {sidecar['wall_time_s']:.1f}s -> {a.out}")
         return 0
     except PeerUnavailable as e:

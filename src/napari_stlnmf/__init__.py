@@ -7,8 +7,8 @@ The compute core (``io``, ``graph``, ``model``, ``simulate``, ``train``, ``metri
 
 __version__ = "0.1.0"
 
-from . import io  # noqa: E402
-from .api import Cancelled, DeconvolutionResult, deconvolve  # noqa: E402
-from .errors import StlnmfError  # noqa: E402
+from . import io
+from .api import Cancelled, DeconvolutionResult, deconvolve
+from .errors import StlnmfError
 
-__all__ = ["io", "deconvolve", "DeconvolutionResult", "Cancelled", "StlnmfError", "__version__"]
+__all__ = ["Cancelled", "DeconvolutionResult", "StlnmfError", "__version__", "deconvolve", "io"]

@@ -160,9 +160,10 @@ class DeconvolveWidget(Container):
         self.n_neighbors = SpinBox(label="neighbours", value=6, min=1, max=30)
         self.use_image = CheckBox(text="use the image for the graph", value=True)
         self.train = CheckBox(
-            text="fine-tune on this slide (~1 min)", value=False,
+            text="fine-tune on this slide (~1 min)",
+            value=False,
             tooltip="Learn the parameters again on slides simulated on this layout and reference; "
-                    "off: the shipped parameters (learned the same way on many references)",
+            "off: the shipped parameters (learned the same way on many references)",
         )
         self.train_epochs = SpinBox(label="epochs", value=60, min=1, max=1000, enabled=False)
         self.n_layers = SpinBox(label="layers (0 = default)", value=0, min=0, max=500)

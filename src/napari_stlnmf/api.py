@@ -20,7 +20,7 @@ from ._constants import (
     SPATIAL_KEY,
     UNS_KEY,
 )
-from .errors import CoordinateError, StlnmfError
+from .errors import StlnmfError
 from .graph import SpatialGraph, build_graph, region_features, spot_image_features
 from .model import (
     DEFAULTS,
@@ -54,9 +54,11 @@ from .train import (
 )
 
 NOISE_SAMPLE_SPOTS = 5000  # spots used to measure the slide's noise before training
-MAX_GRAM_BYTES = 4 * 2**30  # per-entry weights' per-spot Gram matrices (float32, else compact bfloat16)
+MAX_GRAM_BYTES = (
+    4 * 2**30
+)  # per-entry weights' per-spot Gram matrices (float32, else compact bfloat16)
 
-__all__ = ["deconvolve", "DeconvolutionResult", "Cancelled", "default_params_path"]
+__all__ = ["Cancelled", "DeconvolutionResult", "deconvolve", "default_params_path"]
 
 
 def default_params_path() -> Path:
@@ -258,8 +260,13 @@ def deconvolve(
         raise StlnmfError(f"method must be 'unrolled' or 'classic', not {method!r}")
     if fractions not in ("cell", "mrna"):
         raise StlnmfError(f"fractions must be 'cell' or 'mrna', not {fractions!r}")
-    if not (min_proportion == "auto" or (isinstance(min_proportion, (int, float)) and 0 <= min_proportion < 1)):
-        raise StlnmfError(f"min_proportion must be 'auto' or a number in [0, 1), not {min_proportion!r}")
+    if not (
+        min_proportion == "auto"
+        or (isinstance(min_proportion, (int, float)) and 0 <= min_proportion < 1)
+    ):
+        raise StlnmfError(
+            f"min_proportion must be 'auto' or a number in [0, 1), not {min_proportion!r}"
+        )
     rng_seed = int(seed)
     torch.manual_seed(rng_seed)
     dev = pick_device(device)
@@ -277,8 +284,12 @@ def deconvolve(
         raise StlnmfError("gene_weighting='nb' (per-entry weights) needs method='unrolled'")
     _report(progress, "preparing", 0, 1)
     prep: Prepared = prepare(
-        adata.X, adata.var_names, ref, n_markers=n_markers,
-        case_insensitive=case_insensitive, gene_weighting=gene_weighting,
+        adata.X,
+        adata.var_names,
+        ref,
+        n_markers=n_markers,
+        case_insensitive=case_insensitive,
+        gene_weighting=gene_weighting,
     )
     mask = prep.spot_mask
     n_kept, n_types = int(mask.sum()), len(prep.cell_types)
@@ -287,17 +298,29 @@ def deconvolve(
     needed = gram_bytes(n_kept, n_types, compact=True)
     if gene_weighting == "nb" and needed > MAX_GRAM_BYTES:
         fallback = "fitted" if train else "sqrt"
-        message = (f"per-entry weights need {needed / 2**30:.1f} GiB of per-spot Gram matrices (bfloat16 upper "
-                   f"triangles) for {n_kept:,} spots x {n_types} cell types (limit {MAX_GRAM_BYTES / 2**30:.0f} GiB)")
+        message = (
+            f"per-entry weights need {needed / 2**30:.1f} GiB of per-spot Gram matrices (bfloat16 upper "
+            f"triangles) for {n_kept:,} spots x {n_types} cell types (limit {MAX_GRAM_BYTES / 2**30:.0f} GiB)"
+        )
         if weighting_given:
-            raise StlnmfError(message + "; use gene_weighting='fitted' (or 'sqrt') or fewer cell types")
-        warnings.warn(f"{message}: using one weight per gene ('{fallback}') instead", RuntimeWarning, stacklevel=2)
-        gene_weighting = fallback  # prepare() scaled genes the same way for both ('sqrt' until fitted)
+            raise StlnmfError(
+                message + "; use gene_weighting='fitted' (or 'sqrt') or fewer cell types"
+            )
+        warnings.warn(
+            f"{message}: using one weight per gene ('{fallback}') instead",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        gene_weighting = (
+            fallback  # prepare() scaled genes the same way for both ('sqrt' until fitted)
+        )
     xy = np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64)[:, :2]
     _check_stop(should_stop)
 
     _report(progress, "graph", 0, 1)
-    features, feature_source = slide_features(adata, mask, library_id=library_id, use_image=use_image, region_key=region_key)
+    features, feature_source = slide_features(
+        adata, mask, library_id=library_id, use_image=use_image, region_key=region_key
+    )
     graph: SpatialGraph = build_graph(xy[mask], n_neighbors=n_neighbors, features=features)
     _check_stop(should_stop)
 
@@ -316,7 +339,11 @@ def deconvolve(
     entry_noise = first_noise = None
     cells_per_spot = None
     # φ's Poisson part assumes raw counts on both sides (scaled or normalised values would fake noise)
-    counts_both = ref.cell_counts is not None and _integer_valued(ref.cell_counts) and _integer_valued(adata.X)
+    counts_both = (
+        ref.cell_counts is not None
+        and _integer_valued(ref.cell_counts)
+        and _integer_valued(adata.X)
+    )
     auto_threshold = min_proportion == "auto" and counts_both
     if gene_weighting in ("fitted", "nb") or auto_threshold:
         sample = _sample_rows(prep.X.shape[0], NOISE_SAMPLE_SPOTS, rng_seed)
@@ -328,8 +355,11 @@ def deconvolve(
             scale = torch.as_tensor(prep.gene_scale, device=dev)
         elif gene_weighting == "nb":
             first_noise = slide_noise
-            entry_noise = EntryNoise(torch.as_tensor(prep.library_size, device=dev), _overdispersion(slide_noise),
-                                     compact_gram=compact_gram)
+            entry_noise = EntryNoise(
+                torch.as_tensor(prep.library_size, device=dev),
+                _overdispersion(slide_noise),
+                compact_gram=compact_gram,
+            )
         if counts_both:  # the reference's own counts: ref_sel's are rescaled by the platform effect
             cell_phi = reference_overdispersion(ref.subset_genes(prep.genes), seed=rng_seed)
             cells_per_spot = effective_cells_per_spot(cell_phi, _overdispersion(slide_noise))
@@ -365,25 +395,50 @@ def deconvolve(
             if calibrate_noise:
                 # measured on the quick first fit when there was one (no second full-slide fit),
                 # else on a fit with the model's parameters
-                noise = first_noise if first_noise is not None else _first_fit_noise(model, prep, B, scale, graph, rng_seed)
-                for k, v in calibrated_noise_ranges(noise, signature_only=ref_sel.cell_counts is None).items():
+                noise = (
+                    first_noise
+                    if first_noise is not None
+                    else _first_fit_noise(model, prep, B, scale, graph, rng_seed)
+                )
+                for k, v in calibrated_noise_ranges(
+                    noise, signature_only=ref_sel.cell_counts is None
+                ).items():
                     sim_kw.setdefault(k, v)
             slides = make_training_slides(
-                xy[mask], graph, ref_sel, n_slides=total, features=features,
-                library_sizes=prep.library_size, seed=rng_seed, device=dev, **sim_kw,
+                xy[mask],
+                graph,
+                ref_sel,
+                n_slides=total,
+                features=features,
+                library_sizes=prep.library_size,
+                seed=rng_seed,
+                device=dev,
+                **sim_kw,
             )
             _check_stop(should_stop)
             train_report = train_unrolled(
-                model, prep.B, prep.gene_scale, prep.mrna_content,
-                slides[:n_train_slides], slides[n_train_slides:], epochs=train_epochs,
-                progress=progress, should_stop=should_stop, seed=rng_seed,
-                overdispersion=0.0 if entry_noise is None else entry_noise.overdispersion, **fit_kw,
+                model,
+                prep.B,
+                prep.gene_scale,
+                prep.mrna_content,
+                slides[:n_train_slides],
+                slides[n_train_slides:],
+                epochs=train_epochs,
+                progress=progress,
+                should_stop=should_stop,
+                seed=rng_seed,
+                overdispersion=0.0 if entry_noise is None else entry_noise.overdispersion,
+                **fit_kw,
             )
             train_report.noise = noise
             _release_freed_memory()
             if save_params is not None:
-                model.save(save_params, genes=prep.genes, cell_types=prep.cell_types,
-                           extra={"train": train_report.as_dict(), "gene_weighting": gene_weighting})
+                model.save(
+                    save_params,
+                    genes=prep.genes,
+                    cell_types=prep.cell_types,
+                    extra={"train": train_report.as_dict(), "gene_weighting": gene_weighting},
+                )
         _report(progress, "deconvolving", 0, model.n_layers)
 
         def cb(i, n):
@@ -408,19 +463,36 @@ def deconvolve(
             _report(progress, "deconvolving", i, n)
             _check_stop(should_stop)
 
-        V = solve(BtX, BtB, adjacency=graph.adjacency(s.sigma_distance, s.sigma_feature),
-                  lam1=s.lambda_graph, lam2=s.lambda_sum, ridge=torch.full((p,), 2 * s.lambda_ridge),
-                  n_iter=n_iter, tol=1e-5, callback=cb)
+        V = solve(
+            BtX,
+            BtB,
+            adjacency=graph.adjacency(s.sigma_distance, s.sigma_feature),
+            lam1=s.lambda_graph,
+            lam2=s.lambda_sum,
+            ridge=torch.full((p,), 2 * s.lambda_ridge),
+            n_iter=n_iter,
+            tol=1e-5,
+            callback=cb,
+        )
         gene_scale_eff = scale
-        described = {"lambda_graph": s.lambda_graph, "lambda_sum": s.lambda_sum, "lambda_ridge": s.lambda_ridge,
-                     "sigma_distance": s.sigma_distance, "sigma_feature": s.sigma_feature, "max_iter": n_iter}
+        described = {
+            "lambda_graph": s.lambda_graph,
+            "lambda_sum": s.lambda_sum,
+            "lambda_ridge": s.lambda_ridge,
+            "sigma_distance": s.sigma_distance,
+            "sigma_feature": s.sigma_feature,
+            "max_iter": n_iter,
+        }
 
     with torch.no_grad():
         V = V / V.sum(1, keepdim=True).clamp_min(1e-12)
         fit = _fit_error(prep.X, gene_scale_eff, V, BtX, BtB)
         mrna_sel = V.cpu().numpy().astype(np.float64)
-    cells = to_cell_fractions(mrna_sel, prep.mrna_content) if model is None else model.cell_fractions(
-        mrna_sel, prep.mrna_content, graph)
+    cells = (
+        to_cell_fractions(mrna_sel, prep.mrna_content)
+        if model is None
+        else model.cell_fractions(mrna_sel, prep.mrna_content, graph)
+    )
     cell = finalize_proportions(cells, min_proportion)
     # transcripts of the whole transcriptome, not only the selected genes
     mrna = finalize_proportions(mrna_sel / prep.gene_share[None, :], min_proportion)
@@ -440,19 +512,27 @@ def deconvolve(
         "version": __version__,
         "method": method,
         "fractions": fractions,
-        "fractions_meaning": "share of cells per type" if fractions == "cell" else "share of the spot's mRNA per type",
+        "fractions_meaning": "share of cells per type"
+        if fractions == "cell"
+        else "share of the spot's mRNA per type",
         "cell_types": prep.cell_types,
         "genes": [str(g) for g in prep.genes],
         **prep.info,
-        "graph": {"n_edges": graph.n_edges // 2, "n_neighbors": n_neighbors, "features": feature_source,
-                  "spacing": graph.spacing},
+        "graph": {
+            "n_edges": graph.n_edges // 2,
+            "n_neighbors": n_neighbors,
+            "features": feature_source,
+            "spacing": graph.spacing,
+        },
         "params": described,
         "train": None if train_report is None else train_report.as_dict(),
         "min_proportion": min_proportion,
         "cells_per_spot": cells_per_spot,
         "gene_weighting": gene_weighting,
         "overdispersion": None if entry_noise is None else entry_noise.overdispersion,
-        "gram_storage": None if entry_noise is None else ("bfloat16 upper triangles" if compact_gram else "float32"),
+        "gram_storage": None
+        if entry_noise is None
+        else ("bfloat16 upper triangles" if compact_gram else "float32"),
         "seed": rng_seed,
         "seconds": time.perf_counter() - t_start,
     }
@@ -473,7 +553,9 @@ def deconvolve(
 PLATFORM_SAMPLE_SPOTS = 20_000  # gene totals are stable long before 10^6 bins
 PLATFORM_PASSES = 2
 PLATFORM_REFINE_PASSES = 3
-PLATFORM_REFINE_SPOTS = 2_000  # 1,000-4,235 spots gave the same maps (±0.0003) on the benchmark slides
+PLATFORM_REFINE_SPOTS = (
+    2_000  # 1,000-4,235 spots gave the same maps (±0.0003) on the benchmark slides
+)
 PLATFORM_MIN_PROPORTION = 0.05  # the default output's zeroing, whatever the caller asks for
 
 
@@ -498,21 +580,30 @@ def _fit_platform_effect(prep: Prepared, seed: int) -> tuple[Prepared, np.ndarra
         current = with_platform_effect(prep, log_factor)
     if not default_params_path().exists():
         return current, log_factor
-    model, _ = UnrolledNMF.load(default_params_path(), genes=list(prep.genes), n_types=prep.B.shape[1])
+    model, _ = UnrolledNMF.load(
+        default_params_path(), genes=list(prep.genes), n_types=prep.B.shape[1]
+    )
     if model.refresh_layers is None:
         model.refresh_layers = REFRESH_LAYERS
     rows = _sample_rows(prep.X.shape[0], PLATFORM_REFINE_SPOTS, seed)
     X, lib = prep.X[rows], prep.library_size[rows]
     noise = EntryNoise(torch.as_tensor(lib), _quick_overdispersion(current, rows))
     for _ in range(PLATFORM_REFINE_PASSES):
-        V = model.infer(X, torch.as_tensor(current.B), torch.as_tensor(prep.gene_scale), noise=noise)
+        V = model.infer(
+            X, torch.as_tensor(current.B), torch.as_tensor(prep.gene_scale), noise=noise
+        )
         V = V.cpu().numpy().astype(np.float64)
         # zero small transcript shares as the output does, back to shares of the selected genes
-        V = finalize_proportions(V / current.gene_share[None, :], PLATFORM_MIN_PROPORTION) * current.gene_share[None, :]
+        V = (
+            finalize_proportions(V / current.gene_share[None, :], PLATFORM_MIN_PROPORTION)
+            * current.gene_share[None, :]
+        )
         # x ≈ f ⊙ Σ_k (v_k / t_k) B0_k with t_k the type's total after scaling: a fresh estimate
         # of the whole factor against the reference's own profiles
         type_total = (prep.B.astype(np.float64) * np.exp(log_factor)[:, None]).sum(0)
-        log_factor = estimate_platform_effect(X, lib, prep.B, V / V.sum(1, keepdims=True) / type_total[None, :])
+        log_factor = estimate_platform_effect(
+            X, lib, prep.B, V / V.sum(1, keepdims=True) / type_total[None, :]
+        )
         current = with_platform_effect(prep, log_factor)
     return current, log_factor
 
@@ -541,7 +632,9 @@ def _quick_fit(prep: Prepared, rows: np.ndarray, gene_scale: np.ndarray) -> np.n
     """mRNA fractions of ``rows`` from the default parameters (50 layers, no graph): the first
     fit the slide's platform effect and gene weights are measured on."""
     model = UnrolledNMF(*prep.B.shape, omega=DEFAULTS.omega_start)
-    V = model.infer(prep.X[rows], torch.as_tensor(prep.B), torch.as_tensor(gene_scale), None, n_layers=50)
+    V = model.infer(
+        prep.X[rows], torch.as_tensor(prep.B), torch.as_tensor(gene_scale), None, n_layers=50
+    )
     V = V.cpu().numpy().astype(np.float64)
     return V / np.maximum(V.sum(1, keepdims=True), 1e-12)
 
@@ -552,17 +645,26 @@ def _quick_overdispersion(prep: Prepared, rows: np.ndarray) -> float:
     return _overdispersion(estimate_noise(prep.X[rows], prep.library_size[rows], prep.B, V))
 
 
-AUTO_MIN_PROPORTION = (0.05, 0.25)  # floor (spots of ~2+ effective cells, or unknown) and cap (one cell)
+AUTO_MIN_PROPORTION = (
+    0.05,
+    0.25,
+)  # floor (spots of ~2+ effective cells, or unknown) and cap (one cell)
 
 
 def _integer_valued(matrix, at_most: int = 200_000) -> bool:
     """Whether (a sample of) the stored values are whole numbers, as raw counts are."""
-    values = matrix.data if hasattr(matrix, "data") and not isinstance(matrix, np.ndarray) else np.asarray(matrix).ravel()
+    values = (
+        matrix.data
+        if hasattr(matrix, "data") and not isinstance(matrix, np.ndarray)
+        else np.asarray(matrix).ravel()
+    )
     values = np.asarray(values[:at_most], dtype=np.float64)
     return bool(np.all(np.abs(values - np.round(values)) < 1e-6))
 
 
-def effective_cells_per_spot(cell_overdispersion: float, spot_overdispersion: float) -> float | None:
+def effective_cells_per_spot(
+    cell_overdispersion: float, spot_overdispersion: float
+) -> float | None:
     """How many cells a spot holds, read off the noise: summing n independent cells divides
     single cells' overdispersion φ by n (by Σ w² with w the cells' mRNA shares, so big cells
     count more and this is below the head count). None when either φ is not measurable."""
@@ -630,7 +732,9 @@ def _annotated_copy(adata, result: DeconvolutionResult):
     out.obs[FIT_ERROR_KEY] = result.fit_error.to_numpy()
     out.obs[QC_KEY] = pd.Categorical(result.qc.to_numpy())
     uns = dict(result.info)
-    uns["params"] = {k: (np.asarray(v) if isinstance(v, list) else v) for k, v in uns["params"].items()}
+    uns["params"] = {
+        k: (np.asarray(v) if isinstance(v, list) else v) for k, v in uns["params"].items()
+    }
     uns["train"] = uns["train"] or {}
     out.uns[UNS_KEY] = uns
     return out

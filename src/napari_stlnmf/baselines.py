@@ -11,7 +11,13 @@ from .preprocess import build_reference, prepare
 
 
 def nnls_proportions(
-    slide, reference, *, cell_type_key=None, smooth: bool = False, n_markers: int = 100, fractions: str = "cell"
+    slide,
+    reference,
+    *,
+    cell_type_key=None,
+    smooth: bool = False,
+    n_markers: int = 100,
+    fractions: str = "cell",
 ) -> pd.DataFrame:
     """Cell fractions (or, ``fractions='mrna'``, mRNA fractions) by per-spot NNLS on the same
     genes and gene weights as STL NMF, with the same conversions.
@@ -36,5 +42,7 @@ def nnls_proportions(
         V = (A @ V) / np.asarray(A.sum(1))
     out = np.full((slide.n_obs, V.shape[1]), np.nan)
     # divide by each type's mRNA per cell (cells) or share of mRNA in these genes (all mRNA), renormalise
-    out[prep.spot_mask] = to_cell_fractions(V, prep.mrna_content if fractions == "cell" else prep.gene_share)
+    out[prep.spot_mask] = to_cell_fractions(
+        V, prep.mrna_content if fractions == "cell" else prep.gene_share
+    )
     return pd.DataFrame(out, index=slide.obs_names, columns=prep.cell_types)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -52,13 +51,17 @@ def write_results(result, out_dir, *, library_id=None, plots=True) -> list[Path]
     written = []
     result.proportions.to_csv(out / "proportions.csv", index_label="barcode")
     result.mrna_fractions.to_csv(out / "mrna_fractions.csv", index_label="barcode")
-    pd.DataFrame({"fit_error": result.fit_error, "qc": result.qc}).to_csv(out / "spot_qc.csv", index_label="barcode")
+    pd.DataFrame({"fit_error": result.fit_error, "qc": result.qc}).to_csv(
+        out / "spot_qc.csv", index_label="barcode"
+    )
     written += [out / "proportions.csv", out / "mrna_fractions.csv", out / "spot_qc.csv"]
     if result.adata is not None:
         result.adata.write_h5ad(out / "result.h5ad", compression="gzip")
         written.append(out / "result.h5ad")
         if plots:
-            written += plot_cell_type_maps(result.adata, result.proportions, out, library_id=library_id)
+            written += plot_cell_type_maps(
+                result.adata, result.proportions, out, library_id=library_id
+            )
     return written
 
 
@@ -73,60 +76,122 @@ def _proportion_or_auto(text: str):
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=["unrolled", "classic"], default="unrolled")
-    p.add_argument("--train", dest="train", action="store_true",
-                   help="fine-tune the parameters on slides simulated on this slide (15 s - 3 min); "
-                        "default: the shipped (or --params) learned parameters")
-    p.add_argument("--no-train", dest="train", action="store_false", help="do not fine-tune (the default)")
-    p.add_argument("--epochs", type=int, default=60, help="training epochs with --train (early stopping may end sooner)")
-    p.add_argument("--layers", type=int, default=None, help="number of unrolled layers (default 100)")
-    p.add_argument("--params", type=Path, default=None, help="parameter file saved by --save-params")
-    p.add_argument("--save-params", type=Path, default=None, help="save the trained parameters here")
-    p.add_argument("--fractions", choices=["cell", "mrna"], default="cell", help="report cell or mRNA fractions")
-    p.add_argument("--min-proportion", type=_proportion_or_auto, default="auto",
-                   help="zero proportions below this; auto (default): 0.05, higher where spots hold "
-                        "one or two cells (read off the noise; needs a single-cell reference)")
-    p.add_argument("--weighting", choices=list(GENE_WEIGHTINGS), default=None,
-                   help="data-term weights: nb = per spot and gene (the default), "
-                        "or one per gene (fitted, sqrt, mean, none); default: what the parameters were tuned with")
+    p.add_argument(
+        "--train",
+        dest="train",
+        action="store_true",
+        help="fine-tune the parameters on slides simulated on this slide (15 s - 3 min); "
+        "default: the shipped (or --params) learned parameters",
+    )
+    p.add_argument(
+        "--no-train", dest="train", action="store_false", help="do not fine-tune (the default)"
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=60,
+        help="training epochs with --train (early stopping may end sooner)",
+    )
+    p.add_argument(
+        "--layers", type=int, default=None, help="number of unrolled layers (default 100)"
+    )
+    p.add_argument(
+        "--params", type=Path, default=None, help="parameter file saved by --save-params"
+    )
+    p.add_argument(
+        "--save-params", type=Path, default=None, help="save the trained parameters here"
+    )
+    p.add_argument(
+        "--fractions",
+        choices=["cell", "mrna"],
+        default="cell",
+        help="report cell or mRNA fractions",
+    )
+    p.add_argument(
+        "--min-proportion",
+        type=_proportion_or_auto,
+        default="auto",
+        help="zero proportions below this; auto (default): 0.05, higher where spots hold "
+        "one or two cells (read off the noise; needs a single-cell reference)",
+    )
+    p.add_argument(
+        "--weighting",
+        choices=list(GENE_WEIGHTINGS),
+        default=None,
+        help="data-term weights: nb = per spot and gene (the default), "
+        "or one per gene (fitted, sqrt, mean, none); default: what the parameters were tuned with",
+    )
     p.add_argument("--neighbors", type=int, default=6)
-    p.add_argument("--no-image", dest="use_image", action="store_false", help="graph from distances only")
+    p.add_argument(
+        "--no-image", dest="use_image", action="store_false", help="graph from distances only"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _model_kwargs(a) -> dict:
-    return dict(method=a.method, train=a.train, train_epochs=a.epochs, n_layers=a.layers, params=a.params,
-                save_params=a.save_params, fractions=a.fractions, min_proportion=a.min_proportion,
-                n_neighbors=a.neighbors, use_image=a.use_image, seed=a.seed, device=a.device,
-                gene_weighting=a.weighting)
+    return dict(
+        method=a.method,
+        train=a.train,
+        train_epochs=a.epochs,
+        n_layers=a.layers,
+        params=a.params,
+        save_params=a.save_params,
+        fractions=a.fractions,
+        min_proportion=a.min_proportion,
+        n_neighbors=a.neighbors,
+        use_image=a.use_image,
+        seed=a.seed,
+        device=a.device,
+        gene_weighting=a.weighting,
+    )
 
 
 def _run(a) -> int:
     from . import deconvolve, io
 
-    slide = io.read_slide(a.slide, coords=a.coords, image=a.image, scalefactor=a.scalefactor,
-                          spot_diameter=a.spot_diameter, library_id=a.library_id)
+    slide = io.read_slide(
+        a.slide,
+        coords=a.coords,
+        image=a.image,
+        scalefactor=a.scalefactor,
+        spot_diameter=a.spot_diameter,
+        library_id=a.library_id,
+    )
     if a.image is not None:
         io.check_image_covers_spots(slide)
     reference = io.read_reference(a.reference, cell_type_key=a.cell_type_key)
     bar = _Progress(not a.quiet)
     try:
-        result = deconvolve(slide, reference, cell_type_key=a.cell_type_key, library_id=a.library_id,
-                            case_insensitive=a.case_insensitive, progress=bar, **_model_kwargs(a))
+        result = deconvolve(
+            slide,
+            reference,
+            cell_type_key=a.cell_type_key,
+            library_id=a.library_id,
+            case_insensitive=a.case_insensitive,
+            progress=bar,
+            **_model_kwargs(a),
+        )
     finally:
         bar.close()
     written = write_results(result, a.out, library_id=a.library_id)
     info = result.info
-    print(f"used {info['n_genes_used']} genes (of {info['n_shared_genes']} shared) and "
-          f"{info['n_spots_used']} spots ({info['n_spots_empty']} without counts); "
-          f"proportions are {info['fractions_meaning']}")
+    print(
+        f"used {info['n_genes_used']} genes (of {info['n_shared_genes']} shared) and "
+        f"{info['n_spots_used']} spots ({info['n_spots_empty']} without counts); "
+        f"proportions are {info['fractions_meaning']}"
+    )
     cells = info.get("cells_per_spot")
-    print(f"proportions below {info['min_proportion']:.3g} set to zero"
-          + (f" (~{cells:.1f} effective cells per spot, read off the noise)" if cells else ""))
+    print(
+        f"proportions below {info['min_proportion']:.3g} set to zero"
+        + (f" (~{cells:.1f} effective cells per spot, read off the noise)" if cells else "")
+    )
     if info.get("train"):
         t = info["train"]
-        print(f"training: validation RMSE {t['val_rmse_initial']:.4f} -> {t['val_rmse']:.4f} in {t['seconds']:.1f} s")
+        print(
+            f"training: validation RMSE {t['val_rmse_initial']:.4f} -> {t['val_rmse']:.4f} in {t['seconds']:.1f} s"
+        )
     print(f"wrote {len(written)} files to {a.out}")
     return 0
 
@@ -141,18 +206,31 @@ def _demo(a) -> int:
     truth = slide.obsm[TRUTH_KEY]
     bar = _Progress(not a.quiet)
     try:
-        result = deconvolve(slide, reference, cell_type_key=DEMO_CELL_TYPE_KEY, progress=bar, **_model_kwargs(a))
+        result = deconvolve(
+            slide, reference, cell_type_key=DEMO_CELL_TYPE_KEY, progress=bar, **_model_kwargs(a)
+        )
     finally:
         bar.close()
     write_results(result, a.out)
-    plot_truth_vs_estimate(result.adata, truth, result.proportions, Path(a.out) / "truth_vs_estimate.png")
+    plot_truth_vs_estimate(
+        result.adata, truth, result.proportions, Path(a.out) / "truth_vs_estimate.png"
+    )
     ours = score(result.proportions[truth.columns].to_numpy(), truth.to_numpy())
-    rows = {"STL NMF (" + a.method + (", fine-tuned" if a.train and a.method == "unrolled" else "") + ")": ours}
+    rows = {
+        "STL NMF ("
+        + a.method
+        + (", fine-tuned" if a.train and a.method == "unrolled" else "")
+        + ")": ours
+    }
     rows["per-spot NNLS"] = score(_nnls_baseline(slide, reference, truth.columns), truth.to_numpy())
     table = pd.DataFrame(rows).T[["rmse", "jsd", "pearson", "rel_frobenius"]]
-    print(f"\nDemo slide: {slide.n_obs} spots, {len(truth.columns)} cell types; scores against the true cell fractions")
+    print(
+        f"\nDemo slide: {slide.n_obs} spots, {len(truth.columns)} cell types; scores against the true cell fractions"
+    )
     print(table.to_string(float_format=lambda v: f"{v:.4f}"))
-    (Path(a.out) / "demo_scores.json").write_text(json.dumps({k: v for k, v in rows.items()}, indent=2))
+    (Path(a.out) / "demo_scores.json").write_text(
+        json.dumps({k: v for k, v in rows.items()}, indent=2)
+    )
     print(f"\nresults in {a.out}/ (proportions.csv, result.h5ad, map_*.png, truth_vs_estimate.png)")
     return 0
 
@@ -165,21 +243,50 @@ def _nnls_baseline(slide, reference, columns) -> np.ndarray:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stlnmf", description="Cell-type deconvolution of spatial transcriptomics (STL NMF).")
+    parser = argparse.ArgumentParser(
+        prog="stlnmf", description="Cell-type deconvolution of spatial transcriptomics (STL NMF)."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="deconvolve a slide")
-    run.add_argument("--slide", required=True, type=Path, help=".h5ad, Space Ranger outs/ folder, or counts CSV/TSV (spots x genes)")
-    run.add_argument("--coords", type=Path, default=None, help="spot coordinates CSV (spot,x,y) for a counts table")
+    run.add_argument(
+        "--slide",
+        required=True,
+        type=Path,
+        help=".h5ad, Space Ranger outs/ folder, or counts CSV/TSV (spots x genes)",
+    )
+    run.add_argument(
+        "--coords",
+        type=Path,
+        default=None,
+        help="spot coordinates CSV (spot,x,y) for a counts table",
+    )
     run.add_argument("--image", type=Path, default=None, help="tissue image for a counts table")
-    run.add_argument("--scalefactor", type=float, default=1.0, help="image pixels per coordinate unit")
-    run.add_argument("--spot-diameter", type=float, default=None, help="spot diameter in coordinate units")
+    run.add_argument(
+        "--scalefactor", type=float, default=1.0, help="image pixels per coordinate unit"
+    )
+    run.add_argument(
+        "--spot-diameter", type=float, default=None, help="spot diameter in coordinate units"
+    )
     run.add_argument("--library-id", default=None)
-    run.add_argument("--reference", required=True, type=Path, help="single-cell .h5ad or signature table (genes x types)")
-    run.add_argument("--cell-type-key", default=None, help="obs column of the single-cell reference with the cell types")
-    run.add_argument("--case-insensitive", action="store_true", help="match gene names ignoring case")
+    run.add_argument(
+        "--reference",
+        required=True,
+        type=Path,
+        help="single-cell .h5ad or signature table (genes x types)",
+    )
+    run.add_argument(
+        "--cell-type-key",
+        default=None,
+        help="obs column of the single-cell reference with the cell types",
+    )
+    run.add_argument(
+        "--case-insensitive", action="store_true", help="match gene names ignoring case"
+    )
     run.add_argument("--out", required=True, type=Path)
     _add_model_options(run)
-    demo = sub.add_parser("demo", help="run on the bundled synthetic slide and report accuracy against its truth")
+    demo = sub.add_parser(
+        "demo", help="run on the bundled synthetic slide and report accuracy against its truth"
+    )
     demo.add_argument("--out", type=Path, default=Path("results"))
     _add_model_options(demo)
     return parser

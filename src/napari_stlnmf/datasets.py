@@ -21,7 +21,14 @@ DEMO_REFERENCE = DATA_DIR / "demo_reference.h5ad"
 DEMO_CELL_TYPE_KEY = "cell_type"
 TRUTH_KEY = "true_proportions"
 
-__all__ = ["load_demo", "make_reference", "make_demo", "hex_layout", "tissue_image", "DEMO_CELL_TYPE_KEY"]
+__all__ = [
+    "DEMO_CELL_TYPE_KEY",
+    "hex_layout",
+    "load_demo",
+    "make_demo",
+    "make_reference",
+    "tissue_image",
+]
 
 
 def load_demo() -> tuple[ad.AnnData, ad.AnnData]:
@@ -65,7 +72,9 @@ def make_reference(
         rows.append(sp.csr_matrix(rng.poisson(lam).astype(np.float32)))
         labels += [names[t]] * cells_per_type
     X = sp.vstack(rows).tocsr()
-    obs = pd.DataFrame({DEMO_CELL_TYPE_KEY: pd.Categorical(labels)}, index=[f"cell_{i}" for i in range(X.shape[0])])
+    obs = pd.DataFrame(
+        {DEMO_CELL_TYPE_KEY: pd.Categorical(labels)}, index=[f"cell_{i}" for i in range(X.shape[0])]
+    )
     var = pd.DataFrame(index=[f"Gene{g:04d}" for g in range(n_genes)])
     return ad.AnnData(X=X, obs=obs, var=var)
 
@@ -94,9 +103,12 @@ def tissue_image(size: int = 600, *, seed: int = 0) -> np.ndarray:
     """An H&E-like RGB image (uint8) with the regions of :func:`tissue_regions`."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size]
-    reg = tissue_regions(np.column_stack([xx.ravel(), yy.ravel()]).astype(float), size).reshape(size, size)
+    reg = tissue_regions(np.column_stack([xx.ravel(), yy.ravel()]).astype(float), size).reshape(
+        size, size
+    )
     palette = np.array(
-        [[236, 176, 206], [205, 120, 175], [170, 95, 160], [120, 70, 150], [245, 240, 242]], dtype=float
+        [[236, 176, 206], [205, 120, 175], [170, 95, 160], [120, 70, 150], [245, 240, 242]],
+        dtype=float,
     )  # eosin-pink to haematoxylin-purple, background near white
     img = palette[np.where(reg < 0, 4, reg)]
     # nuclei-like dark dots, denser in cell-rich regions
@@ -118,7 +130,18 @@ def make_demo(seed: int = 0) -> tuple[ad.AnnData, ad.AnnData]:
     from .simulate import simulate_counts, simulate_proportions
 
     rng = np.random.default_rng(seed)
-    names = sorted(["neuron_L1", "neuron_L2", "neuron_L3", "astrocyte", "oligodendrocyte", "microglia", "endothelial", "immune"])
+    names = sorted(
+        [
+            "neuron_L1",
+            "neuron_L2",
+            "neuron_L3",
+            "astrocyte",
+            "oligodendrocyte",
+            "microglia",
+            "endothelial",
+            "immune",
+        ]
+    )
     reference = make_reference(n_types=len(names), type_names=names, seed=seed)
     # the slide's cells come from a *different* draw than the reference (as in real data)
     cells = make_reference(n_types=len(names), type_names=names, seed=seed, cell_seed=seed + 1)
@@ -149,13 +172,22 @@ def make_demo(seed: int = 0) -> tuple[ad.AnnData, ad.AnnData]:
     sim_ref = build_reference(cells, cell_type_key=DEMO_CELL_TYPE_KEY)
     assert sim_ref.cell_types == names  # columns of prob follow the reference's type order
     counts, cell_frac, mrna_frac, n_cells = simulate_counts(
-        prob, sim_ref, mean_cells=8.0, library_sizes=rng.lognormal(np.log(4000), 0.4, size=500),
-        platform_sigma=0.2, rng=rng,
+        prob,
+        sim_ref,
+        mean_cells=8.0,
+        library_sizes=rng.lognormal(np.log(4000), 0.4, size=500),
+        platform_sigma=0.2,
+        rng=rng,
     )
     n = len(xy_full)
     barcodes = [f"SPOT{i:04d}-1" for i in range(n)]
-    obs = pd.DataFrame({"region": pd.Categorical([f"layer_{r}" if r < 3 else "nodule" for r in reg])}, index=barcodes)
-    slide = ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=reference.var_names.copy()))
+    obs = pd.DataFrame(
+        {"region": pd.Categorical([f"layer_{r}" if r < 3 else "nodule" for r in reg])},
+        index=barcodes,
+    )
+    slide = ad.AnnData(
+        X=sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=reference.var_names.copy())
+    )
     slide.obsm["spatial"] = xy_full.astype(np.float64)
     slide.obsm[TRUTH_KEY] = pd.DataFrame(cell_frac, index=barcodes, columns=names)
     slide.obsm["true_mrna_fractions"] = pd.DataFrame(mrna_frac, index=barcodes, columns=names)

@@ -16,7 +16,7 @@ from scipy.spatial import cKDTree
 
 from .errors import CoordinateError, ImageMismatchError
 
-__all__ = ["SpatialGraph", "build_graph", "spot_image_features", "region_features"]
+__all__ = ["SpatialGraph", "build_graph", "region_features", "spot_image_features"]
 
 
 @dataclass
@@ -60,7 +60,7 @@ class SpatialGraph:
         w = self.weights(sigma_distance, sigma_feature)
         return sp.csr_matrix((w, (self.rows, self.cols)), shape=(self.n_spots, self.n_spots))
 
-    def subgraph(self, index: np.ndarray) -> "SpatialGraph":
+    def subgraph(self, index: np.ndarray) -> SpatialGraph:
         """Graph induced by the spots ``index`` (renumbered 0..len(index)-1)."""
         index = np.asarray(index)
         new_id = np.full(self.n_spots, -1, dtype=np.int64)

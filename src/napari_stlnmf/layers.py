@@ -7,4 +7,4 @@ the per-type maps, dominant type and fit error of a deconvolved AnnData. Add the
 
 from ._layers import result_layers, result_layers_from_adata, slide_layers
 
-__all__ = ["slide_layers", "result_layers", "result_layers_from_adata"]
+__all__ = ["result_layers", "result_layers_from_adata", "slide_layers"]

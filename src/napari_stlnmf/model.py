@@ -35,14 +35,14 @@ from .graph import SpatialGraph
 
 __all__ = [
     "DEFAULTS",
-    "UnrolledNMF",
     "EntryNoise",
+    "UnrolledNMF",
     "entry_weighted_gram",
-    "solve",
-    "update_step",
-    "objective",
-    "to_cell_fractions",
     "finalize_proportions",
+    "objective",
+    "solve",
+    "to_cell_fractions",
+    "update_step",
 ]
 
 EPS = 1e-10
@@ -137,7 +137,9 @@ def _graph_product(g: dict, w: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """A V with A given by edges (sorted by row, then column) and weights w."""
     if "crow" not in g:
         counts = torch.bincount(g["rows"], minlength=g["n_spots"])
-        g["crow"] = torch.cat([torch.zeros(1, dtype=torch.int64, device=counts.device), counts.cumsum(0)])
+        g["crow"] = torch.cat(
+            [torch.zeros(1, dtype=torch.int64, device=counts.device), counts.cumsum(0)]
+        )
     return _GraphProduct.apply(w, V, g["crow"], g["cols"], g["rows"])
 
 
@@ -189,9 +191,9 @@ def gram_times(V: torch.Tensor, G: torch.Tensor, out: torch.Tensor) -> torch.Ten
         block, v, o = G[start:stop].to(V.dtype), V[start:stop], out[start:stop]
         o.zero_()
         for k in range(p):
-            row = block[:, offsets[k]:offsets[k + 1]]
-            o[:, k:].addcmul_(v[:, k:k + 1], row)
-            o[:, k] += (v[:, k + 1:] * row[:, 1:]).sum(1)
+            row = block[:, offsets[k] : offsets[k + 1]]
+            o[:, k:].addcmul_(v[:, k : k + 1], row)
+            o[:, k] += (v[:, k + 1 :] * row[:, 1:]).sum(1)
     return out
 
 
@@ -208,7 +210,9 @@ def _weighted_btx(X, start, stop, W: torch.Tensor, B: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def entry_weighted_gram(X, B: torch.Tensor, V: torch.Tensor, noise: EntryNoise, chunk: int = GRAM_CHUNK):
+def entry_weighted_gram(
+    X, B: torch.Tensor, V: torch.Tensor, noise: EntryNoise, chunk: int = GRAM_CHUNK
+):
     """Per-spot ``BtX_s = Bᵀ W_s x_s`` (spots x types) and ``G_s = Bᵀ diag(W_s) B``
     (spots x types x types) with ``W_sg = 1/(μ_sg/L_s + φ μ_sg²)``, ``μ = V Bᵀ`` (V detached).
 
@@ -250,8 +254,11 @@ def entry_weighted_gram(X, B: torch.Tensor, V: torch.Tensor, noise: EntryNoise, 
             shared = (W_sizes, which)
             G = gram(W_sizes)[which]
     if shared is None:
-        G = (torch.empty(n, len(upper[0]), dtype=torch.bfloat16, device=V.device) if compact
-             else torch.empty(n, p, p, dtype=V.dtype, device=V.device))
+        G = (
+            torch.empty(n, len(upper[0]), dtype=torch.bfloat16, device=V.device)
+            if compact
+            else torch.empty(n, p, p, dtype=V.dtype, device=V.device)
+        )
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         if shared is None:
@@ -272,7 +279,9 @@ def _entry_step(V, BtX, G, M, lam1, lam2, dcol, graph_product, omega):
     num = BtX + lam2
     if graph_product is not None:
         num = num + lam1 * graph_product(V)
-    den = torch.bmm(V.unsqueeze(1), G).squeeze(1) + V @ M + EPS  # G_s symmetric: v_sᵀ G_s = (G_s v_s)ᵀ, ~5x bmm(G, v)
+    den = (
+        torch.bmm(V.unsqueeze(1), G).squeeze(1) + V @ M + EPS
+    )  # G_s symmetric: v_sᵀ G_s = (G_s v_s)ᵀ, ~5x bmm(G, v)
     if dcol is not None:
         den = den + dcol * V
     return V * (num / den) ** omega
@@ -370,11 +379,30 @@ def solve(
     dev, dt = BtX.device, BtX.dtype
     V = torch.full((n, p), 1.0 / p, device=dev, dtype=dt) if V0 is None else V0.clone()
     A, deg = _inference_graph(adjacency, dev, dt)
-    ridge_t = torch.zeros(p, device=dev, dtype=dt) if ridge is None else torch.as_tensor(ridge, device=dev, dtype=dt)
+    ridge_t = (
+        torch.zeros(p, device=dev, dtype=dt)
+        if ridge is None
+        else torch.as_tensor(ridge, device=dev, dtype=dt)
+    )
     ridges = ridge_t if ridge_t.ndim == 2 else None
     V_prev = V.clone() if tol else None
     with flush_denormals():
-        _run_layers(V, BtX, BtB, A, deg, lam1, lam2, ridge_t, ridges, n_iter, tol, V_prev, callback, float(omega))
+        _run_layers(
+            V,
+            BtX,
+            BtB,
+            A,
+            deg,
+            lam1,
+            lam2,
+            ridge_t,
+            ridges,
+            n_iter,
+            tol,
+            V_prev,
+            callback,
+            float(omega),
+        )
     return V
 
 
@@ -383,8 +411,14 @@ def _inference_graph(adjacency, device, dtype):
     if adjacency is None or not adjacency.nnz:
         return None, None
     # on the CPU scipy's CSR kernel accumulating in place is ~2x torch's sparse addmm
-    A = _ScipyGraph(adjacency, dtype) if device.type == "cpu" else _TorchGraph(_csr(adjacency, device, dtype))
-    return A, torch.as_tensor(np.asarray(adjacency.sum(1)).ravel(), device=device, dtype=dtype)[:, None]
+    A = (
+        _ScipyGraph(adjacency, dtype)
+        if device.type == "cpu"
+        else _TorchGraph(_csr(adjacency, device, dtype))
+    )
+    return A, torch.as_tensor(np.asarray(adjacency.sum(1)).ravel(), device=device, dtype=dtype)[
+        :, None
+    ]
 
 
 class _ScipyGraph:
@@ -427,7 +461,9 @@ def _per_layer(value, k: int) -> float:
     return float(value[k]) if np.ndim(value) else float(value)
 
 
-def _run_layers(V, BtX, BtB, A, deg, lam1, lam2, ridge_t, ridges, n_iter, tol, V_prev, callback, omega=1.0):
+def _run_layers(
+    V, BtX, BtB, A, deg, lam1, lam2, ridge_t, ridges, n_iter, tol, V_prev, callback, omega=1.0
+):
     """Six fused passes over V per layer (memory-bound at 10^6 spots):
     ``num = BtX + λ2; num += λ1 A V`` (in-place sparse product), ``den = ε + V M`` (one addmm),
     ``den += λ1 d ⊙ V``, ``V *= num``, ``V /= den``; with ``M = BtB + diag(ridge) + λ2 11ᵀ``
@@ -445,7 +481,9 @@ def _run_layers(V, BtX, BtB, A, deg, lam1, lam2, ridge_t, ridges, n_iter, tol, V
             key = (l1, l2)
             M = BtB + torch.diag(r) + l2 * ones
             dcol = deg * l1 if A is not None and l1 else None
-        torch.add(BtX, l2, out=num)  # C = BtX + λ2 in the pass that fills num (per-layer λ2 for free)
+        torch.add(
+            BtX, l2, out=num
+        )  # C = BtX + λ2 in the pass that fills num (per-layer λ2 for free)
         if dcol is not None:
             A.accumulate(V, num, l1)
         torch.addmm(eps, V, M, out=den)
@@ -525,21 +563,32 @@ class UnrolledNMF(nn.Module):
         self.n_layers = int(n_layers)
         self.tied = bool(tied)
         rows = 1 if tied else self.n_layers
-        init = torch.log(torch.tensor([lambda_graph, lambda_sum, lambda_ridge], dtype=torch.float32))
+        init = torch.log(
+            torch.tensor([lambda_graph, lambda_sum, lambda_ridge], dtype=torch.float32)
+        )
         self.log_lambda = nn.Parameter(init.repeat(rows, 1))
         lo, hi = SIGMA_RANGE
         self.raw_sigma = nn.Parameter(
             torch.tensor(
-                [_inv_sigmoid_range(sigma_distance, lo, hi), _inv_sigmoid_range(sigma_feature, lo, hi)],
+                [
+                    _inv_sigmoid_range(sigma_distance, lo, hi),
+                    _inv_sigmoid_range(sigma_feature, lo, hi),
+                ],
                 dtype=torch.float32,
             )
         )
         self.log_type_weight = nn.Parameter(torch.zeros(n_types))
         self.log_gene_weight = nn.Parameter(torch.zeros(n_genes), requires_grad=learn_gene_weights)
-        self.raw_omega = nn.Parameter(torch.tensor(_inv_sigmoid_range(omega, *OMEGA_RANGE), dtype=torch.float32))
-        self.log_cell_smoothing = nn.Parameter(torch.tensor(float(np.log(max(cell_smoothing, NO_CELL_SMOOTHING)))))
+        self.raw_omega = nn.Parameter(
+            torch.tensor(_inv_sigmoid_range(omega, *OMEGA_RANGE), dtype=torch.float32)
+        )
+        self.log_cell_smoothing = nn.Parameter(
+            torch.tensor(float(np.log(max(cell_smoothing, NO_CELL_SMOOTHING))))
+        )
         # the head's own distance scale: the layers' σ can be short (their graph term acts 100 times)
-        self.raw_cell_sigma = nn.Parameter(torch.tensor(_inv_sigmoid_range(DEFAULTS.cell_sigma, lo, hi), dtype=torch.float32))
+        self.raw_cell_sigma = nn.Parameter(
+            torch.tensor(_inv_sigmoid_range(DEFAULTS.cell_sigma, lo, hi), dtype=torch.float32)
+        )
         # layers at which per-entry weights are recomputed; None: one weight per gene
         self.refresh_layers: tuple[int, ...] | None = None
 
@@ -569,7 +618,9 @@ class UnrolledNMF(nn.Module):
         sigma_feature = self.sigmas()[1]
         if isinstance(V, torch.Tensor):
             w = edge_weights(graph, self.cell_sigma(), sigma_feature)
-            deg = torch.zeros(c0.shape[0], dtype=c0.dtype, device=c0.device).index_add_(0, graph["rows"], w)
+            deg = torch.zeros(c0.shape[0], dtype=c0.dtype, device=c0.device).index_add_(
+                0, graph["rows"], w
+            )
             c = c0
             for _ in range(CELL_SMOOTHING_STEPS):
                 c = (c0 + alpha * _graph_product(graph, w, c)) / (1 + alpha * deg)[:, None]
@@ -624,7 +675,9 @@ class UnrolledNMF(nn.Module):
 
     def _entry_noise(self, noise):
         if noise is None:
-            raise ValueError("this model uses per-entry weights: pass noise=EntryNoise(library sizes, overdispersion)")
+            raise ValueError(
+                "this model uses per-entry weights: pass noise=EntryNoise(library sizes, overdispersion)"
+            )
         return noise
 
     def _graph_terms(self, graph: dict | None, V: torch.Tensor):
@@ -633,10 +686,14 @@ class UnrolledNMF(nn.Module):
             return None, None
         s = self.sigmas()
         w = edge_weights(graph, s[0], s[1])
-        deg = torch.zeros(V.shape[0], dtype=V.dtype, device=V.device).index_add_(0, graph["rows"], w)
+        deg = torch.zeros(V.shape[0], dtype=V.dtype, device=V.device).index_add_(
+            0, graph["rows"], w
+        )
         return (lambda v: _graph_product(graph, w, v)), deg
 
-    def forward(self, X, B, gene_scale, graph: dict | None = None, V0=None, noise: EntryNoise | None = None) -> torch.Tensor:
+    def forward(
+        self, X, B, gene_scale, graph: dict | None = None, V0=None, noise: EntryNoise | None = None
+    ) -> torch.Tensor:
         """Differentiable unrolled pass; returns mRNA fractions V (spots x types).
 
         ``noise``: library sizes and overdispersion, needed (only) by a per-entry-weights model;
@@ -680,7 +737,9 @@ class UnrolledNMF(nn.Module):
         return V
 
     @torch.no_grad()
-    def _infer_entry(self, X, B, adjacency, noise: EntryNoise, l1, l2, ridge, n_iter, callback, omega):
+    def _infer_entry(
+        self, X, B, adjacency, noise: EntryNoise, l1, l2, ridge, n_iter, callback, omega
+    ):
         """In-place inference with per-entry weights (scipy's CSR kernel for the graph)."""
         n, p = X.shape[0], B.shape[1]
         V = torch.full((n, p), 1.0 / p, dtype=torch.float32, device=B.device)
@@ -708,8 +767,17 @@ class UnrolledNMF(nn.Module):
         return V
 
     @torch.no_grad()
-    def infer(self, X, B, gene_scale, graph: SpatialGraph | None = None, callback=None, n_layers=None, gram=None,
-              noise: EntryNoise | None = None):
+    def infer(
+        self,
+        X,
+        B,
+        gene_scale,
+        graph: SpatialGraph | None = None,
+        callback=None,
+        n_layers=None,
+        gram=None,
+        noise: EntryNoise | None = None,
+    ):
         """Fast in-place inference (no autograd, sparse CSR graph built once).
 
         ``gram``: ``(BtX, BtB)`` from :meth:`gram` when the caller already has them (gene
@@ -721,7 +789,11 @@ class UnrolledNMF(nn.Module):
             BtX, BtB = gram if gram is not None else self.gram(X, B, gene_scale)
         lam = self.lambdas().cpu().numpy().astype(np.float64)
         s = self.sigmas().cpu().numpy()
-        adjacency = None if graph is None or graph.n_edges == 0 else graph.adjacency(float(s[0]), float(s[1]))
+        adjacency = (
+            None
+            if graph is None or graph.n_edges == 0
+            else graph.adjacency(float(s[0]), float(s[1]))
+        )
         ridge = self.ridge().cpu().numpy()
         if self.tied:
             l1, l2, r = lam[0, 0], lam[0, 1], ridge[0]
@@ -730,10 +802,21 @@ class UnrolledNMF(nn.Module):
         omega = float(self.omega())
         while True:
             if self.entry_weights:
-                V = self._infer_entry(X, B, adjacency, noise, l1, l2, r, n_layers or self.n_layers, callback, omega)
+                V = self._infer_entry(
+                    X, B, adjacency, noise, l1, l2, r, n_layers or self.n_layers, callback, omega
+                )
             else:
-                V = solve(BtX, BtB, adjacency=adjacency, lam1=l1, lam2=l2, ridge=r,
-                          n_iter=n_layers or self.n_layers, callback=callback, omega=omega)
+                V = solve(
+                    BtX,
+                    BtB,
+                    adjacency=adjacency,
+                    lam1=l1,
+                    lam2=l2,
+                    ridge=r,
+                    n_iter=n_layers or self.n_layers,
+                    callback=callback,
+                    omega=omega,
+                )
             if _bounded(V) or omega <= 1.0:
                 return V
             # parameters learned on crops of simulated slides can over-relax too far on spots
@@ -741,7 +824,9 @@ class UnrolledNMF(nn.Module):
             damped = max(1.0, 1.0 + (omega - 1.0) / 2)
             warnings.warn(
                 f"the learned over-relaxation ω={omega:.2f} diverged on this slide; "
-                f"re-running with ω={damped:.2f}", RuntimeWarning, stacklevel=2,
+                f"re-running with ω={damped:.2f}",
+                RuntimeWarning,
+                stacklevel=2,
             )
             omega = damped
 
@@ -774,7 +859,9 @@ class UnrolledNMF(nn.Module):
                 "state": {k: v.detach().cpu() for k, v in self.state_dict().items()},
                 "n_layers": self.n_layers,
                 "tied": self.tied,
-                "refresh_layers": None if self.refresh_layers is None else list(self.refresh_layers),
+                "refresh_layers": None
+                if self.refresh_layers is None
+                else list(self.refresh_layers),
                 "genes": None if genes is None else [str(g) for g in genes],
                 "cell_types": None if cell_types is None else [str(c) for c in cell_types],
                 "extra": extra or {},
@@ -788,7 +875,7 @@ class UnrolledNMF(nn.Module):
         """The saved blob, checked to be a napari-stlnmf parameter file."""
         try:
             blob = torch.load(Path(path), map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is a format error
+        except Exception as exc:
             raise FileFormatError(f"cannot read model parameters from {path}: {exc}") from exc
         if not isinstance(blob, dict) or blob.get("format") != "napari-stlnmf/unrolled-v1":
             raise FileFormatError(f"{path} is not a napari-stlnmf parameter file")
@@ -801,7 +888,7 @@ class UnrolledNMF(nn.Module):
         return dict(cls._read(path).get("extra") or {})
 
     @classmethod
-    def load(cls, path, *, genes=None, n_types: int | None = None) -> tuple["UnrolledNMF", dict]:
+    def load(cls, path, *, genes=None, n_types: int | None = None) -> tuple[UnrolledNMF, dict]:
         """Load saved parameters; gene weights are mapped by name onto ``genes``.
 
         Genes the file does not know get weight 1; per-type weights are only kept when the
@@ -821,7 +908,9 @@ class UnrolledNMF(nn.Module):
             if "raw_omega" in state:
                 model.raw_omega.copy_(state["raw_omega"])
             # files saved before the cell-fraction head: no smoothing, as they were trained
-            model.log_cell_smoothing.fill_(float(state.get("log_cell_smoothing", np.log(NO_CELL_SMOOTHING))))
+            model.log_cell_smoothing.fill_(
+                float(state.get("log_cell_smoothing", np.log(NO_CELL_SMOOTHING)))
+            )
             if "raw_cell_sigma" in state:
                 model.raw_cell_sigma.copy_(state["raw_cell_sigma"])
             if state["log_type_weight"].numel() == p:

@@ -50,24 +50,42 @@ def _draw(ax, adata, values, *, cmap, vmin, vmax, library_id=None, title=""):
     ok = np.isfinite(values)
     # circles sized in data units, so spots keep their true diameter at any figure size
     sc = EllipseCollection(
-        np.full(ok.sum(), d), np.full(ok.sum(), d), np.zeros(ok.sum()), units="xy",
-        offsets=xy[ok], offset_transform=ax.transData, cmap=cmap, alpha=0.9, linewidths=0,
+        np.full(ok.sum(), d),
+        np.full(ok.sum(), d),
+        np.zeros(ok.sum()),
+        units="xy",
+        offsets=xy[ok],
+        offset_transform=ax.transData,
+        cmap=cmap,
+        alpha=0.9,
+        linewidths=0,
     )
     sc.set_array(values[ok])
     sc.set_clim(vmin, vmax)
     ax.add_collection(sc)
     if (~ok).any():
-        ax.add_collection(EllipseCollection(
-            np.full((~ok).sum(), d), np.full((~ok).sum(), d), np.zeros((~ok).sum()), units="xy",
-            offsets=xy[~ok], offset_transform=ax.transData, facecolors="none", edgecolors="grey", linewidths=0.3,
-        ))
+        ax.add_collection(
+            EllipseCollection(
+                np.full((~ok).sum(), d),
+                np.full((~ok).sum(), d),
+                np.zeros((~ok).sum()),
+                units="xy",
+                offsets=xy[~ok],
+                offset_transform=ax.transData,
+                facecolors="none",
+                edgecolors="grey",
+                linewidths=0.3,
+            )
+        )
     ax.set_title(title)
     ax.set_xticks([])
     ax.set_yticks([])
     return sc
 
 
-def plot_cell_type_maps(adata, proportions: pd.DataFrame, out_dir, *, library_id=None, dpi=110) -> list[Path]:
+def plot_cell_type_maps(
+    adata, proportions: pd.DataFrame, out_dir, *, library_id=None, dpi=110
+) -> list[Path]:
     """One PNG per cell type (proportion 0..1 on viridis over the image) and a dominant-type map."""
     plt = _figure()
     out_dir = Path(out_dir)
@@ -75,8 +93,16 @@ def plot_cell_type_maps(adata, proportions: pd.DataFrame, out_dir, *, library_id
     paths = []
     for name in proportions.columns:
         fig, ax = plt.subplots(figsize=(5.5, 5), dpi=dpi)
-        sc = _draw(ax, adata, proportions[name].to_numpy(float), cmap="viridis", vmin=0, vmax=1,
-                   library_id=library_id, title=f"{name}: proportion")
+        sc = _draw(
+            ax,
+            adata,
+            proportions[name].to_numpy(float),
+            cmap="viridis",
+            vmin=0,
+            vmax=1,
+            library_id=library_id,
+            title=f"{name}: proportion",
+        )
         fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.04)
         path = out_dir / f"map_{_safe(name)}.png"
         fig.savefig(path, bbox_inches="tight")
@@ -88,10 +114,23 @@ def plot_cell_type_maps(adata, proportions: pd.DataFrame, out_dir, *, library_id
     dom[has] = values[has].argmax(1)
     fig, ax = plt.subplots(figsize=(6.8, 5), dpi=dpi)
     cmap = plt.get_cmap("tab20", len(proportions.columns))
-    _draw(ax, adata, dom, cmap=cmap, vmin=-0.5, vmax=len(proportions.columns) - 0.5,
-          library_id=library_id, title="dominant cell type")
-    handles = [plt.Line2D([], [], marker="o", ls="", color=cmap(i), label=str(c)) for i, c in enumerate(proportions.columns)]
-    ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    _draw(
+        ax,
+        adata,
+        dom,
+        cmap=cmap,
+        vmin=-0.5,
+        vmax=len(proportions.columns) - 0.5,
+        library_id=library_id,
+        title="dominant cell type",
+    )
+    handles = [
+        plt.Line2D([], [], marker="o", ls="", color=cmap(i), label=str(c))
+        for i, c in enumerate(proportions.columns)
+    ]
+    ax.legend(
+        handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False
+    )
     path = out_dir / "map_dominant_type.png"
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
@@ -99,14 +138,34 @@ def plot_cell_type_maps(adata, proportions: pd.DataFrame, out_dir, *, library_id
     return paths
 
 
-def plot_truth_vs_estimate(adata, truth: pd.DataFrame, estimate: pd.DataFrame, path, *, library_id=None, dpi=90) -> Path:
+def plot_truth_vs_estimate(
+    adata, truth: pd.DataFrame, estimate: pd.DataFrame, path, *, library_id=None, dpi=90
+) -> Path:
     """Rows = cell types, columns = truth | estimate, over the tissue image."""
     plt = _figure()
     types = list(truth.columns)
     fig, axes = plt.subplots(len(types), 2, figsize=(6, 2.9 * len(types)), dpi=dpi, squeeze=False)
     for i, t in enumerate(types):
-        _draw(axes[i, 0], adata, truth[t].to_numpy(float), cmap="viridis", vmin=0, vmax=1, library_id=library_id, title=f"{t} — truth")
-        _draw(axes[i, 1], adata, estimate[t].to_numpy(float), cmap="viridis", vmin=0, vmax=1, library_id=library_id, title=f"{t} — STL NMF")
+        _draw(
+            axes[i, 0],
+            adata,
+            truth[t].to_numpy(float),
+            cmap="viridis",
+            vmin=0,
+            vmax=1,
+            library_id=library_id,
+            title=f"{t} — truth",
+        )
+        _draw(
+            axes[i, 1],
+            adata,
+            estimate[t].to_numpy(float),
+            cmap="viridis",
+            vmin=0,
+            vmax=1,
+            library_id=library_id,
+            title=f"{t} — STL NMF",
+        )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -24,7 +24,14 @@ from .errors import (
     StlnmfError,
 )
 
-__all__ = ["Reference", "build_reference", "match_genes", "select_marker_genes", "Prepared", "prepare"]
+__all__ = [
+    "Prepared",
+    "Reference",
+    "build_reference",
+    "match_genes",
+    "prepare",
+    "select_marker_genes",
+]
 
 MIN_SHARED_GENES = 10
 
@@ -62,7 +69,7 @@ class Reference:
     def genes(self) -> pd.Index:
         return self.profiles.index
 
-    def subset_genes(self, genes) -> "Reference":
+    def subset_genes(self, genes) -> Reference:
         genes = pd.Index(genes)
         pos = self.profiles.index.get_indexer(genes)
         return Reference(
@@ -73,20 +80,24 @@ class Reference:
             dispersion=None if self.dispersion is None else self.dispersion.iloc[pos],
         )
 
-    def scale_genes(self, factors) -> "Reference":
+    def scale_genes(self, factors) -> Reference:
         """The reference as the slide's platform would measure it: gene g scaled by ``factors[g]``."""
         f = np.asarray(factors, dtype=np.float64)
         return Reference(
             profiles=self.profiles * f[:, None],
             mrna_content=self.mrna_content,
-            cell_counts=None if self.cell_counts is None else (self.cell_counts @ sp.diags(f.astype(np.float32))).tocsr(),
+            cell_counts=None
+            if self.cell_counts is None
+            else (self.cell_counts @ sp.diags(f.astype(np.float32))).tocsr(),
             cell_labels=self.cell_labels,
             dispersion=self.dispersion,
         )
 
 
 def _as_csr(x) -> sp.csr_matrix:
-    return sp.csr_matrix(x, dtype=np.float32) if not sp.issparse(x) else x.tocsr().astype(np.float32)
+    return (
+        sp.csr_matrix(x, dtype=np.float32) if not sp.issparse(x) else x.tocsr().astype(np.float32)
+    )
 
 
 def _check_counts(values: np.ndarray, what: str) -> None:
@@ -104,7 +115,9 @@ def _check_counts(values: np.ndarray, what: str) -> None:
         )
 
 
-def build_reference(reference, *, cell_type_key: str | None = None, min_cells: int = 1) -> Reference:
+def build_reference(
+    reference, *, cell_type_key: str | None = None, min_cells: int = 1
+) -> Reference:
     """Turn a single-cell AnnData or a signature table into a :class:`Reference`.
 
     Parameters
@@ -130,13 +143,20 @@ def build_reference(reference, *, cell_type_key: str | None = None, min_cells: i
                 f"cell type(s) {empty} have no expression in the signature; remove those columns"
             )
         sig.columns = [str(c) for c in sig.columns]
-        return Reference(profiles=sig / totals.to_numpy(), mrna_content=pd.Series(totals.to_numpy(), index=sig.columns))
+        return Reference(
+            profiles=sig / totals.to_numpy(),
+            mrna_content=pd.Series(totals.to_numpy(), index=sig.columns),
+        )
 
     # AnnData single-cell reference
     obs = reference.obs
     if cell_type_key is None or cell_type_key not in obs.columns:
         choices = [c for c in obs.columns if obs[c].nunique() < max(2, obs.shape[0])][:20]
-        what = "no cell-type column was given" if cell_type_key is None else f"column {cell_type_key!r} is not in reference.obs"
+        what = (
+            "no cell-type column was given"
+            if cell_type_key is None
+            else f"column {cell_type_key!r} is not in reference.obs"
+        )
         raise CellTypeKeyError(f"{what}; choose one of the reference's obs columns: {choices}")
     if reference.var_names.has_duplicates:
         dup = reference.var_names[reference.var_names.duplicated()].unique()[:5].tolist()
@@ -148,27 +168,41 @@ def build_reference(reference, *, cell_type_key: str | None = None, min_cells: i
     _check_counts(counts.data, "the reference counts")
     labels = obs[cell_type_key]
     if labels.isna().any():
-        warnings.warn(f"{int(labels.isna().sum())} reference cells have no cell type and are ignored", stacklevel=2)
+        warnings.warn(
+            f"{int(labels.isna().sum())} reference cells have no cell type and are ignored",
+            stacklevel=2,
+        )
     keep = ~labels.isna().to_numpy()
     labels = labels[keep].astype(str)
     counts = counts[np.flatnonzero(keep)]
     types = sorted(labels.unique().tolist())
     if len(types) < 2:
-        raise EmptyCellTypeError(f"the reference needs at least two cell types in {cell_type_key!r}; found {types}")
+        raise EmptyCellTypeError(
+            f"the reference needs at least two cell types in {cell_type_key!r}; found {types}"
+        )
     code = pd.Categorical(labels, categories=types).codes.astype(np.int64)
     n_cells = np.bincount(code, minlength=len(types))
     small = [t for t, c in zip(types, n_cells) if c < min_cells]
     if small:
-        raise EmptyCellTypeError(f"cell type(s) {small} have fewer than {min_cells} cells in the reference")
+        raise EmptyCellTypeError(
+            f"cell type(s) {small} have fewer than {min_cells} cells in the reference"
+        )
     lib = np.asarray(counts.sum(1)).ravel()
     if (lib <= 0).any():
-        warnings.warn(f"{int((lib <= 0).sum())} reference cells have no counts and are ignored", stacklevel=2)
+        warnings.warn(
+            f"{int((lib <= 0).sum())} reference cells have no counts and are ignored", stacklevel=2
+        )
         ok = np.flatnonzero(lib > 0)
         counts, code, lib = counts[ok], code[ok], lib[ok]
         n_cells = np.bincount(code, minlength=len(types))
         if (n_cells == 0).any():
-            raise EmptyCellTypeError(f"cell type(s) {[t for t, c in zip(types, n_cells) if c == 0]} have no cells with counts")
-    member = sp.csr_matrix((np.ones_like(code, dtype=np.float64), (code, np.arange(code.size))), shape=(len(types), code.size))
+            raise EmptyCellTypeError(
+                f"cell type(s) {[t for t, c in zip(types, n_cells) if c == 0]} have no cells with counts"
+            )
+    member = sp.csr_matrix(
+        (np.ones_like(code, dtype=np.float64), (code, np.arange(code.size))),
+        shape=(len(types), code.size),
+    )
     member = sp.diags(1.0 / n_cells) @ member
     norm = sp.diags(1.0 / lib) @ counts
     profiles = np.asarray((member @ norm).todense()).T  # genes x types, columns sum to 1
@@ -191,7 +225,9 @@ def build_reference(reference, *, cell_type_key: str | None = None, min_cells: i
     )
 
 
-def match_genes(slide_genes, reference_genes, *, case_insensitive: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def match_genes(
+    slide_genes, reference_genes, *, case_insensitive: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Positions of the shared genes in the slide and in the reference (same order)."""
     s = pd.Index(slide_genes).astype(str)
     r = pd.Index(reference_genes).astype(str)
@@ -207,12 +243,19 @@ def match_genes(slide_genes, reference_genes, *, case_insensitive: bool = False)
     shared = s.intersection(r, sort=False)
     if len(shared) < MIN_SHARED_GENES:
         hint = ""
-        if not case_insensitive and len(s.str.upper().intersection(r.str.upper())) >= MIN_SHARED_GENES:
+        if (
+            not case_insensitive
+            and len(s.str.upper().intersection(r.str.upper())) >= MIN_SHARED_GENES
+        ):
             hint = " Many genes match when case is ignored (mouse vs human symbols?): use case_insensitive=True."
         elif s.str.startswith("ENS").mean() > 0.5 and not r.str.startswith("ENS").mean() > 0.5:
-            hint = " The slide uses Ensembl ids and the reference gene symbols: convert one of them."
+            hint = (
+                " The slide uses Ensembl ids and the reference gene symbols: convert one of them."
+            )
         elif r.str.startswith("ENS").mean() > 0.5 and not s.str.startswith("ENS").mean() > 0.5:
-            hint = " The reference uses Ensembl ids and the slide gene symbols: convert one of them."
+            hint = (
+                " The reference uses Ensembl ids and the slide gene symbols: convert one of them."
+            )
         raise GeneMismatchError(
             f"slide and reference share {len(shared)} gene(s), at least {MIN_SHARED_GENES} are needed "
             f"(slide e.g. {s[:3].tolist()}, reference e.g. {r[:3].tolist()}).{hint}"
@@ -275,7 +318,7 @@ class Prepared:
     info: dict = field(default_factory=dict)
 
 
-def with_platform_effect(prep: "Prepared", log_factor: np.ndarray) -> "Prepared":
+def with_platform_effect(prep: Prepared, log_factor: np.ndarray) -> Prepared:
     """``prep`` with B's genes scaled by ``exp(log_factor)`` (columns renormalised); each
     type's mRNA content and gene share follow the change of its total in these genes."""
     Bf = prep.B.astype(np.float64) * np.exp(log_factor)[:, None]
@@ -335,7 +378,9 @@ def fitted_gene_scale(X, library_size: np.ndarray, B: np.ndarray, V: np.ndarray)
     excess = np.maximum(((Xd - fit) ** 2).mean(0) - poisson, 0.0)
     var = poisson + excess
     positive = var[var > 0]
-    var = np.maximum(var, np.quantile(positive, 0.01) if positive.size else 1.0)  # as 'sqrt' floors the mean
+    var = np.maximum(
+        var, np.quantile(positive, 0.01) if positive.size else 1.0
+    )  # as 'sqrt' floors the mean
     return _normalised_scale(B, var**-0.5)
 
 
@@ -414,5 +459,10 @@ def prepare(
         gene_share=share,
         spot_mask=spot_mask,
         library_size=lib,
-        info={"n_shared_genes": int(n_shared), "n_genes_used": int(si.size), "n_spots_used": int(spot_mask.sum()), "n_spots_empty": n_empty},
+        info={
+            "n_shared_genes": int(n_shared),
+            "n_genes_used": int(si.size),
+            "n_spots_used": int(spot_mask.sum()),
+            "n_spots_empty": n_empty,
+        },
     )

@@ -15,7 +15,7 @@ import scipy.sparse as sp
 
 from .preprocess import Reference
 
-__all__ = ["SimulatedSlide", "simulate_proportions", "simulate_counts", "simulate_slide"]
+__all__ = ["SimulatedSlide", "simulate_counts", "simulate_proportions", "simulate_slide"]
 
 KINDS = ("smooth", "regions", "gradient")
 
@@ -113,7 +113,7 @@ def simulate_proportions(
         cut = np.sort(prob, axis=1)[:, -k_max][:, None]
         prob = np.where(prob >= cut, prob, 0.0)
     prob = np.where(prob >= min_fraction, prob, 0.0)
-    prob[np.arange(n), prob.argmax(1)] += (prob.sum(1) == 0)
+    prob[np.arange(n), prob.argmax(1)] += prob.sum(1) == 0
     return prob / prob.sum(1, keepdims=True)
 
 
@@ -192,11 +192,21 @@ def simulate_slide(
     """A slide on ``coords`` with known cell and mRNA fractions."""
     rng = np.random.default_rng(seed)
     prob = simulate_proportions(
-        coords, len(reference.cell_types), kind=kind, spacing=spacing,
-        max_types_per_spot=max_types_per_spot, features=features, rng=rng,
+        coords,
+        len(reference.cell_types),
+        kind=kind,
+        spacing=spacing,
+        max_types_per_spot=max_types_per_spot,
+        features=features,
+        rng=rng,
     )
     counts, cf, mf, nc = simulate_counts(
-        prob, reference, mean_cells=mean_cells, library_sizes=library_sizes,
-        platform_sigma=platform_sigma, dispersion=dispersion, rng=rng,
+        prob,
+        reference,
+        mean_cells=mean_cells,
+        library_sizes=library_sizes,
+        platform_sigma=platform_sigma,
+        dispersion=dispersion,
+        rng=rng,
     )
     return SimulatedSlide(counts, cf, mf, nc, kind)

@@ -20,9 +20,15 @@ from .preprocess import Reference, normalise_counts
 from .simulate import KINDS, simulate_slide
 
 __all__ = [
-    "TrainingSlide", "make_training_slides", "train_unrolled", "TrainReport", "Cancelled", "estimate_noise",
+    "Cancelled",
+    "TrainReport",
+    "TrainingSlide",
+    "calibrated_noise_ranges",
+    "estimate_noise",
+    "estimate_platform_effect",
+    "make_training_slides",
     "reference_overdispersion",
-    "calibrated_noise_ranges", "estimate_platform_effect",
+    "train_unrolled",
 ]
 
 
@@ -54,7 +60,17 @@ class TrainReport:
     noise: dict | None = None
 
     def as_dict(self) -> dict:
-        out = {k: getattr(self, k) for k in ("val_rmse_initial", "val_rmse", "train_rmse", "epochs", "best_epoch", "seconds")}
+        out = {
+            k: getattr(self, k)
+            for k in (
+                "val_rmse_initial",
+                "val_rmse",
+                "train_rmse",
+                "epochs",
+                "best_epoch",
+                "seconds",
+            )
+        }
         if self.noise is not None:
             out["noise"] = {k: float(v) for k, v in self.noise.items()}
         return out
@@ -99,8 +115,12 @@ def make_training_slides(
         if reference.cell_counts is None:
             disp = float(np.exp(rng.uniform(np.log(dispersion[0]), np.log(dispersion[1]))))
         sim = simulate_slide(
-            xy[idx], reference, kind=KINDS[i % len(KINDS)], features=feats,
-            library_sizes=library_sizes, spacing=graph.spacing,
+            xy[idx],
+            reference,
+            kind=KINDS[i % len(KINDS)],
+            features=feats,
+            library_sizes=library_sizes,
+            spacing=graph.spacing,
             mean_cells=float(rng.uniform(*mean_cells)),
             platform_sigma=float(rng.uniform(*platform_sigma)),
             dispersion=disp,
@@ -136,7 +156,9 @@ def _stack(slides: list[TrainingSlide]) -> TrainingSlide:
         offset += s.X.shape[0]
     graph = None
     if parts:
-        cat = lambda key: torch.cat([g[key] + (o if key in ("rows", "cols") else 0) for g, o in parts])  # noqa: E731
+        cat = lambda key: torch.cat(
+            [g[key] + (o if key in ("rows", "cols") else 0) for g, o in parts]
+        )
         has_feat = all(g["feature_distance"] is not None for g, _ in parts)
         graph = {
             "rows": cat("rows"),
@@ -155,7 +177,9 @@ def _noise(model, batch: TrainingSlide, overdispersion: float):
 def _rmse(model, batch, B, scale, content, overdispersion=0.0) -> float:
     with torch.no_grad():
         V = model(batch.X, B, scale, batch.graph, noise=_noise(model, batch, overdispersion))
-        return float(torch.sqrt(((model.cell_fractions(V, content, batch.graph) - batch.truth) ** 2).mean()))
+        return float(
+            torch.sqrt(((model.cell_fractions(V, content, batch.graph) - batch.truth) ** 2).mean())
+        )
 
 
 def train_unrolled(
@@ -197,7 +221,9 @@ def train_unrolled(
     train_batch, val_batch = _stack(train_slides), _stack(val_slides)
     # the cell-fraction head is learned with the shipped parameters on the zeroed output users get
     # (benchmarks/train_defaults.py --head-only); fine-tuning's loss is on unzeroed fractions
-    params = [p for name, p in model.named_parameters() if p.requires_grad and name not in HEAD_PARAMETERS]
+    params = [
+        p for name, p in model.named_parameters() if p.requires_grad and name not in HEAD_PARAMETERS
+    ]
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(epochs // 3, 1), gamma=0.5)
     best = _rmse(model, val_batch, Bt, st, ct, overdispersion)
@@ -210,7 +236,13 @@ def train_unrolled(
         if should_stop is not None and should_stop():
             raise Cancelled("training cancelled")
         opt.zero_grad()
-        V = model(train_batch.X, Bt, st, train_batch.graph, noise=_noise(model, train_batch, overdispersion))
+        V = model(
+            train_batch.X,
+            Bt,
+            st,
+            train_batch.graph,
+            noise=_noise(model, train_batch, overdispersion),
+        )
         mse = ((model.cell_fractions(V, ct, train_batch.graph) - train_batch.truth) ** 2).mean()
         loss = mse + gene_weight_penalty * (model.log_gene_weight**2).mean()
         loss.backward()
@@ -230,10 +262,14 @@ def train_unrolled(
     if best > initial * (1.0 - min_improvement):
         best_state, best, best_epoch = initial_state, initial, 0
     model.load_state_dict(best_state)
-    return TrainReport(initial, best, train_rmse, len(history), best_epoch, time.perf_counter() - t0, history)
+    return TrainReport(
+        initial, best, train_rmse, len(history), best_epoch, time.perf_counter() - t0, history
+    )
 
 
-def estimate_platform_effect(X, library_size: np.ndarray, B: np.ndarray, V: np.ndarray, *, min_count: float = 20.0) -> np.ndarray:
+def estimate_platform_effect(
+    X, library_size: np.ndarray, B: np.ndarray, V: np.ndarray, *, min_count: float = 20.0
+) -> np.ndarray:
     """Per-gene log factor by which the slide's platform measures each gene differently from
     the reference (as RCTD's platform-effect fit), from the slide totals: observed
     ``Σ_s x_sg`` against predicted ``Σ_s lib_s (B V)_sg``.
@@ -244,7 +280,11 @@ def estimate_platform_effect(X, library_size: np.ndarray, B: np.ndarray, V: np.n
     (never densified); ``V`` are mRNA fractions over the same genes.
     """
     lib = np.asarray(library_size, dtype=np.float64)
-    obs = np.asarray(X.T @ lib).ravel() if hasattr(X, "tocsr") else np.asarray(X, dtype=np.float64).T @ lib
+    obs = (
+        np.asarray(X.T @ lib).ravel()
+        if hasattr(X, "tocsr")
+        else np.asarray(X, dtype=np.float64).T @ lib
+    )
     pred = np.asarray(B, dtype=np.float64) @ (np.asarray(V, dtype=np.float64).T @ lib)
     ok = (obs >= min_count) & (pred > 0)
     out = np.zeros(obs.size)
@@ -266,7 +306,9 @@ def _log_ratio_spread(observed: np.ndarray, predicted: np.ndarray) -> tuple[np.n
     return r, max(spread**2 - float(np.median(1.0 / observed)), 0.0)
 
 
-def estimate_noise(X, library_size: np.ndarray, B: np.ndarray, V: np.ndarray, *, min_mu: float = 2.0) -> dict:
+def estimate_noise(
+    X, library_size: np.ndarray, B: np.ndarray, V: np.ndarray, *, min_mu: float = 2.0
+) -> dict:
     """Noise of the real slide beyond the reference, from a first (untrained) fit.
 
     ``X`` spots x genes (rows sum to one), ``library_size`` per spot, ``B`` genes x types
@@ -281,7 +323,9 @@ def estimate_noise(X, library_size: np.ndarray, B: np.ndarray, V: np.ndarray, *,
     V = np.asarray(V, dtype=np.float64)
     B = np.asarray(B, dtype=np.float64)
     # slide totals without dense matrices; the dense spots x genes work below is done in place
-    tot_o = np.asarray(X.T @ lib).ravel() if sp.issparse(X) else np.asarray(X, dtype=np.float64).T @ lib
+    tot_o = (
+        np.asarray(X.T @ lib).ravel() if sp.issparse(X) else np.asarray(X, dtype=np.float64).T @ lib
+    )
     tot_m = B @ (V.T @ lib)
     ok = (tot_o > 20) & (tot_m > 0)
     if ok.sum() < 10:
@@ -321,7 +365,9 @@ def _overdispersion(noise: dict) -> float:
     return 1.0 / shape if np.isfinite(shape) and shape > 0 else 0.0
 
 
-def reference_overdispersion(reference: Reference, *, max_cells: int = 2_000, seed: int = 0) -> float:
+def reference_overdispersion(
+    reference: Reference, *, max_cells: int = 2_000, seed: int = 0
+) -> float:
     """φ of single cells around their type's profile, measured as :func:`estimate_noise` measures
     a slide (each cell a "spot" of one type); 0 for a signature-only reference.
 
