@@ -1,6 +1,5 @@
 """End to end: accuracy on the demo slide, outputs, reproducibility, bad input, CLI."""
 
-
 import anndata as ad
 import numpy as np
 import pandas as pd

@@ -30,7 +30,7 @@ def test_gui_module_skips_without_a_display(tmp_path, display):
             "-q",
             "-p",
             "no:cacheprovider",
-            "tests/test_napari_widget.py",
+            "tests/napari/test_widget.py",
         ],
         cwd=ROOT,
         env=env,

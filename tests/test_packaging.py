@@ -78,7 +78,14 @@ def test_wheel_contains_manifest_and_data(wheel):
         assert zf.read(f"{PKG}/napari.yaml") == (ROOT / "napari.yaml").read_bytes()
         for name in DATA_FILES:
             assert f"{PKG}/data/{name}" in names, name
-        for module in ("_widget", "_reader", "_writer", "_sample_data", "_layers", "histology"):
+        for module in (
+            "_napari/widget",
+            "_napari/reader",
+            "_napari/writer",
+            "_napari/sample_data",
+            "layers",
+            "histology",
+        ):
             assert f"{PKG}/{module}.py" in names
         ep = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
         entry_points = zf.read(ep).decode()

@@ -1,8 +1,8 @@
 """napari-stlnmf: cell-type deconvolution of spatial transcriptomics by unrolled STL NMF.
 
 The compute core (``io``, ``graph``, ``model``, ``simulate``, ``train``, ``metrics``,
-``deconvolve``) imports neither Qt nor napari; the napari layer lives in ``_widget``,
-``_reader``, ``_writer`` and ``_sample_data``.
+``deconvolve``, ``layers``) imports neither Qt nor napari; everything that does lives in the
+``_napari`` subpackage (dock widget, reader, writer, sample data).
 """
 
 __version__ = "0.1.0"

@@ -9,16 +9,16 @@ import pytest
 napari = pytest.importorskip("napari")
 
 from napari_stlnmf import deconvolve
-from napari_stlnmf._layers import (
+from napari_stlnmf.layers import (
     RESULT_TAG,
     SLIDE_TAG,
     result_layers,
     slide_for_deconvolution,
     slide_layers,
 )
-from napari_stlnmf._reader import napari_get_reader
-from napari_stlnmf._sample_data import make_demo_sample, make_histology_sample
-from napari_stlnmf._writer import write_proportions
+from napari_stlnmf._napari.reader import napari_get_reader
+from napari_stlnmf._napari.sample_data import make_demo_sample, make_histology_sample
+from napari_stlnmf._napari.writer import write_proportions
 from napari_stlnmf.datasets import DEMO_REFERENCE, load_demo
 from napari_stlnmf.errors import StlnmfError
 

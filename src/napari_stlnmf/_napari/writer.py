@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._constants import PROPORTIONS_KEY, SPATIAL_KEY
-from ._layers import RESULT_TAG
-from .errors import StlnmfError
+from .._constants import PROPORTIONS_KEY, SPATIAL_KEY
+from ..layers import RESULT_TAG
+from ..errors import StlnmfError
 
 
 def _result_table(meta: dict) -> pd.DataFrame:

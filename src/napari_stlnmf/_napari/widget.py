@@ -30,7 +30,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import QComboBox
 
-from ._layers import (
+from ..layers import (
     DOMINANT_LAYER,
     RESULT_TAG,
     SLIDE_TAG,
@@ -38,7 +38,7 @@ from ._layers import (
     result_layers,
     slide_for_deconvolution,
 )
-from .errors import StlnmfError
+from ..errors import StlnmfError
 
 __all__ = ["DeconvolveWidget", "run_deconvolution"]
 
@@ -72,7 +72,7 @@ def run_deconvolution(job: Job, progress=None, should_stop=None):
     Returns ``('ok', result)``, ``('cancelled', message)`` or ``('error', message)``;
     unexpected exceptions propagate (napari reports them as bugs).
     """
-    from . import Cancelled, deconvolve
+    from .. import Cancelled, deconvolve
 
     try:
         result = deconvolve(
@@ -268,7 +268,7 @@ class DeconvolveWidget(Container):
         return Path(value)
 
     def _on_reference(self):
-        from . import io
+        from .. import io
 
         path = self._reference_path()
         self._columns = []

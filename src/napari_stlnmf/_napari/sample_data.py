@@ -6,12 +6,12 @@ demo reference so the widget can deconvolve right away.
 
 from __future__ import annotations
 
-from ._layers import slide_layers
+from ..layers import slide_layers
 
 
 def make_demo_sample() -> list[tuple]:
     """Synthetic demo slide (H&E-like image, 8 cell types, known truth)."""
-    from .datasets import DEMO_CELL_TYPE_KEY, DEMO_REFERENCE, load_demo
+    from ..datasets import DEMO_CELL_TYPE_KEY, DEMO_REFERENCE, load_demo
 
     slide, _ = load_demo()
     return slide_layers(
@@ -21,8 +21,8 @@ def make_demo_sample() -> list[tuple]:
 
 def make_histology_sample() -> list[tuple]:
     """Real Visium H&E and spot layout (scanpy test data, BSD-3) with SIMULATED expression."""
-    from .datasets import DEMO_CELL_TYPE_KEY, DEMO_REFERENCE
-    from .histology import make_histology_slide
+    from ..datasets import DEMO_CELL_TYPE_KEY, DEMO_REFERENCE
+    from ..histology import make_histology_slide
 
     slide, _ = make_histology_slide(seed=0)
     return slide_layers(

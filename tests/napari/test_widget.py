@@ -10,7 +10,7 @@ import pytest
 
 napari = pytest.importorskip("napari")
 
-from napari_stlnmf._layers import DOMINANT_LAYER, FIT_ERROR_LAYER, RESULT_TAG
+from napari_stlnmf.layers import DOMINANT_LAYER, FIT_ERROR_LAYER, RESULT_TAG
 from napari_stlnmf.datasets import DEMO_REFERENCE
 
 WIDGET = "Deconvolve (STL NMF)"
@@ -44,7 +44,7 @@ def _result_layers(viewer):
 def errors(monkeypatch):
     """Collect the messages the widget shows with show_error."""
     seen = []
-    import napari_stlnmf._widget as w
+    import napari_stlnmf._napari.widget as w
 
     monkeypatch.setattr(w, "show_error", lambda msg: seen.append(str(msg)))
     return seen

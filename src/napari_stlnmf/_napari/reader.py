@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._layers import result_layers_from_adata, slide_layers
+from ..layers import result_layers_from_adata, slide_layers
 
 _MATRIX_H5 = "filtered_feature_bc_matrix.h5"
 
@@ -54,7 +54,7 @@ def napari_get_reader(path):
 
 def read_slide_layers(path) -> list[tuple]:
     """Read a slide (and saved results, if any) as napari layer-data tuples."""
-    from . import io
+    from .. import io
 
     if isinstance(path, (list, tuple)):
         path = path[0]
