@@ -107,7 +107,7 @@ def test_saved_model_reused_without_training(demo, trained_demo):
 
 def test_same_seed_same_output(demo):
     slide, reference = demo
-    kw = dict(cell_type_key=KEY, train=True, train_epochs=3, n_train_slides=3)
+    kw = {"cell_type_key": KEY, "train": True, "train_epochs": 3, "n_train_slides": 3}
     a = deconvolve(slide, reference, seed=1, **kw).proportions
     b = deconvolve(slide, reference, seed=1, **kw).proportions
     pd.testing.assert_frame_equal(a, b)
@@ -430,20 +430,19 @@ def test_per_entry_weights_beat_gene_weights_on_mrna_fractions(demo, trained_dem
         deconvolve(slide, reference, cell_type_key=KEY, method="classic", gene_weighting="nb")
 
 
-def test_compact_gram_matrices_give_the_same_maps(demo, monkeypatch):
+def test_compact_gram_matrices_give_the_same_maps(demo):
     """Past the float32 limit the per-spot Gram matrices are kept as bfloat16 upper triangles
     (10^6 bins x 50 types: 2.6 GB instead of 10 GB): the maps hardly move."""
-    from napari_stlnmf import api
+    from napari_stlnmf.api import DeconvolutionSettings, run_deconvolution
     from napari_stlnmf.model import gram_bytes
 
     slide, reference = demo
     full = deconvolve(slide, reference, cell_type_key=KEY)
     assert full.info["train"] is None  # the default run uses the shipped parameters, no fine-tuning
     n, p = slide.n_obs, full.proportions.shape[1]
-    monkeypatch.setattr(
-        api, "MAX_GRAM_BYTES", (gram_bytes(n, p) + gram_bytes(n, p, compact=True)) // 2
-    )
-    compact = deconvolve(slide, reference, cell_type_key=KEY)
+    limit = (gram_bytes(n, p) + gram_bytes(n, p, compact=True)) // 2
+    settings = DeconvolutionSettings(max_gram_bytes=limit)
+    compact = run_deconvolution(slide, reference, settings, cell_type_key=KEY)
     assert (
         full.info["gram_storage"] == "float32"
         and compact.info["gram_storage"] == "bfloat16 upper triangles"
@@ -455,34 +454,34 @@ def test_compact_gram_matrices_give_the_same_maps(demo, monkeypatch):
     assert abs(r_compact - r_full) < 0.01 * r_full, (r_compact, r_full)
 
 
-def test_per_entry_weights_fall_back_when_their_gram_matrices_would_not_fit(demo, monkeypatch):
+def test_per_entry_weights_fall_back_when_their_gram_matrices_would_not_fit(demo):
     """Per-spot Gram matrices are spots x types² floats: past the limit even as bfloat16 upper
     triangles the default falls back to one weight per gene with a warning; asking for 'nb'
     explicitly fails with the sizes and the way out."""
-    from napari_stlnmf import api
+    from napari_stlnmf.api import DeconvolutionSettings, run_deconvolution
 
     slide, reference = demo
-    monkeypatch.setattr(api, "MAX_GRAM_BYTES", 1024)
+    small = DeconvolutionSettings(max_gram_bytes=1024)
     with pytest.warns(RuntimeWarning, match="per-entry weights need"):
-        res = deconvolve(slide, reference, cell_type_key=KEY, train=False)
+        res = run_deconvolution(slide, reference, small, cell_type_key=KEY)
     assert res.info["gene_weighting"] == "sqrt" and res.info["overdispersion"] is None
     assert np.isfinite(res.proportions.to_numpy()).all()
+    explicit = DeconvolutionSettings(max_gram_bytes=1024, gene_weighting="nb")
     with pytest.raises(StlnmfError, match="gene_weighting='fitted'"):
-        deconvolve(slide, reference, cell_type_key=KEY, train=False, gene_weighting="nb")
+        run_deconvolution(slide, reference, explicit, cell_type_key=KEY)
 
 
-def test_platform_refinement_reads_the_effect_without_absent_types(
-    demo, demo_reference, monkeypatch
-):
+def test_platform_refinement_reads_the_effect_without_absent_types(demo, demo_reference):
     """A shallow slide with a per-gene platform effect: the quick fit leaves a little of every
     absent type in each spot, and read off the slide totals that excess looks like a platform
     effect on those types' genes. Refining the factors on a fit with small proportions zeroed
     brings the mRNA fractions (and cell fractions) closer to the truth."""
-    from napari_stlnmf import api
+    from napari_stlnmf.api import DeconvolutionSettings, run_deconvolution
+    from napari_stlnmf.calibration import PLATFORM_REFINE_PASSES
     from napari_stlnmf.datasets import hex_layout
     from napari_stlnmf.simulate import simulate_slide
 
-    slide_demo, reference = demo
+    _, reference = demo
     xy = hex_layout(22, 22, pitch=100.0)
     sim = simulate_slide(
         xy,
@@ -495,15 +494,15 @@ def test_platform_refinement_reads_the_effect_without_absent_types(
     slide = ad.AnnData(X=sp.csr_matrix(sim.counts), var=pd.DataFrame(index=demo_reference.genes))
     slide.obsm["spatial"] = xy
     errors = {}
-    for passes in (0, api.PLATFORM_REFINE_PASSES):
-        monkeypatch.setattr(api, "PLATFORM_REFINE_PASSES", passes)
-        res = deconvolve(slide, reference, cell_type_key=KEY, train=False)
+    for passes in (0, PLATFORM_REFINE_PASSES):
+        settings = DeconvolutionSettings(platform_refine_passes=passes)
+        res = run_deconvolution(slide, reference, settings, cell_type_key=KEY)
         cols = demo_reference.cell_types
         errors[passes] = (
             rmse(res.mrna_fractions[cols].to_numpy(), sim.mrna_fractions),
             rmse(res.cell_fractions[cols].to_numpy(), sim.cell_fractions),
         )
-    before, after = errors[0], errors[api.PLATFORM_REFINE_PASSES]
+    before, after = errors[0], errors[PLATFORM_REFINE_PASSES]
     assert after[0] < 0.9 * before[0], errors
     assert after[1] < before[1], errors
 
@@ -598,3 +597,44 @@ def test_cell_fraction_head_lowers_cell_error_and_leaves_mrna_alone(demo, tmp_pa
         for name, r in (("with", with_head), ("without", without))
     }
     assert err["with"] < 0.98 * err["without"], err
+
+
+def test_gene_weighting_choice_follows_the_memory_limit():
+    """Per-spot Gram matrices go compact past the float32 limit; past the compact limit the
+    default falls back to per-gene weights with a warning, an explicit 'nb' is an error."""
+    from napari_stlnmf.model import gram_bytes
+    from napari_stlnmf.pipeline import choose_gene_weighting
+
+    n, p = 10_000, 20
+    roomy = choose_gene_weighting("nb", explicit=False, train=False, n_spots=n, n_types=p)
+    assert roomy == ("nb", False)
+    between = (gram_bytes(n, p) + gram_bytes(n, p, compact=True)) // 2
+    kw = {"explicit": False, "train": False, "n_spots": n, "n_types": p}
+    assert choose_gene_weighting("nb", max_gram_bytes=between, **kw) == ("nb", True)
+    with pytest.warns(RuntimeWarning, match="per-entry weights need"):
+        assert choose_gene_weighting("nb", max_gram_bytes=1024, **kw)[0] == "sqrt"
+    with pytest.warns(RuntimeWarning):
+        trained = choose_gene_weighting("nb", max_gram_bytes=1024, **{**kw, "train": True})
+    assert trained[0] == "fitted"
+    with pytest.raises(StlnmfError, match="fewer cell types"):
+        choose_gene_weighting("nb", max_gram_bytes=1024, **{**kw, "explicit": True})
+    assert choose_gene_weighting("sqrt", max_gram_bytes=1024, **kw)[0] == "sqrt"
+
+
+def test_stages_reported_in_order_and_named_for_people(demo):
+    from napari_stlnmf.progress import Stage
+
+    slide, reference = demo
+    seen = []
+    deconvolve(slide, reference, cell_type_key=KEY, progress=lambda s, i, n: seen.append(s))
+    order = list(dict.fromkeys(seen))
+    assert order == [
+        Stage.READING,
+        Stage.PREPARING,
+        Stage.GRAPH,
+        Stage.PLATFORM,
+        Stage.DECONVOLVING,
+        Stage.DONE,
+    ]
+    assert all(isinstance(s, Stage) for s in seen) and seen[0] == "reading"  # str-compatible
+    assert {s.label for s in Stage} and Stage.TRAINING.label == "Training on simulated slides"

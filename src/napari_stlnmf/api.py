@@ -1,17 +1,17 @@
-"""One call from a slide and a reference to cell-type proportions: :func:`deconvolve`."""
+"""One call from a slide and a reference to cell-type proportions: :func:`deconvolve`, a driver
+over the public steps of :mod:`napari_stlnmf.pipeline`."""
 
 from __future__ import annotations
 
 import time
-import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from . import __version__
+from . import __version__, io
 from ._constants import (
     FIT_ERROR_KEY,
     MRNA_FRACTIONS_KEY,
@@ -20,50 +20,37 @@ from ._constants import (
     SPATIAL_KEY,
     UNS_KEY,
 )
+from .calibration import calibrate
 from .errors import StlnmfError
-from .graph import SpatialGraph, build_graph, region_features, spot_image_features
-from .model import (
-    DEFAULTS,
-    REFRESH_LAYERS,
-    EntryNoise,
-    UnrolledNMF,
-    finalize_proportions,
-    gram_bytes,
-    pick_device,
-    solve,
-    to_cell_fractions,
+from .graph import region_features, spot_image_features
+from .model import EntryNoise, UnrolledNMF, pick_device
+from .pipeline import (
+    DeconvolutionSettings,
+    build_model,
+    build_spot_graph,
+    choose_gene_weighting,
+    default_gene_weighting,
+    default_params_path,
+    fine_tune,
+    finish,
+    fit,
+    load_reference,
+    load_slide,
+    shipped_refinement_model,
 )
-from .preprocess import (
-    Prepared,
-    Reference,
-    build_reference,
-    fitted_gene_scale,
-    prepare,
-    with_platform_effect,
-)
-from .train import (
-    Cancelled,
-    _overdispersion,
-    _sample_rows,
-    calibrated_noise_ranges,
-    estimate_noise,
-    estimate_platform_effect,
-    make_training_slides,
-    reference_overdispersion,
-    train_unrolled,
-)
+from .preprocess import prepare
+from .progress import Cancelled, Stage, check_stop, report
 
-NOISE_SAMPLE_SPOTS = 5000  # spots used to measure the slide's noise before training
-MAX_GRAM_BYTES = (
-    4 * 2**30
-)  # per-entry weights' per-spot Gram matrices (float32, else compact bfloat16)
+__all__ = [
+    "Cancelled",
+    "DeconvolutionResult",
+    "DeconvolutionSettings",
+    "deconvolve",
+    "default_params_path",
+    "run_deconvolution",
+]
 
-__all__ = ["Cancelled", "DeconvolutionResult", "deconvolve", "default_params_path"]
-
-
-def default_params_path() -> Path:
-    """Parameters shipped with the package (λ's and σ's learned on simulated slides)."""
-    return Path(__file__).parent / "data" / "default_params.pt"
+_SETTINGS = {f for f in DeconvolutionSettings.__dataclass_fields__}
 
 
 @dataclass
@@ -94,42 +81,6 @@ class DeconvolutionResult:
     info: dict = field(default_factory=dict)
     adata: object | None = None
     model: UnrolledNMF | None = None
-
-
-def _report(progress, stage, i, n):
-    if progress is not None:
-        progress(stage, i, n)
-
-
-def _check_stop(should_stop):
-    if should_stop is not None and should_stop():
-        raise Cancelled("deconvolution cancelled")
-
-
-def _as_adata(slide, coords):
-    import anndata as ad
-
-    from . import io
-
-    if isinstance(slide, (str, Path)):
-        return io.read_slide(slide, coords=coords) if coords is not None else io.read_slide(slide)
-    if isinstance(slide, ad.AnnData):
-        return slide
-    raise StlnmfError(
-        f"slide must be an AnnData or a path (.h5ad, Space Ranger outs/ folder, counts CSV), "
-        f"not {type(slide).__name__}"
-    )
-
-
-def _as_reference(reference, cell_type_key) -> Reference:
-    from . import io
-
-    if isinstance(reference, Reference):
-        return reference
-    if isinstance(reference, (str, Path)):
-        reference = io.read_reference(reference, cell_type_key=cell_type_key)
-    io.validate_reference(reference, cell_type_key=cell_type_key)
-    return build_reference(reference, cell_type_key=cell_type_key)
 
 
 def slide_features(adata, mask, *, library_id=None, use_image=True, region_key=None):
@@ -253,291 +204,156 @@ def deconvolve(
         For AnnData input, ``result.adata`` is a *copy* of the slide with
         ``obsm['stlnmf_proportions']`` and ``uns['stlnmf']``; the input is never modified.
     """
-    from . import io
+    options = {k: v for k, v in locals().items() if k in _SETTINGS}
+    return run_deconvolution(
+        slide,
+        reference,
+        DeconvolutionSettings(**options),
+        cell_type_key=cell_type_key,
+        coords=coords,
+        progress=progress,
+        should_stop=should_stop,
+    )
 
+
+def run_deconvolution(
+    slide,
+    reference,
+    settings: DeconvolutionSettings,
+    *,
+    cell_type_key: str | None = None,
+    coords=None,
+    progress=None,
+    should_stop=None,
+) -> DeconvolutionResult:
+    """:func:`deconvolve` with its options as one :class:`~.pipeline.DeconvolutionSettings`
+    (which also holds the advanced ones): the method's steps, top to bottom."""
     t_start = time.perf_counter()
-    if method not in ("unrolled", "classic"):
-        raise StlnmfError(f"method must be 'unrolled' or 'classic', not {method!r}")
-    if fractions not in ("cell", "mrna"):
-        raise StlnmfError(f"fractions must be 'cell' or 'mrna', not {fractions!r}")
-    if not (
-        min_proportion == "auto"
-        or (isinstance(min_proportion, (int, float)) and 0 <= min_proportion < 1)
-    ):
-        raise StlnmfError(
-            f"min_proportion must be 'auto' or a number in [0, 1), not {min_proportion!r}"
-        )
-    rng_seed = int(seed)
-    torch.manual_seed(rng_seed)
-    dev = pick_device(device)
+    s = settings
+    torch.manual_seed(int(s.seed))
+    device = pick_device(s.device)
 
-    _report(progress, "reading", 0, 1)
-    adata = _as_adata(slide, coords)
+    report(progress, Stage.READING, 0, 1)
+    adata = load_slide(slide, coords)
     io.validate_slide(adata)
-    ref = _as_reference(reference, cell_type_key)
-    _check_stop(should_stop)
+    ref = load_reference(reference, cell_type_key)
+    check_stop(should_stop)
 
-    weighting_given = gene_weighting is not None
-    if gene_weighting is None:
-        gene_weighting = _default_gene_weighting(method, params, train)
-    if gene_weighting == "nb" and method != "unrolled":
-        raise StlnmfError("gene_weighting='nb' (per-entry weights) needs method='unrolled'")
-    _report(progress, "preparing", 0, 1)
-    prep: Prepared = prepare(
-        adata.X,
-        adata.var_names,
-        ref,
-        n_markers=n_markers,
-        case_insensitive=case_insensitive,
-        gene_weighting=gene_weighting,
+    report(progress, Stage.PREPARING, 0, 1)
+    requested = s.gene_weighting or default_gene_weighting(s.method, s.params, s.train)
+    prep = prepare(
+        adata.X, adata.var_names, ref,
+        n_markers=s.n_markers, case_insensitive=s.case_insensitive, gene_weighting=requested,
+    )  # fmt: skip
+    weighting, compact_gram = choose_gene_weighting(
+        requested,
+        explicit=s.gene_weighting is not None,
+        train=s.train,
+        n_spots=int(prep.spot_mask.sum()),
+        n_types=len(prep.cell_types),
+        max_gram_bytes=s.max_gram_bytes,
     )
-    mask = prep.spot_mask
-    n_kept, n_types = int(mask.sum()), len(prep.cell_types)
-    # past the limit in float32, the Gram matrices are kept as bfloat16 upper triangles (a quarter)
-    compact_gram = gram_bytes(n_kept, n_types) > MAX_GRAM_BYTES
-    needed = gram_bytes(n_kept, n_types, compact=True)
-    if gene_weighting == "nb" and needed > MAX_GRAM_BYTES:
-        fallback = "fitted" if train else "sqrt"
-        message = (
-            f"per-entry weights need {needed / 2**30:.1f} GiB of per-spot Gram matrices (bfloat16 upper "
-            f"triangles) for {n_kept:,} spots x {n_types} cell types (limit {MAX_GRAM_BYTES / 2**30:.0f} GiB)"
-        )
-        if weighting_given:
-            raise StlnmfError(
-                message + "; use gene_weighting='fitted' (or 'sqrt') or fewer cell types"
-            )
-        warnings.warn(
-            f"{message}: using one weight per gene ('{fallback}') instead",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        gene_weighting = (
-            fallback  # prepare() scaled genes the same way for both ('sqrt' until fitted)
-        )
-    xy = np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64)[:, :2]
-    _check_stop(should_stop)
+    check_stop(should_stop)
 
-    _report(progress, "graph", 0, 1)
-    features, feature_source = slide_features(
-        adata, mask, library_id=library_id, use_image=use_image, region_key=region_key
-    )
-    graph: SpatialGraph = build_graph(xy[mask], n_neighbors=n_neighbors, features=features)
-    _check_stop(should_stop)
+    report(progress, Stage.GRAPH, 0, 1)
+    spots = build_spot_graph(adata, prep, s)
+    check_stop(should_stop)
 
-    ref_sel = ref.subset_genes(prep.genes)
-    m, p = prep.B.shape
-    B = torch.as_tensor(prep.B, device=dev)
-    scale = torch.as_tensor(prep.gene_scale, device=dev)
+    unrolled = s.method == "unrolled"
+    platform = unrolled and s.fit_platform_effect
+    if unrolled and (platform or weighting in ("fitted", "nb")):
+        report(progress, Stage.PLATFORM, 0, 1)
+    calibration = calibrate(
+        prep, ref,
+        slide_counts=adata.X, gene_weighting=weighting, min_proportion=s.min_proportion,
+        platform_effect=platform, refine_with=shipped_refinement_model(prep) if platform else None,
+        refine_passes=s.platform_refine_passes, seed=int(s.seed), device=device,
+    )  # fmt: skip
+    prep = calibration.prepared
+    check_stop(should_stop)
+    entry_noise = None
+    if weighting == "nb":
+        library = torch.as_tensor(prep.library_size, device=device)
+        phi = calibration.noise.overdispersion
+        entry_noise = EntryNoise(library, phi, compact_gram=compact_gram)
+
+    model = build_model(prep, s, entry_weights=entry_noise is not None) if unrolled else None
     train_report = None
-    if method == "unrolled" and (fit_platform_effect or gene_weighting in ("fitted", "nb")):
-        _report(progress, "platform", 0, 1)
-    if method == "unrolled" and fit_platform_effect:
-        prep, log_factor = _fit_platform_effect(prep, rng_seed)
-        ref_sel = ref_sel.scale_genes(np.exp(log_factor))
-        B = torch.as_tensor(prep.B, device=dev)
-        _check_stop(should_stop)
-    entry_noise = first_noise = None
-    cells_per_spot = None
-    # φ's Poisson part assumes raw counts on both sides (scaled or normalised values would fake noise)
-    counts_both = (
-        ref.cell_counts is not None
-        and _integer_valued(ref.cell_counts)
-        and _integer_valued(adata.X)
-    )
-    auto_threshold = min_proportion == "auto" and counts_both
-    if gene_weighting in ("fitted", "nb") or auto_threshold:
-        sample = _sample_rows(prep.X.shape[0], NOISE_SAMPLE_SPOTS, rng_seed)
-        V_first = _quick_fit(prep, sample, prep.gene_scale)
-        X_s, lib_s = prep.X[sample], prep.library_size[sample]
-        slide_noise = estimate_noise(X_s, lib_s, prep.B, V_first)
-        if gene_weighting == "fitted":
-            prep = replace(prep, gene_scale=fitted_gene_scale(X_s, lib_s, prep.B, V_first))
-            scale = torch.as_tensor(prep.gene_scale, device=dev)
-        elif gene_weighting == "nb":
-            first_noise = slide_noise
-            entry_noise = EntryNoise(
-                torch.as_tensor(prep.library_size, device=dev),
-                _overdispersion(slide_noise),
-                compact_gram=compact_gram,
-            )
-        if counts_both:  # the reference's own counts: ref_sel's are rescaled by the platform effect
-            cell_phi = reference_overdispersion(ref.subset_genes(prep.genes), seed=rng_seed)
-            cells_per_spot = effective_cells_per_spot(cell_phi, _overdispersion(slide_noise))
-    if min_proportion == "auto":
-        min_proportion = auto_min_proportion(cells_per_spot)
-    if method == "unrolled":
-        param_file = params if params is not None else default_params_path()
-        if Path(param_file).exists():
-            model, _ = UnrolledNMF.load(param_file, genes=list(prep.genes), n_types=p)
-        elif params is not None:
-            raise StlnmfError(f"parameter file {params} does not exist")
-        else:
-            model = UnrolledNMF(m, p, omega=DEFAULTS.omega_start)
-        if n_layers is not None and n_layers != model.n_layers:
-            model.n_layers = int(n_layers)
-            if not model.tied:
-                raise StlnmfError("n_layers cannot be changed for an untied (per-layer) model")
-        if entry_noise is None:
-            model.refresh_layers = None
-        elif model.refresh_layers is None:
-            model.refresh_layers = REFRESH_LAYERS
-        if train and not tied and model.tied:  # learn one set of λ's per layer
-            rows = model.log_lambda.detach().repeat(model.n_layers, 1)
-            model.log_lambda = torch.nn.Parameter(rows)
-            model.tied = False
-        model.to(dev)
-        if train:
-            n_val = max(2, n_train_slides // 4)
-            total = n_train_slides + n_val
-            _report(progress, "simulating", 0, total)
-            sim_kw, fit_kw = _split_train_options(train_options)
-            noise = None
-            if calibrate_noise:
-                # measured on the quick first fit when there was one (no second full-slide fit),
-                # else on a fit with the model's parameters
-                noise = (
-                    first_noise
-                    if first_noise is not None
-                    else _first_fit_noise(model, prep, B, scale, graph, rng_seed)
-                )
-                for k, v in calibrated_noise_ranges(
-                    noise, signature_only=ref_sel.cell_counts is None
-                ).items():
-                    sim_kw.setdefault(k, v)
-            slides = make_training_slides(
-                xy[mask],
-                graph,
-                ref_sel,
-                n_slides=total,
-                features=features,
-                library_sizes=prep.library_size,
-                seed=rng_seed,
-                device=dev,
-                **sim_kw,
-            )
-            _check_stop(should_stop)
-            train_report = train_unrolled(
-                model,
-                prep.B,
-                prep.gene_scale,
-                prep.mrna_content,
-                slides[:n_train_slides],
-                slides[n_train_slides:],
-                epochs=train_epochs,
-                progress=progress,
-                should_stop=should_stop,
-                seed=rng_seed,
-                overdispersion=0.0 if entry_noise is None else entry_noise.overdispersion,
-                **fit_kw,
-            )
-            train_report.noise = noise
-            _release_freed_memory()
-            if save_params is not None:
-                model.save(
-                    save_params,
-                    genes=prep.genes,
-                    cell_types=prep.cell_types,
-                    extra={"train": train_report.as_dict(), "gene_weighting": gene_weighting},
-                )
-        _report(progress, "deconvolving", 0, model.n_layers)
+    if model is not None and s.train:
+        train_report = fine_tune(
+            model, prep, ref, calibration, spots, s,
+            entry_noise=entry_noise, progress=progress, should_stop=should_stop,
+        )  # fmt: skip
+        if s.save_params is not None:
+            extra = {"train": train_report.as_dict(), "gene_weighting": weighting}
+            model.save(s.save_params, genes=prep.genes, cell_types=prep.cell_types, extra=extra)
+    solved = fit(
+        prep, spots, s,
+        model=model, entry_noise=entry_noise, progress=progress, should_stop=should_stop,
+    )  # fmt: skip
+    fractions = finish(solved, prep, spots, model=model, min_proportion=calibration.min_proportion)
 
-        def cb(i, n):
-            _report(progress, "deconvolving", i, n)
-            _check_stop(should_stop)
-
-        with torch.no_grad():
-            BtX, BtB = model.gram(prep.X, B, scale)
-        V = model.infer(prep.X, B, scale, graph, callback=cb, gram=(BtX, BtB), noise=entry_noise)
-        gene_scale_eff = (scale * model.gene_weights()).detach()
-        described = model.describe()
-    else:
-        model = None
-        s = DEFAULTS
-        g2 = scale**2
-        Bw = B * g2[:, None]
-        BtX = torch.as_tensor(np.asarray(prep.X @ Bw.cpu().numpy()), device=dev)
-        BtB = B.T @ Bw
-        n_iter = n_layers or 1000
-
-        def cb(i, n):
-            _report(progress, "deconvolving", i, n)
-            _check_stop(should_stop)
-
-        V = solve(
-            BtX,
-            BtB,
-            adjacency=graph.adjacency(s.sigma_distance, s.sigma_feature),
-            lam1=s.lambda_graph,
-            lam2=s.lambda_sum,
-            ridge=torch.full((p,), 2 * s.lambda_ridge),
-            n_iter=n_iter,
-            tol=1e-5,
-            callback=cb,
-        )
-        gene_scale_eff = scale
-        described = {
-            "lambda_graph": s.lambda_graph,
-            "lambda_sum": s.lambda_sum,
-            "lambda_ridge": s.lambda_ridge,
-            "sigma_distance": s.sigma_distance,
-            "sigma_feature": s.sigma_feature,
-            "max_iter": n_iter,
-        }
-
-    with torch.no_grad():
-        V = V / V.sum(1, keepdim=True).clamp_min(1e-12)
-        fit = _fit_error(prep.X, gene_scale_eff, V, BtX, BtB)
-        mrna_sel = V.cpu().numpy().astype(np.float64)
-    cells = (
-        to_cell_fractions(mrna_sel, prep.mrna_content)
-        if model is None
-        else model.cell_fractions(mrna_sel, prep.mrna_content, graph)
-    )
-    cell = finalize_proportions(cells, min_proportion)
-    # transcripts of the whole transcriptome, not only the selected genes
-    mrna = finalize_proportions(mrna_sel / prep.gene_share[None, :], min_proportion)
-
-    obs_names = pd.Index(adata.obs_names.astype(str))
-
-    def full(values):
-        out = np.full((adata.n_obs, p), np.nan)
-        out[mask] = values
-        return pd.DataFrame(out, index=obs_names, columns=prep.cell_types)
-
-    cell_df, mrna_df = full(cell), full(mrna)
-    fit_s = pd.Series(np.nan, index=obs_names, name=FIT_ERROR_KEY)
-    fit_s[mask] = fit
-    qc = pd.Series(np.where(mask, "ok", "no counts"), index=obs_names, name=QC_KEY)
     info = {
+        **_run_info(s, prep, spots, solved, calibration, train_report),
+        "gene_weighting": weighting,
+        "overdispersion": None if entry_noise is None else entry_noise.overdispersion,
+        "gram_storage": _gram_storage(entry_noise),
+        "seconds": time.perf_counter() - t_start,
+    }
+    result = _result(adata, prep, fractions, info, model)
+    report(progress, Stage.DONE, 1, 1)
+    return result
+
+
+def _gram_storage(entry_noise: EntryNoise | None) -> str | None:
+    if entry_noise is None:
+        return None
+    return "bfloat16 upper triangles" if entry_noise.compact_gram else "float32"
+
+
+def _run_info(settings, prep, spots, solved, calibration, train_report) -> dict:
+    """What the run did, as plain values (it goes to ``uns['stlnmf']``)."""
+    cell = settings.fractions == "cell"
+    return {
         "version": __version__,
-        "method": method,
-        "fractions": fractions,
+        "method": settings.method,
+        "fractions": settings.fractions,
         "fractions_meaning": "share of cells per type"
-        if fractions == "cell"
+        if cell
         else "share of the spot's mRNA per type",
         "cell_types": prep.cell_types,
         "genes": [str(g) for g in prep.genes],
         **prep.info,
         "graph": {
-            "n_edges": graph.n_edges // 2,
-            "n_neighbors": n_neighbors,
-            "features": feature_source,
-            "spacing": graph.spacing,
+            "n_edges": spots.graph.n_edges // 2,
+            "n_neighbors": settings.n_neighbors,
+            "features": spots.feature_source,
+            "spacing": spots.graph.spacing,
         },
-        "params": described,
+        "params": solved.params,
         "train": None if train_report is None else train_report.as_dict(),
-        "min_proportion": min_proportion,
-        "cells_per_spot": cells_per_spot,
-        "gene_weighting": gene_weighting,
-        "overdispersion": None if entry_noise is None else entry_noise.overdispersion,
-        "gram_storage": None
-        if entry_noise is None
-        else ("bfloat16 upper triangles" if compact_gram else "float32"),
-        "seed": rng_seed,
-        "seconds": time.perf_counter() - t_start,
+        "min_proportion": calibration.min_proportion,
+        "cells_per_spot": calibration.cells_per_spot,
+        "seed": int(settings.seed),
     }
+
+
+def _result(adata, prep, fractions, info: dict, model) -> DeconvolutionResult:
+    """Results with one row per input spot (NaN where a spot got no estimate)."""
+    mask = prep.spot_mask
+    obs_names = pd.Index(adata.obs_names.astype(str))
+
+    def full(values):
+        out = np.full((adata.n_obs, len(prep.cell_types)), np.nan)
+        out[mask] = values
+        return pd.DataFrame(out, index=obs_names, columns=prep.cell_types)
+
+    cell_df, mrna_df = full(fractions.cell), full(fractions.mrna)
+    fit_s = pd.Series(np.nan, index=obs_names, name=FIT_ERROR_KEY)
+    fit_s[mask] = fractions.fit_error
+    qc = pd.Series(np.where(mask, "ok", "no counts"), index=obs_names, name=QC_KEY)
     result = DeconvolutionResult(
-        proportions=cell_df if fractions == "cell" else mrna_df,
+        proportions=cell_df if info["fractions"] == "cell" else mrna_df,
         cell_fractions=cell_df,
         mrna_fractions=mrna_df,
         fit_error=fit_s,
@@ -546,182 +362,7 @@ def deconvolve(
         model=model,
     )
     result.adata = _annotated_copy(adata, result)
-    _report(progress, "done", 1, 1)
     return result
-
-
-PLATFORM_SAMPLE_SPOTS = 20_000  # gene totals are stable long before 10^6 bins
-PLATFORM_PASSES = 2
-PLATFORM_REFINE_PASSES = 3
-PLATFORM_REFINE_SPOTS = (
-    2_000  # 1,000-4,235 spots gave the same maps (±0.0003) on the benchmark slides
-)
-PLATFORM_MIN_PROPORTION = 0.05  # the default output's zeroing, whatever the caller asks for
-
-
-def _fit_platform_effect(prep: Prepared, seed: int) -> tuple[Prepared, np.ndarray]:
-    """Per-gene platform factors from the slide totals (on a seeded subsample of spots);
-    returns the corrected inputs and the log factors.
-
-    First from a quick non-spatial fit, then refined with the shipped parameters' per-entry
-    fit with small proportions zeroed: the quick fit leaves a little of every absent type in
-    each spot, and summed over the slide that excess reads as a platform effect on the genes
-    of those types (it cost a third of the mRNA-fraction accuracy on shallow slides).
-
-    Both fits use fixed parameters, not the model's learned ones, so a saved model reused on
-    the same slide sees the same corrected inputs as when it was trained."""
-    rows = _sample_rows(prep.X.shape[0], PLATFORM_SAMPLE_SPOTS, seed)
-    X, lib = prep.X[rows], prep.library_size[rows]
-    log_factor = np.zeros(prep.B.shape[0])
-    current = prep
-    for _ in range(PLATFORM_PASSES):
-        V = _quick_fit(current, rows, prep.gene_scale)
-        log_factor = log_factor + estimate_platform_effect(X, lib, current.B, V)
-        current = with_platform_effect(prep, log_factor)
-    if not default_params_path().exists():
-        return current, log_factor
-    model, _ = UnrolledNMF.load(
-        default_params_path(), genes=list(prep.genes), n_types=prep.B.shape[1]
-    )
-    if model.refresh_layers is None:
-        model.refresh_layers = REFRESH_LAYERS
-    rows = _sample_rows(prep.X.shape[0], PLATFORM_REFINE_SPOTS, seed)
-    X, lib = prep.X[rows], prep.library_size[rows]
-    noise = EntryNoise(torch.as_tensor(lib), _quick_overdispersion(current, rows))
-    for _ in range(PLATFORM_REFINE_PASSES):
-        V = model.infer(
-            X, torch.as_tensor(current.B), torch.as_tensor(prep.gene_scale), noise=noise
-        )
-        V = V.cpu().numpy().astype(np.float64)
-        # zero small transcript shares as the output does, back to shares of the selected genes
-        V = (
-            finalize_proportions(V / current.gene_share[None, :], PLATFORM_MIN_PROPORTION)
-            * current.gene_share[None, :]
-        )
-        # x ≈ f ⊙ Σ_k (v_k / t_k) B0_k with t_k the type's total after scaling: a fresh estimate
-        # of the whole factor against the reference's own profiles
-        type_total = (prep.B.astype(np.float64) * np.exp(log_factor)[:, None]).sum(0)
-        log_factor = estimate_platform_effect(
-            X, lib, prep.B, V / V.sum(1, keepdims=True) / type_total[None, :]
-        )
-        current = with_platform_effect(prep, log_factor)
-    return current, log_factor
-
-
-def _first_fit_noise(model, prep: Prepared, B, scale, graph, seed: int) -> dict:
-    """:func:`estimate_noise` after a fit of the whole slide with the model's parameters, on a
-    seeded subsample of spots (the estimate densifies its rows: 10^6 bins would not fit)."""
-    V = model.infer(prep.X, B, scale, graph).cpu().numpy().astype(np.float64)
-    V /= np.maximum(V.sum(1, keepdims=True), 1e-12)
-    rows = _sample_rows(prep.X.shape[0], NOISE_SAMPLE_SPOTS, seed)
-    return estimate_noise(prep.X[rows], prep.library_size[rows], prep.B, V[rows])
-
-
-def _release_freed_memory() -> None:
-    """Hand memory freed by training back to the OS before the full-slide inference: glibc keeps
-    training's many mid-sized tensors in its heap (+1.6 GB resident at 10^6 bins otherwise)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
-        pass
-
-
-def _quick_fit(prep: Prepared, rows: np.ndarray, gene_scale: np.ndarray) -> np.ndarray:
-    """mRNA fractions of ``rows`` from the default parameters (50 layers, no graph): the first
-    fit the slide's platform effect and gene weights are measured on."""
-    model = UnrolledNMF(*prep.B.shape, omega=DEFAULTS.omega_start)
-    V = model.infer(
-        prep.X[rows], torch.as_tensor(prep.B), torch.as_tensor(gene_scale), None, n_layers=50
-    )
-    V = V.cpu().numpy().astype(np.float64)
-    return V / np.maximum(V.sum(1, keepdims=True), 1e-12)
-
-
-def _quick_overdispersion(prep: Prepared, rows: np.ndarray) -> float:
-    """φ of the slide measured on a quick first fit of ``rows``."""
-    V = _quick_fit(prep, rows, prep.gene_scale)
-    return _overdispersion(estimate_noise(prep.X[rows], prep.library_size[rows], prep.B, V))
-
-
-AUTO_MIN_PROPORTION = (
-    0.05,
-    0.25,
-)  # floor (spots of ~2+ effective cells, or unknown) and cap (one cell)
-
-
-def _integer_valued(matrix, at_most: int = 200_000) -> bool:
-    """Whether (a sample of) the stored values are whole numbers, as raw counts are."""
-    values = (
-        matrix.data
-        if hasattr(matrix, "data") and not isinstance(matrix, np.ndarray)
-        else np.asarray(matrix).ravel()
-    )
-    values = np.asarray(values[:at_most], dtype=np.float64)
-    return bool(np.all(np.abs(values - np.round(values)) < 1e-6))
-
-
-def effective_cells_per_spot(
-    cell_overdispersion: float, spot_overdispersion: float
-) -> float | None:
-    """How many cells a spot holds, read off the noise: summing n independent cells divides
-    single cells' overdispersion φ by n (by Σ w² with w the cells' mRNA shares, so big cells
-    count more and this is below the head count). None when either φ is not measurable."""
-    if cell_overdispersion <= 1e-6 or spot_overdispersion <= 1e-6:
-        return None
-    return float(cell_overdispersion / spot_overdispersion)
-
-
-def auto_min_proportion(cells_per_spot: float | None) -> float:
-    """The 'auto' zeroing threshold, ``0.25 / n²`` within [0.05, 0.25]: both the smallest real
-    share (1/n) and the noise a spot spreads over absent types (φ ∝ 1/n) grow as spots hold fewer
-    cells, so spots of one or two cells (Visium HD bins) lose that noise; spots of ~2+ effective
-    cells keep 0.05. Calibrated on simulated slides of 1-12 cells per spot (docs/method.md)."""
-    lo, hi = AUTO_MIN_PROPORTION
-    if cells_per_spot is None:
-        return lo
-    return float(np.clip(0.25 / cells_per_spot**2, lo, hi))
-
-
-def _default_gene_weighting(method: str, params, train: bool) -> str:
-    """The weighting a saved model was trained with; 'nb' when training; else the shipped
-    defaults' weighting; 'sqrt' for the classic method."""
-    if method != "unrolled":
-        return "sqrt"
-    if params is None and train:
-        return "nb"
-    path = params if params is not None else default_params_path()
-    if Path(path).exists():
-        return UnrolledNMF.saved_extra(path).get("gene_weighting", "sqrt")
-    return "sqrt"
-
-
-def _split_train_options(options: dict | None) -> tuple[dict, dict]:
-    """Route ``train_options`` to make_training_slides / train_unrolled by parameter name."""
-    import inspect
-
-    sim_names = set(inspect.signature(make_training_slides).parameters)
-    fit_names = set(inspect.signature(train_unrolled).parameters)
-    sim_kw, fit_kw = {}, {}
-    for k, v in (options or {}).items():
-        if k in sim_names:
-            sim_kw[k] = v
-        elif k in fit_names:
-            fit_kw[k] = v
-        else:
-            raise StlnmfError(f"unknown train option {k!r}")
-    return sim_kw, fit_kw
-
-
-def _fit_error(X, gene_scale, V, BtX, BtB) -> np.ndarray:
-    """Relative weighted residual per spot without forming the dense residual matrix."""
-    g2 = (gene_scale**2).cpu().numpy().astype(np.float64)
-    xsq = np.asarray(X.multiply(X) @ g2).ravel()
-    cross = (V * BtX).sum(1).cpu().numpy()
-    quad = ((V @ BtB) * V).sum(1).cpu().numpy()
-    res = np.maximum(xsq - 2 * cross + quad, 0.0)
-    return np.sqrt(res / np.maximum(xsq, 1e-30))
 
 
 def _annotated_copy(adata, result: DeconvolutionResult):

@@ -124,7 +124,7 @@ def simulate_counts(
     mean_cells: float = 8.0,
     library_sizes: np.ndarray | None = None,
     platform_sigma: float = 0.0,
-    dispersion: float = 5.0,
+    gamma_shape: float = 5.0,
     rng=None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Draw cells per spot and their counts.
@@ -161,7 +161,7 @@ def simulate_counts(
         content = reference.mrna_content.to_numpy()
         type_mrna = k * content[None, :]
         mu = type_mrna @ prof.T
-        expr = mu * rng.gamma(dispersion, 1.0 / dispersion, size=mu.shape)
+        expr = mu * rng.gamma(gamma_shape, 1.0 / gamma_shape, size=mu.shape)
     mrna_fractions = type_mrna / np.maximum(type_mrna.sum(1, keepdims=True), 1e-12)
     if platform_sigma > 0:
         expr = expr * np.exp(rng.normal(scale=platform_sigma, size=m))[None, :]
@@ -186,7 +186,7 @@ def simulate_slide(
     platform_sigma: float = 0.0,
     max_types_per_spot: int = 6,
     spacing: float | None = None,
-    dispersion: float = 5.0,
+    gamma_shape: float = 5.0,
     seed=None,
 ) -> SimulatedSlide:
     """A slide on ``coords`` with known cell and mRNA fractions."""
@@ -206,7 +206,7 @@ def simulate_slide(
         mean_cells=mean_cells,
         library_sizes=library_sizes,
         platform_sigma=platform_sigma,
-        dispersion=dispersion,
+        gamma_shape=gamma_shape,
         rng=rng,
     )
     return SimulatedSlide(counts, cf, mf, nc, kind)

@@ -14,29 +14,23 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
+from .calibration import SlideNoise
 from .graph import SpatialGraph
 from .model import EntryNoise, UnrolledNMF, graph_tensors
 from .preprocess import Reference, normalise_counts
+from .progress import Cancelled
 from .simulate import KINDS, simulate_slide
 
 __all__ = [
-    "Cancelled",
     "TrainReport",
     "TrainingSlide",
     "calibrated_noise_ranges",
-    "estimate_noise",
-    "estimate_platform_effect",
     "make_training_slides",
-    "reference_overdispersion",
     "train_unrolled",
 ]
 
 
 HEAD_PARAMETERS = ("log_cell_smoothing", "raw_cell_sigma")
-
-
-class Cancelled(Exception):
-    """Raised when ``should_stop()`` returned True."""
 
 
 @dataclass
@@ -57,7 +51,7 @@ class TrainReport:
     best_epoch: int
     seconds: float
     history: list = field(default_factory=list)
-    noise: dict | None = None
+    noise: SlideNoise | None = None  # what the training slides' noise was calibrated on
 
     def as_dict(self) -> dict:
         out = {
@@ -72,7 +66,10 @@ class TrainReport:
             )
         }
         if self.noise is not None:
-            out["noise"] = {k: float(v) for k, v in self.noise.items()}
+            out["noise"] = {
+                "platform_sigma": float(self.noise.platform_sigma),
+                "overdispersion": float(self.noise.overdispersion),
+            }
         return out
 
 
@@ -87,7 +84,7 @@ def make_training_slides(
     library_sizes: np.ndarray | None = None,
     platform_sigma: tuple[float, float] = (0.0, 0.4),
     mean_cells: tuple[float, float] = (3.0, 15.0),
-    dispersion: tuple[float, float] = (5.0, 5.0),
+    gamma_shape: tuple[float, float] = (5.0, 5.0),
     seed: int = 0,
     device=None,
 ) -> list[TrainingSlide]:
@@ -111,9 +108,9 @@ def make_training_slides(
             idx = np.arange(n)
         sub = graph.subgraph(idx)
         feats = None if features is None else features[idx]
-        disp = 5.0  # NB noise of signature-only simulations (single cells bring their own)
+        shape = 5.0  # NB noise of signature-only simulations (single cells bring their own)
         if reference.cell_counts is None:
-            disp = float(np.exp(rng.uniform(np.log(dispersion[0]), np.log(dispersion[1]))))
+            shape = float(np.exp(rng.uniform(np.log(gamma_shape[0]), np.log(gamma_shape[1]))))
         sim = simulate_slide(
             xy[idx],
             reference,
@@ -123,7 +120,7 @@ def make_training_slides(
             spacing=graph.spacing,
             mean_cells=float(rng.uniform(*mean_cells)),
             platform_sigma=float(rng.uniform(*platform_sigma)),
-            dispersion=disp,
+            gamma_shape=shape,
             seed=int(rng.integers(2**31)),
         )
         X, lib = normalise_counts(sim.counts)
@@ -267,139 +264,17 @@ def train_unrolled(
     )
 
 
-def estimate_platform_effect(
-    X, library_size: np.ndarray, B: np.ndarray, V: np.ndarray, *, min_count: float = 20.0
-) -> np.ndarray:
-    """Per-gene log factor by which the slide's platform measures each gene differently from
-    the reference (as RCTD's platform-effect fit), from the slide totals: observed
-    ``Σ_s x_sg`` against predicted ``Σ_s lib_s (B V)_sg``.
-
-    Each gene's log ratio is centred and shrunk towards zero by its Poisson noise
-    (``r σ² / (σ² + 1/count)``, σ² the spread beyond that noise), so a slide without a platform
-    effect gets factors of ~1, and genes with few counts are left alone. ``X`` may be sparse
-    (never densified); ``V`` are mRNA fractions over the same genes.
-    """
-    lib = np.asarray(library_size, dtype=np.float64)
-    obs = (
-        np.asarray(X.T @ lib).ravel()
-        if hasattr(X, "tocsr")
-        else np.asarray(X, dtype=np.float64).T @ lib
-    )
-    pred = np.asarray(B, dtype=np.float64) @ (np.asarray(V, dtype=np.float64).T @ lib)
-    ok = (obs >= min_count) & (pred > 0)
-    out = np.zeros(obs.size)
-    if ok.sum() < 10:
-        return out
-    r, sigma2 = _log_ratio_spread(obs[ok], pred[ok])
-    noise_var = 1.0 / obs[ok]
-    out[ok] = r * sigma2 / (sigma2 + noise_var)
-    return np.clip(out, -3.0, 3.0)
-
-
-def _log_ratio_spread(observed: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, float]:
-    """Per-gene log(observed / predicted slide total), centred on its median, and its robust
-    variance (MAD²) minus the Poisson part of the totals (var of log ≈ 1/count): the spread of a
-    per-gene platform effect."""
-    r = np.log(observed / predicted)
-    r = r - np.median(r)
-    spread = 1.4826 * float(np.median(np.abs(r)))
-    return r, max(spread**2 - float(np.median(1.0 / observed)), 0.0)
-
-
-def estimate_noise(
-    X, library_size: np.ndarray, B: np.ndarray, V: np.ndarray, *, min_mu: float = 2.0
-) -> dict:
-    """Noise of the real slide beyond the reference, from a first (untrained) fit.
-
-    ``X`` spots x genes (rows sum to one), ``library_size`` per spot, ``B`` genes x types
-    (columns sum to one), ``V`` mRNA fractions. Returns ``platform_sigma`` (robust spread
-    over genes of log(observed / predicted) slide totals: a per-gene platform effect) and
-    ``dispersion`` (gamma shape of extra-Poisson per-spot noise, inf if none), both measured
-    after the fit has absorbed what it can.
-    """
-    import scipy.sparse as sp
-
-    lib = np.asarray(library_size, dtype=np.float64)
-    V = np.asarray(V, dtype=np.float64)
-    B = np.asarray(B, dtype=np.float64)
-    # slide totals without dense matrices; the dense spots x genes work below is done in place
-    tot_o = (
-        np.asarray(X.T @ lib).ravel() if sp.issparse(X) else np.asarray(X, dtype=np.float64).T @ lib
-    )
-    tot_m = B @ (V.T @ lib)
-    ok = (tot_o > 20) & (tot_m > 0)
-    if ok.sum() < 10:
-        return {"platform_sigma": 0.0, "dispersion": float("inf")}
-    r, sigma2 = _log_ratio_spread(tot_o[ok], tot_m[ok])
-    sigma = float(np.sqrt(sigma2))
-    # remove the platform effect, then excess variance over Poisson: E[(x-mu)^2 - x] = mu^2/shape
-    factor = np.ones(B.shape[0])
-    factor[ok] = np.exp(r)
-    Bc = B * factor[:, None]
-    obs = X.astype(np.float64).toarray() if sp.issparse(X) else np.array(X, dtype=np.float64)
-    obs *= lib[:, None]
-    row_scale = obs.sum(1) / np.maximum(V @ Bc.sum(0), 1e-12)
-    mu_c = (V * row_scale[:, None]) @ Bc.T
-    sel = mu_c >= min_mu
-    if sel.sum() < 50:
-        return {"platform_sigma": sigma, "dispersion": float("inf")}
-    resid = np.subtract(obs, mu_c)
-    np.square(resid, out=resid)
-    resid -= obs
-    excess = float(np.sum(resid, where=sel))
-    phi = excess / float(np.sum(np.square(mu_c, out=mu_c), where=sel))
-    return {"platform_sigma": sigma, "dispersion": float(1.0 / phi) if phi > 1e-6 else float("inf")}
-
-
-def _sample_rows(n: int, at_most: int, seed: int) -> np.ndarray:
-    """All rows, or a seeded sorted sample of ``at_most`` of them."""
-    rows = np.arange(n)
-    if n > at_most:
-        rows = np.sort(np.random.default_rng(seed).choice(rows, at_most, replace=False))
-    return rows
-
-
-def _overdispersion(noise: dict) -> float:
-    """φ of ``Var = μ/L + φμ²`` from :func:`estimate_noise`'s gamma shape (0: Poisson only)."""
-    shape = float(noise["dispersion"])
-    return 1.0 / shape if np.isfinite(shape) and shape > 0 else 0.0
-
-
-def reference_overdispersion(
-    reference: Reference, *, max_cells: int = 2_000, seed: int = 0
-) -> float:
-    """φ of single cells around their type's profile, measured as :func:`estimate_noise` measures
-    a slide (each cell a "spot" of one type); 0 for a signature-only reference.
-
-    A spot summing n independent cells shows about φ_cell / n of it, so the ratio to the slide's
-    φ reads how many cells a spot holds (:func:`napari_stlnmf.api.effective_cells_per_spot`)."""
-    if reference.cell_counts is None:
-        return 0.0
-    rows = _sample_rows(reference.cell_counts.shape[0], max_cells, seed)
-    C = reference.cell_counts[rows]
-    lib = np.asarray(C.sum(1), dtype=np.float64).ravel()
-    keep = lib > 0
-    if keep.sum() < 10:
-        return 0.0
-    C, lib, labels = C[keep], lib[keep], reference.cell_labels[rows][keep]
-    B = reference.profiles.to_numpy(np.float64)
-    B = B / np.maximum(B.sum(0, keepdims=True), 1e-300)
-    V = np.eye(B.shape[1])[labels]
-    shares = C.multiply(1.0 / lib[:, None]).tocsr()
-    return _overdispersion(estimate_noise(shares, lib, B, V))
-
-
-def calibrated_noise_ranges(noise: dict, *, signature_only: bool) -> dict:
-    """Simulation noise ranges for training, bracketing what :func:`estimate_noise` measured.
+def calibrated_noise_ranges(noise: SlideNoise, *, signature_only: bool) -> dict:
+    """Simulation noise ranges for training, bracketing what the slide's noise measured.
 
     The platform effect is drawn around the measured one (never far above it: parameters
     trained to undo a platform effect the slide does not have hurt on clean slides); for
-    signature-only references the extra-Poisson noise is bracketed the same way.
+    signature-only references the extra-Poisson noise (gamma shape) is bracketed the same way.
     """
-    s = float(noise.get("platform_sigma", 0.0))
+    s = float(noise.platform_sigma)
     out = {"platform_sigma": (0.5 * s, min(1.5 * s + 0.02, 0.6))}
     if signature_only:
-        d = float(noise.get("dispersion", float("inf")))
+        d = noise.gamma_shape
         d = min(max(d, 2.0), 1e4) if np.isfinite(d) else 1e4
-        out["dispersion"] = (max(0.5 * d, 2.0), min(2.0 * d, 2e4))
+        out["gamma_shape"] = (max(0.5 * d, 2.0), min(2.0 * d, 2e4))
     return out

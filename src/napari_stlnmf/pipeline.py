@@ -1,0 +1,467 @@
+"""The steps of :func:`napari_stlnmf.deconvolve`, each a public function with typed inputs and
+outputs, in the order the driver calls them:
+
+settings -> :func:`load_slide` / :func:`load_reference` -> :func:`~.preprocess.prepare` ->
+:func:`choose_gene_weighting` -> :func:`build_spot_graph` -> :func:`~.calibration.calibrate` ->
+:func:`build_model` -> :func:`fine_tune` (optional) -> :func:`fit` -> :func:`finish`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .calibration import (
+    NOISE_SAMPLE_SPOTS,
+    Calibration,
+    estimate_noise,
+    refinement_model,
+    sample_rows,
+)
+from .errors import StlnmfError
+from .graph import SpatialGraph, build_graph
+from .model import (
+    DEFAULTS,
+    REFRESH_LAYERS,
+    EntryNoise,
+    UnrolledNMF,
+    finalize_proportions,
+    gram_bytes,
+    pick_device,
+    solve,
+    to_cell_fractions,
+)
+from .preprocess import Prepared, Reference, build_reference
+from .progress import Stage, check_stop, report
+from .train import TrainReport, calibrated_noise_ranges, make_training_slides, train_unrolled
+
+__all__ = [
+    "MAX_GRAM_BYTES",
+    "DeconvolutionSettings",
+    "Fit",
+    "Fractions",
+    "SpotGraph",
+    "build_model",
+    "build_spot_graph",
+    "choose_gene_weighting",
+    "default_gene_weighting",
+    "default_params_path",
+    "fine_tune",
+    "finish",
+    "fit",
+    "load_reference",
+    "load_slide",
+    "shipped_refinement_model",
+]
+
+MAX_GRAM_BYTES = 4 * 2**30  # per-spot Gram matrices (float32, else compact bfloat16)
+
+
+def default_params_path() -> Path:
+    """Parameters shipped with the package (λ's and σ's learned on simulated slides)."""
+    return Path(__file__).parent / "data" / "default_params.pt"
+
+
+@dataclass(frozen=True)
+class DeconvolutionSettings:
+    """Every option of :func:`napari_stlnmf.deconvolve` (documented there), checked once.
+
+    ``max_gram_bytes`` (memory allowed for per-spot Gram matrices) and
+    ``platform_refine_passes`` are advanced settings that :func:`deconvolve` does not take."""
+
+    library_id: str | None = None
+    method: str = "unrolled"
+    train: bool = False
+    params: str | Path | None = None
+    n_layers: int | None = None
+    tied: bool = False
+    train_epochs: int = 60
+    n_train_slides: int = 10
+    use_image: bool = True
+    region_key: str | None = None
+    n_neighbors: int = 6
+    n_markers: int = 100
+    case_insensitive: bool = False
+    gene_weighting: str | None = None
+    fractions: str = "cell"
+    min_proportion: float | str = "auto"
+    save_params: str | Path | None = None
+    seed: int = 0
+    train_options: dict | None = None
+    calibrate_noise: bool = True
+    fit_platform_effect: bool = True
+    device: str = "auto"
+    max_gram_bytes: int = MAX_GRAM_BYTES
+    platform_refine_passes: int = 3
+
+    def __post_init__(self):
+        if self.method not in ("unrolled", "classic"):
+            raise StlnmfError(f"method must be 'unrolled' or 'classic', not {self.method!r}")
+        if self.fractions not in ("cell", "mrna"):
+            raise StlnmfError(f"fractions must be 'cell' or 'mrna', not {self.fractions!r}")
+        mp = self.min_proportion
+        if not (mp == "auto" or (isinstance(mp, (int, float)) and 0 <= mp < 1)):
+            raise StlnmfError(f"min_proportion must be 'auto' or a number in [0, 1), not {mp!r}")
+        if self.gene_weighting == "nb" and self.method != "unrolled":
+            raise StlnmfError("gene_weighting='nb' (per-entry weights) needs method='unrolled'")
+
+
+def load_slide(slide, coords=None):
+    """The slide as an AnnData: a path is read with :func:`napari_stlnmf.io.read_slide`."""
+    import anndata as ad
+
+    from . import io
+
+    if isinstance(slide, (str, Path)):
+        return io.read_slide(slide, coords=coords) if coords is not None else io.read_slide(slide)
+    if isinstance(slide, ad.AnnData):
+        return slide
+    raise StlnmfError(
+        f"slide must be an AnnData or a path (.h5ad, Space Ranger outs/ folder, counts CSV), "
+        f"not {type(slide).__name__}"
+    )
+
+
+def load_reference(reference, cell_type_key: str | None) -> Reference:
+    """Per-type profiles (and single cells) from an AnnData, a signature table or a path."""
+    from . import io
+
+    if isinstance(reference, Reference):
+        return reference
+    if isinstance(reference, (str, Path)):
+        reference = io.read_reference(reference, cell_type_key=cell_type_key)
+    io.validate_reference(reference, cell_type_key=cell_type_key)
+    return build_reference(reference, cell_type_key=cell_type_key)
+
+
+def default_gene_weighting(method: str, params, train: bool) -> str:
+    """The weighting a saved model was trained with; 'nb' when training; else the shipped
+    defaults' weighting; 'sqrt' for the classic method."""
+    if method != "unrolled":
+        return "sqrt"
+    if params is None and train:
+        return "nb"
+    path = params if params is not None else default_params_path()
+    if Path(path).exists():
+        return UnrolledNMF.saved_extra(path).get("gene_weighting", "sqrt")
+    return "sqrt"
+
+
+def choose_gene_weighting(
+    requested: str,
+    *,
+    explicit: bool,
+    train: bool,
+    n_spots: int,
+    n_types: int,
+    max_gram_bytes: int = MAX_GRAM_BYTES,
+) -> tuple[str, bool]:
+    """The gene weighting to use (``requested``; asked for by the user if ``explicit``) and
+    whether per-spot Gram matrices are stored compactly (bfloat16 upper triangles, a quarter
+    of float32's memory) to fit ``max_gram_bytes``.
+
+    Past the limit even compactly, an explicit 'nb' fails with the way out; the default falls
+    back to one weight per gene with a warning (:func:`~.preprocess.prepare` scales genes the
+    same way for all three until they are fitted)."""
+    weighting, limit = requested, max_gram_bytes
+    compact = gram_bytes(n_spots, n_types) > limit
+    needed = gram_bytes(n_spots, n_types, compact=True)
+    if weighting != "nb" or needed <= limit:
+        return weighting, compact
+    message = (
+        f"per-entry weights need {needed / 2**30:.1f} GiB of per-spot Gram matrices (bfloat16 "
+        f"upper triangles) for {n_spots:,} spots x {n_types} cell types "
+        f"(limit {limit / 2**30:.0f} GiB)"
+    )
+    if explicit:
+        raise StlnmfError(message + "; use gene_weighting='fitted' (or 'sqrt') or fewer cell types")
+    fallback = "fitted" if train else "sqrt"
+    warnings.warn(
+        f"{message}: using one weight per gene ('{fallback}') instead", RuntimeWarning, stacklevel=3
+    )
+    return fallback, compact
+
+
+@dataclass(frozen=True)
+class SpotGraph:
+    """The graph over the kept spots and what its feature edges were built from."""
+
+    graph: SpatialGraph
+    coords: np.ndarray  # (x, y) of the kept spots
+    features: np.ndarray | None  # per-spot image/region features, if any
+    feature_source: str  # "image", "regions" or "none"
+
+
+def build_spot_graph(adata, prepared: Prepared, settings: DeconvolutionSettings) -> SpotGraph:
+    """k-nearest-neighbour graph of the kept spots, with image or region features."""
+    from ._constants import SPATIAL_KEY
+    from .api import slide_features
+
+    mask = prepared.spot_mask
+    features, source = slide_features(
+        adata,
+        mask,
+        library_id=settings.library_id,
+        use_image=settings.use_image,
+        region_key=settings.region_key,
+    )
+    xy = np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64)[mask, :2]
+    graph = build_graph(xy, n_neighbors=settings.n_neighbors, features=features)
+    return SpotGraph(graph, xy, features, source)
+
+
+def shipped_refinement_model(prepared: Prepared) -> UnrolledNMF | None:
+    """The shipped parameters as the platform-effect refinement uses them (None if missing)."""
+    return refinement_model(default_params_path(), prepared)
+
+
+def build_model(
+    prepared: Prepared, settings: DeconvolutionSettings, *, entry_weights: bool
+) -> UnrolledNMF:
+    """The unrolled network: ``settings.params``, else the shipped parameters, else defaults;
+    with per-entry weights (``entry_weights``) or one weight per gene; on the chosen device."""
+    m, p = prepared.B.shape
+    param_file = settings.params if settings.params is not None else default_params_path()
+    if Path(param_file).exists():
+        model, _ = UnrolledNMF.load(param_file, genes=list(prepared.genes), n_types=p)
+    elif settings.params is not None:
+        raise StlnmfError(f"parameter file {settings.params} does not exist")
+    else:
+        model = UnrolledNMF(m, p, omega=DEFAULTS.omega_start)
+    if settings.n_layers is not None and settings.n_layers != model.n_layers:
+        model.n_layers = int(settings.n_layers)
+        if not model.tied:
+            raise StlnmfError("n_layers cannot be changed for an untied (per-layer) model")
+    if not entry_weights:
+        model.refresh_layers = None
+    elif model.refresh_layers is None:
+        model.refresh_layers = REFRESH_LAYERS
+    if settings.train and not settings.tied and model.tied:  # one set of λ's per layer
+        model.log_lambda = torch.nn.Parameter(model.log_lambda.detach().repeat(model.n_layers, 1))
+        model.tied = False
+    return model.to(pick_device(settings.device))
+
+
+def _split_train_options(options: dict | None) -> tuple[dict, dict]:
+    """Route ``train_options`` to make_training_slides / train_unrolled by parameter name."""
+    sim_names = set(inspect.signature(make_training_slides).parameters)
+    fit_names = set(inspect.signature(train_unrolled).parameters)
+    sim_kw, fit_kw = {}, {}
+    for k, v in (options or {}).items():
+        if k in sim_names:
+            sim_kw[k] = v
+        elif k in fit_names:
+            fit_kw[k] = v
+        else:
+            raise StlnmfError(f"unknown train option {k!r}")
+    return sim_kw, fit_kw
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by training back to the OS before the full-slide inference: glibc keeps
+    training's many mid-sized tensors in its heap."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
+        pass
+
+
+def fine_tune(
+    model: UnrolledNMF,
+    prepared: Prepared,
+    reference: Reference,
+    calibration: Calibration,
+    spots: SpotGraph,
+    settings: DeconvolutionSettings,
+    *,
+    entry_noise: EntryNoise | None,
+    progress=None,
+    should_stop=None,
+) -> TrainReport:
+    """Train ``model`` in place on slides simulated on this slide's layout from ``reference``
+    (genes rescaled by the measured platform effect), with noise around the measured levels."""
+    device = pick_device(settings.device)
+    n_train = settings.n_train_slides
+    total = n_train + max(2, n_train // 4)
+    report(progress, Stage.SIMULATING, 0, total)
+    sim_kw, fit_kw = _split_train_options(settings.train_options)
+    selected = reference.subset_genes(prepared.genes)
+    if calibration.log_platform_factor is not None:
+        selected = selected.scale_genes(np.exp(calibration.log_platform_factor))
+    noise = None
+    if settings.calibrate_noise:
+        # per-entry weights measured the noise on the quick first fit; else a fit of the slide
+        # with the model's parameters measures it
+        noise = calibration.noise if entry_noise is not None else None
+        noise = noise or _model_fit_noise(model, prepared, spots, settings)
+        signature_only = selected.cell_counts is None
+        for k, v in calibrated_noise_ranges(noise, signature_only=signature_only).items():
+            sim_kw.setdefault(k, v)
+    slides = make_training_slides(
+        spots.coords,
+        spots.graph,
+        selected,
+        n_slides=total,
+        features=spots.features,
+        library_sizes=prepared.library_size,
+        seed=settings.seed,
+        device=device,
+        **sim_kw,
+    )
+    check_stop(should_stop)
+    result = train_unrolled(
+        model,
+        prepared.B,
+        prepared.gene_scale,
+        prepared.mrna_content,
+        slides[:n_train],
+        slides[n_train:],
+        epochs=settings.train_epochs,
+        progress=progress,
+        should_stop=should_stop,
+        seed=settings.seed,
+        overdispersion=0.0 if entry_noise is None else entry_noise.overdispersion,
+        **fit_kw,
+    )
+    result.noise = noise
+    _release_freed_memory()
+    return result
+
+
+def _model_fit_noise(model, prepared: Prepared, spots: SpotGraph, settings):
+    """The slide's noise after a fit of the whole slide with the model's parameters, measured on
+    a seeded sample of spots (the estimate densifies its rows: 10^6 bins would not fit)."""
+    device = pick_device(settings.device)
+    B = torch.as_tensor(prepared.B, device=device)
+    scale = torch.as_tensor(prepared.gene_scale, device=device)
+    V = model.infer(prepared.X, B, scale, spots.graph).cpu().numpy().astype(np.float64)
+    V /= np.maximum(V.sum(1, keepdims=True), 1e-12)
+    rows = sample_rows(prepared.X.shape[0], NOISE_SAMPLE_SPOTS, settings.seed)
+    return estimate_noise(prepared.X[rows], prepared.library_size[rows], prepared.B, V[rows])
+
+
+@dataclass
+class Fit:
+    """The factorisation's output over the selected genes."""
+
+    mrna_shares: torch.Tensor  # spots x types, rows sum to one
+    data_btx: torch.Tensor  # (g⊙X) (g⊙B) with the gene weights g the fit error uses
+    data_btb: torch.Tensor
+    gene_scale: torch.Tensor  # the per-gene weights g of the data term
+    params: dict = field(default_factory=dict)  # the solver's parameters, as plain numbers
+
+
+def fit(
+    prepared: Prepared,
+    spots: SpotGraph,
+    settings: DeconvolutionSettings,
+    *,
+    model: UnrolledNMF | None,
+    entry_noise: EntryNoise | None = None,
+    progress=None,
+    should_stop=None,
+) -> Fit:
+    """Solve for the mRNA fractions: the unrolled ``model``, or (``model=None``) the classic
+    update with fixed λ's iterated to convergence."""
+    device = pick_device(settings.device)
+    B = torch.as_tensor(prepared.B, device=device)
+    scale = torch.as_tensor(prepared.gene_scale, device=device)
+    n_layers = model.n_layers if model is not None else settings.n_layers or 1000
+    report(progress, Stage.DECONVOLVING, 0, n_layers)
+
+    def callback(i, n):
+        report(progress, Stage.DECONVOLVING, i, n)
+        check_stop(should_stop)
+
+    graph = spots.graph
+    if model is not None:
+        with torch.no_grad():
+            BtX, BtB = model.gram(prepared.X, B, scale)
+        V = model.infer(
+            prepared.X, B, scale, graph, callback=callback, gram=(BtX, BtB), noise=entry_noise
+        )
+        gene_scale, params = (scale * model.gene_weights()).detach(), model.describe()
+    else:
+        s = DEFAULTS
+        Bw = B * (scale**2)[:, None]
+        BtX = torch.as_tensor(np.asarray(prepared.X @ Bw.cpu().numpy()), device=device)
+        BtB = B.T @ Bw
+        V = solve(
+            BtX,
+            BtB,
+            adjacency=graph.adjacency(s.sigma_distance, s.sigma_feature),
+            lam1=s.lambda_graph,
+            lam2=s.lambda_sum,
+            ridge=torch.full((B.shape[1],), 2 * s.lambda_ridge),
+            n_iter=n_layers,
+            tol=1e-5,
+            callback=callback,
+        )
+        gene_scale = scale
+        params = {
+            "lambda_graph": s.lambda_graph,
+            "lambda_sum": s.lambda_sum,
+            "lambda_ridge": s.lambda_ridge,
+            "sigma_distance": s.sigma_distance,
+            "sigma_feature": s.sigma_feature,
+            "max_iter": n_layers,
+        }
+    with torch.no_grad():
+        V = V / V.sum(1, keepdim=True).clamp_min(1e-12)
+    return Fit(V, BtX, BtB, gene_scale, params)
+
+
+@dataclass(frozen=True)
+class Fractions:
+    """Per kept spot: cell and mRNA fractions (over the whole transcriptome) and fit error."""
+
+    cell: np.ndarray
+    mrna: np.ndarray
+    fit_error: np.ndarray
+
+
+def fit_error(X, gene_scale: torch.Tensor, V, BtX, BtB) -> np.ndarray:
+    """Relative weighted residual ``||g⊙(x − B v)|| / ||g⊙x||`` per spot, without forming the
+    dense residual matrix."""
+    g2 = (gene_scale**2).cpu().numpy().astype(np.float64)
+    xsq = np.asarray(X.multiply(X) @ g2).ravel()
+    cross = (V * BtX).sum(1).cpu().numpy()
+    quad = ((V @ BtB) * V).sum(1).cpu().numpy()
+    res = np.maximum(xsq - 2 * cross + quad, 0.0)
+    return np.sqrt(res / np.maximum(xsq, 1e-30))
+
+
+def finish(
+    result: Fit,
+    prepared: Prepared,
+    spots: SpotGraph,
+    *,
+    model: UnrolledNMF | None,
+    min_proportion: float,
+) -> Fractions:
+    """Cell fractions (mRNA shares divided by each type's mRNA per cell, then the model's
+    learned smoothing head), mRNA fractions of the whole transcriptome, both with proportions
+    below ``min_proportion`` zeroed; and the fit error."""
+    with torch.no_grad():
+        V = result.mrna_shares
+        error = fit_error(prepared.X, result.gene_scale, V, result.data_btx, result.data_btb)
+        mrna_selected = V.cpu().numpy().astype(np.float64)
+    content = prepared.mrna_content
+    if model is None:
+        cells = to_cell_fractions(mrna_selected, content)
+    else:
+        cells = model.cell_fractions(mrna_selected, content, spots.graph)
+    # transcripts of the whole transcriptome, not only the selected genes
+    mrna = mrna_selected / prepared.gene_share[None, :]
+    return Fractions(
+        cell=finalize_proportions(cells, min_proportion),
+        mrna=finalize_proportions(mrna, min_proportion),
+        fit_error=error,
+    )
