@@ -26,11 +26,11 @@ warnings.simplefilter("ignore")
 
 import accuracy_suite as suite
 
-from napari_stlnmf import api
+from napari_stlnmf.calibration import estimate_noise, fit_platform_effect, quick_fit
 from napari_stlnmf.metrics import rmse
 from napari_stlnmf.model import finalize_proportions, to_cell_fractions
 from napari_stlnmf.preprocess import prepare
-from napari_stlnmf.train import estimate_noise
+from napari_stlnmf.pipeline import load_reference, shipped_refinement_model
 
 
 class Slide:
@@ -40,15 +40,15 @@ class Slide:
     def __init__(self, name):
         d = suite.DATASETS[name]()
         self.data = d
-        ref = api._as_reference(d["reference"], d["key"])
+        ref = load_reference(d["reference"], d["key"])
         prep = prepare(d["slide"].X, d["slide"].var_names, ref)
-        prep, _ = api._fit_platform_effect(prep, 0)
+        prep, _ = fit_platform_effect(prep, seed=0, refine_with=shipped_refinement_model(prep))
         self.prep = prep
-        self.V0 = api._quick_fit(prep, np.arange(prep.X.shape[0]), prep.gene_scale)
+        self.V0 = quick_fit(prep, np.arange(prep.X.shape[0]))
         self.X = prep.X.toarray().astype(np.float64)
         self.L = prep.library_size.astype(np.float64)
         self.B = prep.B.astype(np.float64)
-        self.phi = 1.0 / estimate_noise(prep.X, prep.library_size, prep.B, self.V0)["dispersion"]
+        self.phi = estimate_noise(prep.X, prep.library_size, prep.B, self.V0).overdispersion
         self.truth_mrna = np.asarray(d.get("truth_mrna", d["truth"]), float)[prep.spot_mask]
         self.truth_cell = np.asarray(d["truth"], float)[prep.spot_mask]
 

@@ -72,9 +72,10 @@ def groups(seed=0, gene_weighting="sqrt"):
 
 def overdispersion(prep) -> float:
     """φ measured on the pilot as deconvolve measures it on a slide (quick first fit)."""
-    from napari_stlnmf.api import _quick_overdispersion
+    from napari_stlnmf.calibration import estimate_noise, quick_fit
 
-    return _quick_overdispersion(prep, np.arange(prep.X.shape[0]))
+    V = quick_fit(prep, np.arange(prep.X.shape[0]))
+    return estimate_noise(prep.X, prep.library_size, prep.B, V).overdispersion
 
 
 def main(

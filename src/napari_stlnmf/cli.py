@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .preprocess import GENE_WEIGHTINGS
+from .progress import Stage, stage_label
 
 
 class _Progress:
@@ -29,8 +30,9 @@ class _Progress:
         if stage != self.stage:
             self.close()
             self.stage = stage
-            if stage != "done":
-                self.bar = tqdm(total=n, desc=f"{stage:>12}", leave=True, file=sys.stderr)
+            if stage != Stage.DONE:
+                desc = f"{stage_label(stage):>40}"
+                self.bar = tqdm(total=n, desc=desc, leave=True, file=sys.stderr)
         if self.bar is not None:
             self.bar.total = n
             self.bar.n = i
@@ -43,7 +45,8 @@ class _Progress:
 
 
 def write_results(result, out_dir, *, library_id=None, plots=True) -> list[Path]:
-    """``proportions.csv`` (by barcode), ``mrna_fractions.csv``, ``spot_qc.csv``, ``result.h5ad`` and maps."""
+    """``proportions.csv`` (by barcode), ``mrna_fractions.csv``, ``spot_qc.csv``, ``result.h5ad``
+    and maps."""
     from .plotting import plot_cell_type_maps
 
     out = Path(out_dir)
@@ -131,21 +134,21 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def _model_kwargs(a) -> dict:
-    return dict(
-        method=a.method,
-        train=a.train,
-        train_epochs=a.epochs,
-        n_layers=a.layers,
-        params=a.params,
-        save_params=a.save_params,
-        fractions=a.fractions,
-        min_proportion=a.min_proportion,
-        n_neighbors=a.neighbors,
-        use_image=a.use_image,
-        seed=a.seed,
-        device=a.device,
-        gene_weighting=a.weighting,
-    )
+    return {
+        "method": a.method,
+        "train": a.train,
+        "train_epochs": a.epochs,
+        "n_layers": a.layers,
+        "params": a.params,
+        "save_params": a.save_params,
+        "fractions": a.fractions,
+        "min_proportion": a.min_proportion,
+        "n_neighbors": a.neighbors,
+        "use_image": a.use_image,
+        "seed": a.seed,
+        "device": a.device,
+        "gene_weighting": a.weighting,
+    }
 
 
 def _run(a) -> int:
@@ -189,9 +192,8 @@ def _run(a) -> int:
     )
     if info.get("train"):
         t = info["train"]
-        print(
-            f"training: validation RMSE {t['val_rmse_initial']:.4f} -> {t['val_rmse']:.4f} in {t['seconds']:.1f} s"
-        )
+        rmse = f"{t['val_rmse_initial']:.4f} -> {t['val_rmse']:.4f}"
+        print(f"training: validation RMSE {rmse} in {t['seconds']:.1f} s")
     print(f"wrote {len(written)} files to {a.out}")
     return 0
 
@@ -224,9 +226,8 @@ def _demo(a) -> int:
     }
     rows["per-spot NNLS"] = score(_nnls_baseline(slide, reference, truth.columns), truth.to_numpy())
     table = pd.DataFrame(rows).T[["rmse", "jsd", "pearson", "rel_frobenius"]]
-    print(
-        f"\nDemo slide: {slide.n_obs} spots, {len(truth.columns)} cell types; scores against the true cell fractions"
-    )
+    size = f"{slide.n_obs} spots, {len(truth.columns)} cell types"
+    print(f"\nDemo slide: {size}; scores against the true cell fractions")
     print(table.to_string(float_format=lambda v: f"{v:.4f}"))
     (Path(a.out) / "demo_scores.json").write_text(
         json.dumps({k: v for k, v in rows.items()}, indent=2)

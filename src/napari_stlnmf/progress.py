@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from enum import Enum
 
-__all__ = ["Cancelled", "ProgressCallback", "Stage", "check_stop", "report"]
+__all__ = ["Cancelled", "ProgressCallback", "Stage", "check_stop", "report", "stage_label"]
 
 ProgressCallback = Callable[[str, int, int], None]
 
@@ -44,6 +44,14 @@ _LABELS = {
     Stage.DECONVOLVING: "Deconvolving",
     Stage.DONE: "Done",
 }
+
+
+def stage_label(stage: str) -> str:
+    """The label of a stage given as a :class:`Stage` or its name (as Qt signals pass it)."""
+    try:
+        return Stage(stage).label
+    except ValueError:  # a stage of somebody else's callback chain: show it as it is
+        return str(stage)
 
 
 class Cancelled(Exception):

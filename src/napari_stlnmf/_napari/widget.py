@@ -30,6 +30,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import QComboBox
 
+from ..errors import StlnmfError
 from ..layers import (
     DOMINANT_LAYER,
     RESULT_TAG,
@@ -38,21 +39,11 @@ from ..layers import (
     result_layers,
     slide_for_deconvolution,
 )
-from ..errors import StlnmfError
+from ..progress import stage_label
 
 __all__ = ["DeconvolveWidget", "run_deconvolution"]
 
 _REFERENCE_FILTER = "*.h5ad *.csv *.tsv *.txt *.csv.gz *.tsv.gz *.txt.gz"
-_STAGES = {
-    "reading": "Reading slide and reference",
-    "preparing": "Selecting genes",
-    "graph": "Building the spot graph",
-    "platform": "Measuring the platform effect and noise",
-    "simulating": "Simulating training slides",
-    "training": "Training on simulated slides",
-    "deconvolving": "Deconvolving",
-    "done": "Done",
-}
 
 
 @dataclass
@@ -375,7 +366,7 @@ class DeconvolveWidget(Container):
     def _on_progress(self, stage: str, i: int, n: int):
         self.progress.max = max(int(n), 1)
         self.progress.value = min(max(int(i), 0), self.progress.max)
-        text = _STAGES.get(stage, stage)
+        text = stage_label(stage)
         self.status.value = f"{text} ({i}/{n})" if n > 1 else text
 
     def _on_finished(self):
