@@ -39,7 +39,11 @@ def _find_display_problem() -> str | None:
         return "no display: Xvfb is not installed (pytest-xvfb starts it when it is)"
     try:
         probe = subprocess.run(
-            [sys.executable, "-c", _QT_PROBE], capture_output=True, text=True, timeout=120
+            [sys.executable, "-c", _QT_PROBE],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
         )
     except subprocess.TimeoutExpired:
         return "Qt did not open a window within 120 s"

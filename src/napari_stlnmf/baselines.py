@@ -41,7 +41,7 @@ def nnls_proportions(
         A.setdiag(1.0)
         V = (A @ V) / np.asarray(A.sum(1))
     out = np.full((slide.n_obs, V.shape[1]), np.nan)
-    # divide by each type's mRNA per cell (cells) or share of mRNA in these genes (all mRNA), renormalise
+    # divide by each type's mRNA per cell (cells) or its share of mRNA in these genes (all mRNA)
     out[prep.spot_mask] = to_cell_fractions(
         V, prep.mrna_content if fractions == "cell" else prep.gene_share
     )

@@ -56,7 +56,8 @@ def pearson_per_type(estimate, truth) -> np.ndarray:
 
 
 def score(estimate, truth) -> dict[str, float]:
-    """All metrics in one dict: rmse, jsd (mean per spot), pearson (mean over types), rel_frobenius."""
+    """All metrics in one dict: rmse, jsd (mean per spot), pearson (mean over types) and
+    rel_frobenius."""
     return {
         "rmse": rmse(estimate, truth),
         "jsd": mean_jensen_shannon(estimate, truth),

@@ -10,8 +10,8 @@ import pytest
 
 napari = pytest.importorskip("napari")
 
-from napari_stlnmf.layers import DOMINANT_LAYER, FIT_ERROR_LAYER, RESULT_TAG
 from napari_stlnmf.datasets import DEMO_REFERENCE
+from napari_stlnmf.layers import DOMINANT_LAYER, FIT_ERROR_LAYER, RESULT_TAG
 
 WIDGET = "Deconvolve (STL NMF)"
 
