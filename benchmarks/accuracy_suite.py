@@ -63,14 +63,14 @@ def _slide(counts: np.ndarray, xy: np.ndarray, genes, spots=None) -> ad.AnnData:
 
 def ds_demo():
     slide, ref = load_demo()
-    return dict(
-        slide=slide,
-        reference=ref,
-        key="cell_type",
-        truth=slide.obsm["true_proportions"],
-        truth_mrna=slide.obsm["true_mrna_fractions"],
-        fractions="cell",
-    )
+    return {
+        "slide": slide,
+        "reference": ref,
+        "key": "cell_type",
+        "truth": slide.obsm["true_proportions"],
+        "truth_mrna": slide.obsm["true_mrna_fractions"],
+        "fractions": "cell",
+    }
 
 
 def _shared(name):
@@ -89,7 +89,7 @@ def ds_square(depth):
         rng = np.random.default_rng(0)
         noisy = rng.poisson(X / X.sum(1, keepdims=True) * depth)
         slide = _slide(noisy, coords[["x", "y"]].to_numpy(), counts.columns, counts.index)
-        return dict(slide=slide, reference=sig, key=None, truth=truth, fractions="mrna")
+        return {"slide": slide, "reference": sig, "key": None, "truth": truth, "fractions": "mrna"}
 
     return make
 
@@ -97,7 +97,7 @@ def ds_square(depth):
 def ds_circle():
     counts, coords, sig, truth = _shared("synthetic_circle_2x2")
     slide = _slide(counts.to_numpy(), coords[["x", "y"]].to_numpy(), counts.columns, counts.index)
-    return dict(slide=slide, reference=sig, key=None, truth=truth, fractions="mrna")
+    return {"slide": slide, "reference": sig, "key": None, "truth": truth, "fractions": "mrna"}
 
 
 def square_layout(n_rows, n_cols, pitch=1.0):
@@ -138,14 +138,14 @@ def ds_sim(layout, kind, platform, depth, seed, mean_cells=8.0, reference=(12, 7
         truth_mrna = pd.DataFrame(
             sim.mrna_fractions, index=slide.obs_names, columns=cells.cell_types
         )
-        return dict(
-            slide=slide,
-            reference=ref,
-            key="cell_type",
-            truth=truth,
-            truth_mrna=truth_mrna,
-            fractions="cell",
-        )
+        return {
+            "slide": slide,
+            "reference": ref,
+            "key": "cell_type",
+            "truth": truth,
+            "truth_mrna": truth_mrna,
+            "fractions": "cell",
+        }
 
     return make
 
@@ -179,14 +179,14 @@ def ds_substates(layout, kind, platform, depth, seed, n_states=24, n_types=8, re
         agg = lambda f: pd.DataFrame(
             f @ np.eye(n_types)[group], index=slide.obs_names, columns=types
         )
-        return dict(
-            slide=slide,
-            reference=full,
-            key="cell_type",
-            truth=agg(sim.cell_fractions),
-            truth_mrna=agg(sim.mrna_fractions),
-            fractions="cell",
-        )
+        return {
+            "slide": slide,
+            "reference": full,
+            "key": "cell_type",
+            "truth": agg(sim.cell_fractions),
+            "truth_mrna": agg(sim.mrna_fractions),
+            "fractions": "cell",
+        }
 
     return make
 
@@ -225,14 +225,14 @@ def ds_sc_square():
     slide = _slide(sim.counts, xy, cells.genes)
     truth = pd.DataFrame(sim.cell_fractions, index=slide.obs_names, columns=cells.cell_types)
     truth_mrna = pd.DataFrame(sim.mrna_fractions, index=slide.obs_names, columns=cells.cell_types)
-    return dict(
-        slide=slide,
-        reference=ref,
-        key="cell_type",
-        truth=truth,
-        truth_mrna=truth_mrna,
-        fractions="cell",
-    )
+    return {
+        "slide": slide,
+        "reference": ref,
+        "key": "cell_type",
+        "truth": truth,
+        "truth_mrna": truth_mrna,
+        "fractions": "cell",
+    }
 
 
 DATASETS = {
@@ -397,7 +397,8 @@ def main(argv=None):
                 else ""
             )
             print(
-                f"{dn:30s} {vn:14s} rmse={row['rmse']:.4f} jsd={row['jsd']:.4f}{mr} t={row['seconds']:.1f}s{extra}",
+                f"{dn:30s} {vn:14s} rmse={row['rmse']:.4f} jsd={row['jsd']:.4f}{mr} "
+                f"t={row['seconds']:.1f}s{extra}",
                 flush=True,
             )
     df = pd.DataFrame(rows)

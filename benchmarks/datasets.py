@@ -74,7 +74,10 @@ def paper_grids(noise_counts=(2000,)):
                         KEY,
                         truth,
                         mrna_truth(truth, content.reindex(truth.columns).to_numpy()),
-                        "original paper's grid; noiseless X given Poisson noise; sc reference (B = its type means)",
+                        (
+                            "original paper's grid; noiseless X given Poisson noise; "
+                            "sc reference (B = its type means)"
+                        ),
                     )
                 )
         else:
@@ -174,7 +177,8 @@ def simulated(quick: bool = False):
                 0.3,
             )
         )
-    # Visium HD-like 16 µm bins: one or two cells each, shallow (the 'auto' zeroing threshold's case)
+    # Visium HD-like 16 µm bins: one or two cells each, shallow (the 'auto' zeroing
+    # threshold's case)
     specs.append(
         (
             "sim 10 types regions, HD bins (1-2 cells), shallow, platform",
@@ -222,7 +226,10 @@ def simulated(quick: bool = False):
                 KEY,
                 truth,
                 truth_mrna,
-                f"{kind}; {layout}; {depth} counts/spot; {mean_cells:g} cells/spot on average; platform σ={platform}",
+                (
+                    f"{kind}; {layout}; {depth} counts/spot; {mean_cells:g} cells/spot on average; "
+                    f"platform σ={platform}"
+                ),
             )
         )
     return out

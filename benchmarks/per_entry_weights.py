@@ -1,8 +1,9 @@
 """Experiment that led to the per-entry weights now inside the model (``gene_weighting='nb'``):
 plain IRLS with per-entry negative-binomial weights, per spot and gene, outside the network.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/per_entry_weights.py demo,sim_hex_smooth_p0_deep
-    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/per_entry_weights.py demo --graph   # from the trained V
+    export OMP_NUM_THREADS=1 PYTHONPATH=src
+    python benchmarks/per_entry_weights.py demo,sim_hex_smooth_p0_deep
+    python benchmarks/per_entry_weights.py demo --graph   # from the trained V
 
 For each held-out suite slide: the quick first fit (default parameters, 50 layers, 1/sqrt(mean)
 gene weights, no graph), then 300 multiplicative updates of weighted least squares with weights
@@ -29,8 +30,8 @@ import accuracy_suite as suite
 from napari_stlnmf.calibration import estimate_noise, fit_platform_effect, quick_fit
 from napari_stlnmf.metrics import rmse
 from napari_stlnmf.model import finalize_proportions, to_cell_fractions
-from napari_stlnmf.preprocess import prepare
 from napari_stlnmf.pipeline import load_reference, shipped_refinement_model
+from napari_stlnmf.preprocess import prepare
 
 
 class Slide:

@@ -95,7 +95,9 @@ def peer(name, timeout):
                 "0",
             ]
             try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+                proc = subprocess.run(
+                    cmd, capture_output=True, text=True, timeout=timeout, check=False
+                )
             except subprocess.TimeoutExpired:
                 raise RuntimeError(f"timed out after {timeout} s (--peer-timeout)") from None
             if proc.returncode != 0:
@@ -202,7 +204,8 @@ def accuracy(
                     "note": str(exc)[:160],
                 }
             print(
-                f"   {mname:38s} rmse={row['rmse']:.4f} jsd={row['jsd']:.4f} rmse_mrna={row['rmse_mrna']:.4f} "
+                f"   {mname:38s} rmse={row['rmse']:.4f} jsd={row['jsd']:.4f} "
+                f"rmse_mrna={row['rmse_mrna']:.4f} "
                 f"{row['seconds']:.1f}s {row['note']}",
                 flush=True,
             )
@@ -214,7 +217,8 @@ def accuracy(
 
 
 def merge_rows(new: pd.DataFrame, old: pd.DataFrame) -> pd.DataFrame:
-    """Rows of ``new`` replace those of ``old`` with the same (slide, method); order follows old."""
+    """Rows of ``new`` replace those of ``old`` with the same (slide, method); order
+    follows old."""
     if not len(old):
         return new
     if not len(new):
@@ -229,7 +233,8 @@ def merge_rows(new: pd.DataFrame, old: pd.DataFrame) -> pd.DataFrame:
 
 
 def scaling(quick: bool, peers: bool = True):
-    """Each measurement in a fresh process: ours (inference; training + inference) and FlashDeconv."""
+    """Each measurement in a fresh process: ours (inference; training + inference) and
+    FlashDeconv."""
     sizes = [1000, 5000, 50_000] if quick else [1000, 5000, 50_000, 100_000, 500_000, 1_000_000]
     jobs = [(n, 20, 2000, "infer") for n in sizes]
     jobs += [(5000, p, 2000, "infer") for p in (5, 50)]
@@ -248,6 +253,7 @@ def scaling(quick: bool, peers: bool = True):
             capture_output=True,
             text=True,
             timeout=4000,
+            check=False,
         )
         if proc.returncode != 0:
             print(proc.stderr[-2000:])
@@ -313,7 +319,8 @@ def plots(acc: pd.DataFrame, sc: pd.DataFrame, maps: dict):
             )
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel(
-                f"RMSE vs true {'cell' if col == 'rmse' else 'mRNA'} fractions (log scale; lower is better)"
+                f"RMSE vs true {'cell' if col == 'rmse' else 'mRNA'} fractions "
+                "(log scale; lower is better)"
             )
             ax.set_ylabel("")
             ax.grid(axis="x", which="both", alpha=0.3)
@@ -378,7 +385,9 @@ def growth(sc: pd.DataFrame, col: str) -> float | None:
     return float(np.polyfit(np.log(d.n_spots), np.log(d[col]), 1)[0])
 
 
-ESTIMATES = {  # method -> (what its output is, the truth it should be judged on); peers: benchmarks/peers/README.md
+# method -> (what its output is, the truth it should be judged on); peers:
+# benchmarks/peers/README.md
+ESTIMATES = {
     "STL NMF unrolled (trained)": (
         "both: mRNA fractions, and cell fractions = mRNA fractions / mRNA per cell",
         "both (matching output)",
@@ -405,15 +414,21 @@ SHORT_NAMES = {DEFAULT_OURS: "STL NMF", "STL NMF unrolled (trained)": "STL NMF f
 def win_summary(acc: pd.DataFrame) -> list[str]:
     """Per slide: the best method on each score, and the best peer judged on its own quantity."""
     out = [
-        "**Best per slide** (lowest; `STL NMF` = STL NMF unrolled (shipped defaults), the default run; "
-        "ties name it first). 'best peer, own truth' scores each peer against the quantity it estimates:",
+        (
+            "**Best per slide** (lowest; `STL NMF` = STL NMF unrolled (shipped defaults), "
+            "the default run; ties name it first). 'best peer, own truth' scores each peer "
+            "against the quantity it estimates:"
+        ),
         "",
-        "| slide | RMSE (cells) | JSD (cells) | RMSE (mRNA) | JSD (mRNA) | STL NMF RMSE cells / mRNA | best peer, own truth: RMSE |",
+        (
+            "| slide | RMSE (cells) | JSD (cells) | RMSE (mRNA) | JSD (mRNA) "
+            "| STL NMF RMSE cells / mRNA | best peer, own truth: RMSE |"
+        ),
         "|---|---|---|---|---|---|---|",
     ]
     for slide, g in acc.groupby("slide", sort=False):
 
-        def best(col):
+        def best(col, g=g):
             h = g.dropna(subset=[col])
             h = pd.concat([h[h.method == DEFAULT_OURS], h[h.method != DEFAULT_OURS]])
             if not len(h):
@@ -431,7 +446,8 @@ def win_summary(acc: pd.DataFrame) -> list[str]:
                 own.append((value, r.method, judge))
         own_s = "–" if not own else "{1} {0:.4f} ({2})".format(*min(own))
         out.append(
-            f"| {slide} | {best('rmse')} | {best('jsd')} | {best('rmse_mrna')} | {best('jsd_mrna')} | {ours_s} | {own_s} |"
+            f"| {slide} | {best('rmse')} | {best('jsd')} | {best('rmse_mrna')} "
+            f"| {best('jsd_mrna')} | {ours_s} | {own_s} |"
         )
     return out + [""]
 
@@ -440,41 +456,54 @@ def write_page(acc, sc, figs, args, started):
     lines = [
         "# Benchmarks",
         "",
-        f"Generated by `make bench` (`python benchmarks/run_benchmarks.py{' --quick' if args.quick else ''}`) on "
-        f"{time.strftime('%Y-%m-%d', time.gmtime(started))}: {platform.machine()}, {os.cpu_count()} cores, "
+        "Generated by `make bench` "
+        f"(`python benchmarks/run_benchmarks.py{' --quick' if args.quick else ''}`) on "
+        f"{time.strftime('%Y-%m-%d', time.gmtime(started))}: {platform.machine()}, "
+        f"{os.cpu_count()} cores, "
         f"torch threads = {os.environ.get('OMP_NUM_THREADS', 'default')}; "
         + (
             f"run time {time.time() - started:.0f} s"
             if (args.accuracy or args.scaling)
-            else "page rebuilt from docs/bench_accuracy.csv and docs/bench_scaling.csv (`--no-accuracy --no-scaling --reuse`)"
+            else (
+                "page rebuilt from docs/bench_accuracy.csv and docs/bench_scaling.csv "
+                "(`--no-accuracy --no-scaling --reuse`)"
+            )
         )
         + (
-            f"; this run re-ran only the methods matching `{args.methods}` / slides matching `{args.slides}`, the other "
+            f"; this run re-ran only the methods matching `{args.methods}` "
+            f"/ slides matching `{args.slides}`, the other "
             "rows come from earlier runs (docs/bench_accuracy.csv)."
             if args.accuracy and (args.methods or args.slides)
             else "."
         ),
         "",
-        "RMSE over all spots and types, JSD = mean per-spot Jensen–Shannon divergence (natural log), "
-        "Pearson = mean over types, rel. Frobenius = ||V̂ − V|| / ||V|| (the original paper's score). "
-        "'STL NMF unrolled (shipped defaults)' is what `deconvolve` does by default: the parameters shipped with "
-        "the package, learned by unrolling on slides simulated from many references. '(trained)' fine-tunes them "
-        "first (`train=True`) on slides simulated on each slide's own layout from its reference (never from the "
-        "slide's truth).",
+        (
+            "RMSE over all spots and types, JSD = mean per-spot Jensen–Shannon divergence "
+            "(natural log), Pearson = mean over types, rel. Frobenius = ||V̂ − V|| / ||V|| "
+            "(the original paper's score). 'STL NMF unrolled (shipped defaults)' is what "
+            "`deconvolve` does by default: the parameters shipped with the package, learned by "
+            "unrolling on slides simulated from many references. '(trained)' fine-tunes them "
+            "first (`train=True`) on slides simulated on each slide's own layout from its "
+            "reference (never from the slide's truth)."
+        ),
         "",
     ]
     if len(acc):
         lines += [
             "## Accuracy",
             "",
-            "Two truths, because methods estimate different things: **cell fractions** (share of each spot's cells) "
-            "and **mRNA fractions** (share of each spot's transcripts). They differ where cell types differ in mRNA "
-            "per cell (the synthetic references here differ up to ~4x). Every method is scored against both: STL NMF "
-            "and NNLS report both quantities (mRNA fractions, and cell fractions = mRNA fractions / mRNA per cell, "
-            "renormalised), and are scored with the matching one; a peer's single output is scored against both truths, "
-            "so each peer can be judged against the quantity it estimates (table below). The paper grids' truth is the "
-            "mixing weight of per-type mean profiles per cell, i.e. cell fractions; their mRNA truth weights it by the "
-            "profiles' totals.",
+            (
+                "Two truths, because methods estimate different things: **cell fractions** "
+                "(share of each spot's cells) and **mRNA fractions** (share of each spot's "
+                "transcripts). They differ where cell types differ in mRNA per cell (the "
+                "synthetic references here differ up to ~4x). Every method is scored against "
+                "both: STL NMF and NNLS report both quantities (mRNA fractions, and cell "
+                "fractions = mRNA fractions / mRNA per cell, renormalised), and are scored with "
+                "the matching one; a peer's single output is scored against both truths, so each "
+                "peer can be judged against the quantity it estimates (table below). The paper "
+                "grids' truth is the mixing weight of per-type mean profiles per cell, i.e. cell "
+                "fractions; their mRNA truth weights it by the profiles' totals."
+            ),
             "",
             "| method | output | judge it on |",
             "|---|---|---|",
@@ -488,10 +517,13 @@ def write_page(acc, sc, figs, args, started):
         ]
         lines += [
             "",
-            "Peers run with their documented defaults except where recorded in benchmarks/peers/README.md "
-            "(cell2location 250 + 10,000 epochs, Stereoscope ~30,000 steps, DestVI 300 + 2,000 epochs; being slow here (5-45 min per slide), "
-            "these three run on the demo slide only). "
-            "Peers need a single-cell reference: they have no score on the signature-only slide.",
+            (
+                "Peers run with their documented defaults except where recorded in "
+                "benchmarks/peers/README.md (cell2location 250 + 10,000 epochs, Stereoscope "
+                "~30,000 steps, DestVI 300 + 2,000 epochs; being slow here (5-45 min per slide), "
+                "these three run on the demo slide only). Peers need a single-cell reference: "
+                "they have no score on the signature-only slide."
+            ),
             "",
         ]
         lines += win_summary(acc)
@@ -504,14 +536,18 @@ def write_page(acc, sc, figs, args, started):
             lines += [
                 f"### {slide}",
                 "",
-                "| method | RMSE (cells) | JSD (cells) | Pearson (cells) | rel. Frobenius (cells) | RMSE (mRNA) | JSD (mRNA) | time (s) | note |",
+                (
+                    "| method | RMSE (cells) | JSD (cells) | Pearson (cells) "
+                    "| rel. Frobenius (cells) | RMSE (mRNA) | JSD (mRNA) | time (s) | note |"
+                ),
                 "|---|---|---|---|---|---|---|---|---|",
             ]
             best = {c: grp[c].min() for c in ("rmse", "jsd", "rmse_mrna", "jsd_mrna")}
-            bold = lambda r, c: f"**{r[c]:.4f}**" if r[c] == best[c] else f"{r[c]:.4f}"
+            bold = lambda r, c, best=best: f"**{r[c]:.4f}**" if r[c] == best[c] else f"{r[c]:.4f}"
             for _, r in grp.sort_values("rmse", na_position="last").iterrows():
                 lines.append(
-                    f"| {r.method} | {bold(r, 'rmse')} | {bold(r, 'jsd')} | {r.pearson:.3f} | {r.rel_frobenius:.3f} | "
+                    f"| {r.method} | {bold(r, 'rmse')} | {bold(r, 'jsd')} | {r.pearson:.3f} "
+                    f"| {r.rel_frobenius:.3f} | "
                     f"{bold(r, 'rmse_mrna')} | {bold(r, 'jsd_mrna')} | {r.seconds:.1f} | {r.note} |"
                 )
             lines.append("")
@@ -533,19 +569,26 @@ def write_page(acc, sc, figs, args, started):
         lines += [
             "## Speed and memory",
             "",
-            "Each measurement is a fresh process on the same simulated input (sparse counts: 150 reads per bin above "
-            "100k spots, like Visium HD; 2,000 per spot below; square 8 µm bins; 2,000 genes). "
-            "'STL NMF' = `deconvolve()` as it runs by default, with the shipped (or saved) parameters: preparing + graph + "
-            "platform-effect and noise pre-fits + inference. 'incl. training' is the opt-in fine-tuning "
-            "(`train=True`) on simulated crops (≤1,500 spots each, so its cost does not grow with the slide). "
-            "FlashDeconv: its own fit time (`fit_time_s`, file reading excluded) in its venv; its memory is "
-            "watched and it is stopped above the cap (`STLNMF_BENCH_MEM_CAP_GB`, default 20 GB).",
+            (
+                "Each measurement is a fresh process on the same simulated input (sparse counts: "
+                "150 reads per bin above 100k spots, like Visium HD; 2,000 per spot below; square "
+                "8 µm bins; 2,000 genes). 'STL NMF' = `deconvolve()` as it runs by default, with "
+                "the shipped (or saved) parameters: preparing + graph + platform-effect and noise "
+                "pre-fits + inference. 'incl. training' is the opt-in fine-tuning (`train=True`) "
+                "on simulated crops (≤1,500 spots each, so its cost does not grow with the "
+                "slide). FlashDeconv: its own fit time (`fit_time_s`, file reading excluded) in "
+                "its venv; its memory is watched and it is stopped above the cap "
+                "(`STLNMF_BENCH_MEM_CAP_GB`, default 20 GB)."
+            ),
             "",
         ]
         cmp_ = speed_comparison(sc)
         if len(cmp_):
             lines += [
-                "| spots | types | STL NMF (s) | STL NMF incl. fine-tuning (s) | FlashDeconv (s) | STL NMF peak (MB) | FlashDeconv peak (MB) | note |",
+                (
+                    "| spots | types | STL NMF (s) | STL NMF incl. fine-tuning (s) "
+                    "| FlashDeconv (s) | STL NMF peak (MB) | FlashDeconv peak (MB) | note |"
+                ),
                 "|---|---|---|---|---|---|---|---|",
             ]
             f = lambda v, d=1: (
@@ -553,25 +596,33 @@ def write_page(acc, sc, figs, args, started):
             )
             for (n, p), r in cmp_.iterrows():
                 lines.append(
-                    f"| {n:,} | {p} | {f(r.iloc[0])} | {f(r.iloc[1])} | {f(r.iloc[2])} | {f(r.iloc[3], 0)} | "
+                    f"| {n:,} | {p} | {f(r.iloc[0])} | {f(r.iloc[1])} | {f(r.iloc[2])} "
+                    f"| {f(r.iloc[3], 0)} | "
                     f"{f(r.iloc[4], 0)} | {r.iloc[5] if isinstance(r.iloc[5], str) else ''} |"
                 )
             lines += [
                 "",
-                "Stages of our runs (peak RSS includes Python, torch and the simulated input; "
-                "`RSS before` is the process before `deconvolve`):",
+                (
+                    "Stages of our runs (peak RSS includes Python, torch and the simulated input; "
+                    "`RSS before` is the process before `deconvolve`):"
+                ),
                 "",
             ]
         lines += [
-            "| what | spots | types | genes used | graph (s) | platform & noise (s) | training (s) | inference (s) | total (s) | peak RSS (MB) | RSS before (MB) |",
+            (
+                "| what | spots | types | genes used | graph (s) | platform & noise (s) "
+                "| training (s) | inference (s) | total (s) | peak RSS (MB) | RSS before (MB) |"
+            ),
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for _, r in sc[sc.what != "flashdeconv"].iterrows():
             prefit = getattr(r, "platform_s", float("nan"))
             prefit = f"{prefit:.2f}" if np.isfinite(prefit) else "–"
             lines.append(
-                f"| {r.what} | {r.n_spots:,} | {r.n_types} | {int(r.n_genes_used)} | {r.graph_s:.2f} | {prefit} | {r.training_s:.1f} | "
-                f"{r.inference_s:.2f} | {r.seconds:.1f} | {r.peak_rss_mb:.0f} | {r.rss_before_mb:.0f} |"
+                f"| {r.what} | {r.n_spots:,} | {r.n_types} | {int(r.n_genes_used)} "
+                f"| {r.graph_s:.2f} | {prefit} | {r.training_s:.1f} | "
+                f"{r.inference_s:.2f} | {r.seconds:.1f} | {r.peak_rss_mb:.0f} "
+                f"| {r.rss_before_mb:.0f} |"
             )
         lines.append("")
         for col, label in (
@@ -613,12 +664,18 @@ def main():
     ap.add_argument(
         "--methods",
         default=None,
-        help="regex: run only matching methods; the other methods' rows are kept from docs/bench_accuracy.csv",
+        help=(
+            "regex: run only matching methods; the other methods' rows are kept from "
+            "docs/bench_accuracy.csv"
+        ),
     )
     ap.add_argument(
         "--slides",
         default=None,
-        help="regex: run only on matching slides; the other slides' rows are kept from docs/bench_accuracy.csv",
+        help=(
+            "regex: run only on matching slides; the other slides' rows are kept from "
+            "docs/bench_accuracy.csv"
+        ),
     )
     args = ap.parse_args()
     started = time.time()

@@ -123,7 +123,10 @@ def run_flashdeconv(n, p, m, slide, ref) -> dict:
             peak = max(peak, _tree_rss_mb(proc.pid))
             if peak > MEM_CAP_GB * 1024:
                 proc.kill()
-                note = f"stopped: memory above the {MEM_CAP_GB:.0f} GB cap after {time.perf_counter() - t0:.0f} s"
+                note = (
+                    f"stopped: memory above the {MEM_CAP_GB:.0f} GB cap "
+                    f"after {time.perf_counter() - t0:.0f} s"
+                )
                 break
             if time.perf_counter() - t0 > 3600:
                 proc.kill()

@@ -1,4 +1,5 @@
-"""Learn the shipped default parameters (λ's, σ's, ω, the cell-fraction head's α; no gene weights) on many simulated slides.
+"""Learn the shipped default parameters (λ's, σ's, ω, the cell-fraction head's α; no gene
+weights) on many simulated slides.
 
     python benchmarks/train_defaults.py --gene-weighting nb --out layers.pt   # the layers
     python benchmarks/train_defaults.py --gene-weighting nb --head-only layers.pt
@@ -134,7 +135,8 @@ def main(
                 noise=EntryNoise(b.library_size, phi) if model.entry_weights else None,
             )
             cells = model.cell_fractions(V, c, b.graph)
-            if zeroed:  # as deconvolve's output: below 0.05 zeroed (the mask is a constant for the gradient)
+            # as deconvolve's output: below 0.05 zeroed (the mask is a constant for the gradient)
+            if zeroed:
                 keep = ((cells >= 0.05) | (cells == cells.max(1, keepdim=True).values)).detach()
                 cells = cells * keep
                 cells = cells / cells.sum(1, keepdim=True)
@@ -187,7 +189,8 @@ def main(
 if __name__ == "__main__":
     import argparse
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # the summary sentence, unwrapped
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("epochs", nargs="?", type=int, default=40)
     ap.add_argument("--gene-weighting", default="sqrt", choices=["sqrt", "nb", "mean", "none"])
     ap.add_argument(

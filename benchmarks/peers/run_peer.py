@@ -255,7 +255,7 @@ def run_cell2location(slide, ref, key, a):
         ref, sample_kwargs={"num_samples": 1000, "batch_size": 2500, "accelerator": "cpu"}
     )
     names = list(ref.uns["mod"]["factor_names"])
-    if "means_per_cluster_mu_fg" in ref.varm.keys():
+    if "means_per_cluster_mu_fg" in ref.varm:
         inf_aver = ref.varm["means_per_cluster_mu_fg"][
             [f"means_per_cluster_mu_fg_{i}" for i in names]
         ].copy()
@@ -283,9 +283,11 @@ def run_cell2location(slide, ref, key, a):
     params = {
         "reference_model": "RegressionModel",
         "reference_epochs": ref_epochs,
-        "reference_filter_genes": dict(
-            cell_count_cutoff=5, cell_percentage_cutoff2=0.03, nonz_mean_cutoff=1.12
-        ),
+        "reference_filter_genes": {
+            "cell_count_cutoff": 5,
+            "cell_percentage_cutoff2": 0.03,
+            "nonz_mean_cutoff": 1.12,
+        },
         "n_genes_used": len(genes),
         "spatial_model": "Cell2location",
         "spatial_epochs": epochs,
@@ -593,7 +595,7 @@ def main(argv=None) -> int:
             print(e.code, file=sys.stderr)
             return 2
         raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any failure of a peer's code is recorded, not raised
         traceback.print_exc()
         write_sidecar("error", reason=f"{type(e).__name__}: {e}")
         return 1

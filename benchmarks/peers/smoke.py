@@ -179,7 +179,7 @@ def main(argv=None) -> int:
         with open(out / f"{m}.log", "w") as log:
             try:
                 rc = subprocess.run(
-                    cmd, stdout=log, stderr=subprocess.STDOUT, timeout=a.timeout
+                    cmd, stdout=log, stderr=subprocess.STDOUT, timeout=a.timeout, check=False
                 ).returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
