@@ -599,28 +599,6 @@ def test_cell_fraction_head_lowers_cell_error_and_leaves_mrna_alone(demo, tmp_pa
     assert err["with"] < 0.98 * err["without"], err
 
 
-def test_gene_weighting_choice_follows_the_memory_limit():
-    """Per-spot Gram matrices go compact past the float32 limit; past the compact limit the
-    default falls back to per-gene weights with a warning, an explicit 'nb' is an error."""
-    from napari_stlnmf.model import gram_bytes
-    from napari_stlnmf.pipeline import choose_gene_weighting
-
-    n, p = 10_000, 20
-    roomy = choose_gene_weighting("nb", explicit=False, train=False, n_spots=n, n_types=p)
-    assert roomy == ("nb", False)
-    between = (gram_bytes(n, p) + gram_bytes(n, p, compact=True)) // 2
-    kw = {"explicit": False, "train": False, "n_spots": n, "n_types": p}
-    assert choose_gene_weighting("nb", max_gram_bytes=between, **kw) == ("nb", True)
-    with pytest.warns(RuntimeWarning, match="per-entry weights need"):
-        assert choose_gene_weighting("nb", max_gram_bytes=1024, **kw)[0] == "sqrt"
-    with pytest.warns(RuntimeWarning):
-        trained = choose_gene_weighting("nb", max_gram_bytes=1024, **{**kw, "train": True})
-    assert trained[0] == "fitted"
-    with pytest.raises(StlnmfError, match="fewer cell types"):
-        choose_gene_weighting("nb", max_gram_bytes=1024, **{**kw, "explicit": True})
-    assert choose_gene_weighting("sqrt", max_gram_bytes=1024, **kw)[0] == "sqrt"
-
-
 def test_stages_reported_in_order_and_named_for_people(demo):
     from napari_stlnmf.progress import Stage
 
