@@ -9,6 +9,11 @@ import pytest
 napari = pytest.importorskip("napari")
 
 from napari_stlnmf import deconvolve
+from napari_stlnmf._napari.reader import napari_get_reader
+from napari_stlnmf._napari.sample_data import make_demo_sample, make_histology_sample
+from napari_stlnmf._napari.writer import write_proportions
+from napari_stlnmf.datasets import DEMO_REFERENCE, load_demo
+from napari_stlnmf.errors import StlnmfError
 from napari_stlnmf.layers import (
     RESULT_TAG,
     SLIDE_TAG,
@@ -16,11 +21,6 @@ from napari_stlnmf.layers import (
     slide_for_deconvolution,
     slide_layers,
 )
-from napari_stlnmf._napari.reader import napari_get_reader
-from napari_stlnmf._napari.sample_data import make_demo_sample, make_histology_sample
-from napari_stlnmf._napari.writer import write_proportions
-from napari_stlnmf.datasets import DEMO_REFERENCE, load_demo
-from napari_stlnmf.errors import StlnmfError
 
 
 @pytest.fixture(scope="module")
