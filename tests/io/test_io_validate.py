@@ -180,3 +180,60 @@ def test_validate_signature_errors(corrupt, error, message):
     with pytest.raises(error, match=message):
         io.validate_reference(sig)
     pd.testing.assert_frame_equal(sig, before)
+
+
+# --------------------------------------------------------------------------- #
+# build_reference runs the same checks
+# --------------------------------------------------------------------------- #
+
+
+@ignore_duplicate_warning
+@pytest.mark.parametrize(
+    ("corrupt", "kwargs", "error", "message"),
+    REFERENCE_ERRORS[1:],  # build_reference ignores unused categories: it keeps observed types
+    ids=["min_cells", "dup_genes", "nan", "negative", "single_type"],
+)
+def test_build_reference_raises_what_validate_reference_raises(corrupt, kwargs, error, message):
+    from napari_stlnmf.preprocess import build_reference
+
+    ref = small_reference()
+    corrupt(ref)
+    messages = []
+    for check in (io.validate_reference, build_reference):
+        with pytest.raises(error, match=message) as raised:
+            check(ref, cell_type_key="cell_type", **kwargs)
+        messages.append(str(raised.value))
+    assert messages[0] == messages[1]  # word for word
+
+
+@pytest.mark.parametrize("key", [None, "celltype"])
+def test_build_reference_key_errors(key):
+    from napari_stlnmf.preprocess import build_reference
+
+    with pytest.raises(CellTypeKeyError, match=r"'cell_type', 'batch'.*'n_counts'"):
+        build_reference(small_reference(), cell_type_key=key)
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "error", "message"), SIGNATURE_ERRORS, ids=["nan", "negative", "zero", "dup"]
+)
+def test_build_reference_signature_errors(corrupt, error, message):
+    from napari_stlnmf.preprocess import build_reference
+
+    sig = small_signature()
+    corrupt(sig)
+    with pytest.raises(error, match=message):
+        build_reference(sig)
+
+
+def test_reference_counts_layer_is_what_gets_checked():
+    from napari_stlnmf.preprocess import build_reference
+
+    ref = small_reference()
+    ref.layers["counts"] = ref.X.copy()
+    ref.X = ref.X * -1.0  # e.g. scaled data in X; the raw counts are in the layer
+    io.validate_reference(ref, cell_type_key="cell_type")
+    build_reference(ref, cell_type_key="cell_type")
+    ref.layers["counts"] = ref.X.copy()
+    with pytest.raises(InvalidCountsError, match="negative"):
+        io.validate_reference(ref, cell_type_key="cell_type")
