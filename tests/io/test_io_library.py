@@ -81,3 +81,35 @@ def test_spot_diameter_stored_estimated_and_single_spot():
     with_nan.obsm["spatial"][0] = np.nan  # the other spots still give the spacing
     assert io.spot_diameter(with_nan) == pytest.approx(5.5)
     assert io.estimate_spot_diameter(np.zeros((5, 2))) is None  # one position shared by all
+
+
+@pytest.mark.parametrize(
+    ("diameter", "image"),
+    [(55.0, True), (None, True), (40.0, False), (None, False)],
+    ids=["stored", "estimated", "stored_no_image", "estimated_no_image"],
+)
+def test_png_maps_and_napari_layers_draw_the_same_spot_size(diameter, image):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from napari_stlnmf.layers import result_layers, slide_layers
+    from napari_stlnmf.plotting import _background, _draw
+
+    adata = _hex_slide(100.0, diameter=diameter, image=image)
+    expected = io.spot_diameter(adata)
+    points = slide_layers(adata)[-1]
+    assert points[2] == "points" and points[1]["size"] == pytest.approx(expected)
+    props = pd.DataFrame({"a": 0.5, "b": 0.5}, index=adata.obs_names)
+    for _, kwargs, _ in result_layers(props, None, None, adata):
+        assert kwargs["size"] == pytest.approx(expected)
+
+    _, scalef, _ = _background(adata)
+    fig, ax = plt.subplots()
+    try:
+        circles = _draw(ax, adata, props["a"].to_numpy(), cmap="viridis", vmin=0, vmax=1)
+        # image pixels in the PNG, full-resolution pixels (world units) in napari
+        np.testing.assert_allclose(circles.get_widths() / scalef, expected)
+    finally:
+        plt.close(fig)
