@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import anndata as ad
-import h5py
 import numpy as np
 import pandas as pd
+from conftest import write_10x_h5
 from PIL import Image
 from scipy import sparse
 
@@ -41,27 +41,19 @@ LOWRES_SHAPE = (40, 50)  # (height, width)
 LOWRES_SCALEF = 0.1
 
 
-def write_10x_h5(path: Path) -> None:
-    csc = sparse.csc_matrix(COUNTS)  # CSC over barcodes, as Space Ranger stores it
-    with h5py.File(path, "w") as f:
-        f.attrs["software_version"] = np.bytes_("spaceranger-2.1.0")
-        grp = f.create_group("matrix")
-        grp["data"] = csc.data
-        grp["indices"] = csc.indices.astype(np.int64)
-        grp["indptr"] = csc.indptr.astype(np.int64)
-        grp["shape"] = np.array(COUNTS.shape, dtype=np.int32)
-        grp["barcodes"] = np.array(BARCODES, dtype="S")
-        feats = grp.create_group("features")
-        feats["name"] = np.array(FEATURE_NAMES, dtype="S")
-        feats["id"] = np.array(FEATURE_IDS, dtype="S")
-        feats["feature_type"] = np.array(FEATURE_TYPES, dtype="S")
-
-
 def make_outs(root: Path, *, header: bool) -> Path:
     outs = root / "sample1" / "outs"
     spatial = outs / "spatial"
     spatial.mkdir(parents=True)
-    write_10x_h5(outs / "filtered_feature_bc_matrix.h5")
+    write_10x_h5(
+        outs / "filtered_feature_bc_matrix.h5",
+        COUNTS,
+        BARCODES,
+        FEATURE_NAMES,
+        FEATURE_IDS,
+        FEATURE_TYPES,
+        attrs={"software_version": "spaceranger-2.1.0"},
+    )
     lines = [",".join([bc, *map(str, vals)]) for bc, vals in POSITIONS.items()]
     if header:
         header_line = "barcode,in_tissue,array_row,array_col,pxl_row_in_fullres,pxl_col_in_fullres"
