@@ -98,6 +98,28 @@ SHARED_DATA = Path(
 )
 
 
+def write_10x_h5(path, counts, barcodes, names, ids, feature_types, *, attrs=None) -> None:
+    """Write a 10x feature-barcode HDF5 matrix; ``counts`` is genes x barcodes (Space Ranger
+    stores it CSC over barcodes)."""
+    import h5py
+    from scipy import sparse
+
+    csc = sparse.csc_matrix(counts)
+    with h5py.File(path, "w") as f:
+        for key, value in (attrs or {}).items():
+            f.attrs[key] = np.bytes_(value)
+        grp = f.create_group("matrix")
+        grp["data"] = csc.data
+        grp["indices"] = csc.indices.astype(np.int64)
+        grp["indptr"] = csc.indptr.astype(np.int64)
+        grp["shape"] = np.array(csc.shape, dtype=np.int32)
+        grp["barcodes"] = np.array(barcodes, dtype="S")
+        feats = grp.create_group("features")
+        feats["name"] = np.array(names, dtype="S")
+        feats["id"] = np.array(ids, dtype="S")
+        feats["feature_type"] = np.array(feature_types, dtype="S")
+
+
 def shared_dir(name: str) -> Path:
     folder = SHARED_DATA / name
     if not folder.is_dir():

@@ -8,7 +8,22 @@ The compute core (``io``, ``graph``, ``model``, ``simulate``, ``train``, ``metri
 __version__ = "0.1.0"
 
 from . import io
-from .api import Cancelled, DeconvolutionResult, deconvolve
 from .errors import StlnmfError
 
 __all__ = ["Cancelled", "DeconvolutionResult", "StlnmfError", "__version__", "deconvolve", "io"]
+
+# Imported on first use (PEP 562): the api pulls in torch, which `import napari_stlnmf.io`
+# (and the napari reader, asked about every file napari opens) must not pay for.
+_FROM_API = {"Cancelled", "DeconvolutionResult", "deconvolve"}
+
+
+def __getattr__(name):
+    if name in _FROM_API:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | _FROM_API)

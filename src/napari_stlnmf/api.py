@@ -94,13 +94,16 @@ def slide_features(adata, mask, *, library_id=None, use_image=True, region_key=N
     if not use_image:
         return None, "none"
     found = io.get_image(adata, library_id=library_id)
-    if found is not None:
-        io.check_image_covers_spots(adata, library_id=library_id)
     if found is None:
         return None, "none"
-    image, scalef, spot_diameter = found
+    io.check_image_covers_spots(adata, library_id=library_id)
+    image, scalef, _ = found
     xy = np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64)[mask, :2] * scalef
-    radius = 0.5 * spot_diameter * scalef if spot_diameter else None
+    # Window radius in image pixels: half the stored spot diameter; without one (or under a
+    # pixel) half the spot spacing of these spots, not io.spot_diameter's 0.55 estimate:
+    # the shipped parameters were learned on features taken this way.
+    diameter = io.spot_diameter(adata, library_id, estimate=False)
+    radius = 0.5 * diameter * scalef if diameter else None
     if not radius or radius < 1:
         from .graph import spot_spacing
 

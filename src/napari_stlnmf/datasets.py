@@ -88,7 +88,7 @@ def hex_layout(n_rows: int, n_cols: int, pitch: float = 100.0, origin=(300.0, 30
 
 
 def tissue_regions(xy_img: np.ndarray, size: int) -> np.ndarray:
-    """Region index (0..3) at image positions: curved layers plus a round structure; -1 = background."""
+    """Region index (0..3) at image positions: curved layers plus a round structure; -1 outside."""
     x, y = xy_img[:, 0] / size, xy_img[:, 1] / size
     cx, cy = 0.5, 0.5
     inside = ((x - cx) / 0.46) ** 2 + ((y - cy) / 0.42) ** 2 <= 1.0
@@ -126,6 +126,7 @@ def tissue_image(size: int = 600, *, seed: int = 0) -> np.ndarray:
 
 def make_demo(seed: int = 0) -> tuple[ad.AnnData, ad.AnnData]:
     """Build the demo ``(slide, reference)`` deterministically (what ``data/`` ships)."""
+    from .io import SPOT_DIAMETER_PER_SPACING
     from .preprocess import build_reference
     from .simulate import simulate_counts, simulate_proportions
 
@@ -147,7 +148,8 @@ def make_demo(seed: int = 0) -> tuple[ad.AnnData, ad.AnnData]:
     cells = make_reference(n_types=len(names), type_names=names, seed=seed, cell_seed=seed + 1)
     size = 600
     full_res_scale = 0.25  # image pixels per full-resolution pixel (like tissue_hires_scalef)
-    xy_img = hex_layout(30, 30, pitch=16.0, origin=(60.0, 70.0))
+    pitch_img = 16.0  # spot spacing in image pixels
+    xy_img = hex_layout(30, 30, pitch=pitch_img, origin=(60.0, 70.0))
     reg = tissue_regions(xy_img, size)
     keep = reg >= 0
     xy_img, reg = xy_img[keep], reg[keep]
@@ -171,7 +173,7 @@ def make_demo(seed: int = 0) -> tuple[ad.AnnData, ad.AnnData]:
     prob /= prob.sum(1, keepdims=True)
     sim_ref = build_reference(cells, cell_type_key=DEMO_CELL_TYPE_KEY)
     assert sim_ref.cell_types == names  # columns of prob follow the reference's type order
-    counts, cell_frac, mrna_frac, n_cells = simulate_counts(
+    counts, cell_frac, mrna_frac, _ = simulate_counts(
         prob,
         sim_ref,
         mean_cells=8.0,
@@ -196,7 +198,7 @@ def make_demo(seed: int = 0) -> tuple[ad.AnnData, ad.AnnData]:
             "images": {"hires": tissue_image(size, seed=seed)},
             "scalefactors": {
                 "tissue_hires_scalef": full_res_scale,
-                "spot_diameter_fullres": 16.0 / full_res_scale * 0.55,
+                "spot_diameter_fullres": pitch_img / full_res_scale * SPOT_DIAMETER_PER_SPACING,
             },
             "metadata": {"source": "napari-stlnmf synthetic demo (make_demo)"},
         }

@@ -3,7 +3,8 @@
 World coordinates are the slide's full-resolution pixels, in napari's (row, col) = (y, x)
 order: spots sit at ``obsm['spatial'][:, ::-1]`` and the tissue image gets
 ``scale = 1 / scalefactor`` so image pixel ``spatial * scalefactor`` lands on the spot.
-Spot size is the real spot diameter (``spot_diameter_fullres``).
+Spots are drawn :func:`napari_stlnmf.io.spot_diameter` wide (``spot_diameter_fullres``, else
+estimated from the spacing), the same size as in the PNG maps of :mod:`napari_stlnmf.plotting`.
 
 Layers made here are tagged in ``metadata``:
 
@@ -24,7 +25,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import io
 from ._constants import FIT_ERROR_KEY, PROPORTIONS_KEY, QC_KEY, SPATIAL_KEY
+from .errors import ImageMismatchError, StlnmfError
 
 __all__ = [
     "DOMINANT_LAYER",
@@ -50,7 +53,6 @@ FIT_ERROR_COLUMN = "fit_error"  # feature/CSV column names (short: shown on hove
 QC_COLUMN = "qc"
 PROPORTION_COLORMAP = "viridis"
 FIT_ERROR_COLORMAP = "magma"
-_SPOT_DIAMETER_PER_PITCH = 0.55  # Visium: 55 µm spots on a 100 µm pitch
 
 
 # --------------------------------------------------------------------------- #
@@ -95,34 +97,20 @@ def dominant_colors(cell_types) -> dict[str, str]:
 # --------------------------------------------------------------------------- #
 
 
-def _image_info(adata, library_id=None):
-    """``(library_id, image, scalefactor, spot_diameter_fullres)``; image None if absent."""
-    from . import io
-    from .errors import StlnmfError
-
+def _display_library(adata, library_id=None) -> str | None:
+    """The library to show: ``library_id``, the only one, or (several libraries) the first."""
     if not adata.uns.get("spatial"):
-        return None, None, None, None
+        return None
     try:
-        lib, _ = io.get_library(adata, library_id)
+        return io.get_library(adata, library_id)[0]
     except StlnmfError:
-        lib = next(iter(adata.uns["spatial"]))  # several libraries: show the first
-    found = io.get_image(adata, lib)
-    if found is None:
-        sf = (adata.uns["spatial"][lib].get("scalefactors") or {}).get("spot_diameter_fullres")
-        return lib, None, None, None if sf is None else float(sf)
-    image, scalef, diameter = found
-    return lib, image, scalef, diameter
+        return next(iter(adata.uns["spatial"]))  # several libraries: show the first
 
 
 def spot_diameter(adata, library_id=None) -> float:
-    """Spot diameter in full-resolution pixels: ``spot_diameter_fullres`` or 0.55 x pitch."""
-    _, _, _, diameter = _image_info(adata, library_id)
-    if diameter:
-        return float(diameter)
-    from .graph import spot_spacing
-
-    xy = np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64)[:, :2]
-    return _SPOT_DIAMETER_PER_PITCH * spot_spacing(xy) if len(xy) > 1 else 1.0
+    """Spot size of the layers, in full-resolution pixels: :func:`napari_stlnmf.io.spot_diameter`
+    of the library shown (the first one when there are several and ``library_id`` is None)."""
+    return io.spot_diameter(adata, _display_library(adata, library_id))
 
 
 def _spots_yx(adata) -> np.ndarray:
@@ -152,7 +140,9 @@ def slide_layers(
     cell_type_key: str | None = None,
 ) -> list[tuple]:
     """Tissue image (if any) + spots as napari layer-data tuples, in shared world coordinates."""
-    lib, image, scalef, _ = _image_info(adata, library_id)
+    lib = _display_library(adata, library_id)
+    found = io.get_image(adata, lib)
+    image, scalef, _ = found if found is not None else (None, None, None)
     name = name or (Path(path).name if path is not None else (lib or "slide"))
     slide_id = uuid.uuid4().hex
     layers = []
@@ -211,8 +201,6 @@ def slide_for_deconvolution(adata, image=None, *, scale=None, translate=None, li
     """
     import anndata as ad
 
-    from .errors import ImageMismatchError
-
     if image is None:
         return adata
     sy, sx = (1.0, 1.0) if scale is None else (float(scale[-2]), float(scale[-1]))
@@ -227,11 +215,13 @@ def slide_for_deconvolution(adata, image=None, *, scale=None, translate=None, li
             f"The image layer is translated by ({ty:g}, {tx:g}); spots and image must share "
             "full-resolution pixel coordinates with the origin at (0, 0)."
         )
-    lib, _, _, diameter = _image_info(adata, library_id)
-    lib = lib or "napari"
+    lib = _display_library(adata, library_id)
+    # only a stored diameter is carried over: an estimate would change the image features
+    diameter = None if lib is None else io.spot_diameter(adata, lib, estimate=False)
     scalefactors = {"tissue_hires_scalef": 1.0 / sx}
     if diameter:
         scalefactors["spot_diameter_fullres"] = diameter
+    lib = lib or "napari"
     out = ad.AnnData(
         X=adata.X,
         obs=adata.obs,
@@ -241,8 +231,6 @@ def slide_for_deconvolution(adata, image=None, *, scale=None, translate=None, li
     out.uns["spatial"] = {
         lib: {"images": {"hires": np.asarray(image)}, "scalefactors": scalefactors, "metadata": {}}
     }
-    from . import io
-
     io.check_image_covers_spots(out, library_id=lib)
     return out
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import io
 from ._constants import SPATIAL_KEY
 
 
@@ -24,26 +25,22 @@ def _safe(name: str) -> str:
 
 
 def _background(adata, library_id=None):
-    """(image, scalefactor, spot diameter in full-res px) or (None, 1, None)."""
-    from .io import get_image
+    """``(image or None, scalefactor, spot diameter in image pixels)``; scale 1 without image.
 
-    found = get_image(adata, library_id=library_id) if "spatial" in adata.uns else None
-    return found if found is not None else (None, 1.0, None)
+    The diameter is :func:`napari_stlnmf.io.spot_diameter`, as for the napari layers.
+    """
+    found = io.get_image(adata, library_id=library_id)
+    image, scalef = (None, 1.0) if found is None else found[:2]
+    return image, scalef, io.spot_diameter(adata, library_id) * scalef
 
 
 def _draw(ax, adata, values, *, cmap, vmin, vmax, library_id=None, title=""):
     from matplotlib.collections import EllipseCollection
 
-    image, scalef, diameter = _background(adata, library_id)
+    image, scalef, d = _background(adata, library_id)
     xy = np.asarray(adata.obsm[SPATIAL_KEY], dtype=float)[:, :2] * scalef
     if image is not None:
         ax.imshow(image)
-    if diameter:
-        d = diameter * scalef
-    else:
-        from .graph import spot_spacing
-
-        d = 0.9 * spot_spacing(xy) if len(xy) > 1 else 1.0
     ax.set_xlim(xy[:, 0].min() - 2 * d, xy[:, 0].max() + 2 * d)
     ax.set_ylim(xy[:, 1].max() + 2 * d, xy[:, 1].min() - 2 * d)
     ax.set_aspect("equal")

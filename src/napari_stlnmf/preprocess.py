@@ -16,12 +16,19 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .errors import (
-    CellTypeKeyError,
     DuplicateNamesError,
     EmptyCellTypeError,
     GeneMismatchError,
     InvalidCountsError,
     StlnmfError,
+)
+from .io.validate import (
+    check_cell_type_key,
+    check_cell_type_sizes,
+    check_counts,
+    check_unique,
+    reference_counts,
+    validate_signature,
 )
 
 __all__ = [
@@ -100,21 +107,6 @@ def _as_csr(x) -> sp.csr_matrix:
     )
 
 
-def _check_counts(values: np.ndarray, what: str) -> None:
-    if values.size == 0:
-        return
-    if not np.isfinite(values).all():
-        raise InvalidCountsError(
-            f"{what} contains {int((~np.isfinite(values)).sum())} NaN or infinite value(s); "
-            "replace them (e.g. with 0) before deconvolving"
-        )
-    if (values < 0).any():
-        raise InvalidCountsError(
-            f"{what} contains {int((values < 0).sum())} negative value(s); expected raw "
-            "(non-negative) counts, not log-transformed or scaled data"
-        )
-
-
 def build_reference(
     reference, *, cell_type_key: str | None = None, min_cells: int = 1
 ) -> Reference:
@@ -131,17 +123,9 @@ def build_reference(
         Types with fewer cells raise :class:`EmptyCellTypeError`.
     """
     if isinstance(reference, pd.DataFrame):
+        validate_signature(reference)
         sig = reference.astype(np.float64)
-        if sig.index.has_duplicates:
-            dup = sig.index[sig.index.duplicated()].unique()[:5].tolist()
-            raise DuplicateNamesError(f"the signature has duplicate gene names, e.g. {dup}")
-        _check_counts(sig.to_numpy(), "the reference signature")
         totals = sig.sum(0)
-        empty = totals.index[totals <= 0].tolist()
-        if empty:
-            raise EmptyCellTypeError(
-                f"cell type(s) {empty} have no expression in the signature; remove those columns"
-            )
         sig.columns = [str(c) for c in sig.columns]
         return Reference(
             profiles=sig / totals.to_numpy(),
@@ -150,22 +134,14 @@ def build_reference(
 
     # AnnData single-cell reference
     obs = reference.obs
-    if cell_type_key is None or cell_type_key not in obs.columns:
-        choices = [c for c in obs.columns if obs[c].nunique() < max(2, obs.shape[0])][:20]
-        what = (
-            "no cell-type column was given"
-            if cell_type_key is None
-            else f"column {cell_type_key!r} is not in reference.obs"
-        )
-        raise CellTypeKeyError(f"{what}; choose one of the reference's obs columns: {choices}")
-    if reference.var_names.has_duplicates:
-        dup = reference.var_names[reference.var_names.duplicated()].unique()[:5].tolist()
-        raise DuplicateNamesError(
-            f"the reference has duplicate gene names, e.g. {dup}; call var_names_make_unique()"
-        )
-    counts = reference.layers["counts"] if "counts" in reference.layers else reference.X
-    counts = _as_csr(counts)
-    _check_counts(counts.data, "the reference counts")
+    check_cell_type_key(obs, cell_type_key)
+    check_unique(
+        reference.var_names,
+        "gene name(s)",
+        "Gene names must be unique; run `reference.var_names_make_unique()`.",
+    )
+    counts = _as_csr(reference_counts(reference))
+    check_counts(counts, reference.obs_names, reference.var_names, "reference", ("cell", "gene"))
     labels = obs[cell_type_key]
     if labels.isna().any():
         warnings.warn(
@@ -176,17 +152,9 @@ def build_reference(
     labels = labels[keep].astype(str)
     counts = counts[np.flatnonzero(keep)]
     types = sorted(labels.unique().tolist())
-    if len(types) < 2:
-        raise EmptyCellTypeError(
-            f"the reference needs at least two cell types in {cell_type_key!r}; found {types}"
-        )
     code = pd.Categorical(labels, categories=types).codes.astype(np.int64)
     n_cells = np.bincount(code, minlength=len(types))
-    small = [t for t, c in zip(types, n_cells) if c < min_cells]
-    if small:
-        raise EmptyCellTypeError(
-            f"cell type(s) {small} have fewer than {min_cells} cells in the reference"
-        )
+    check_cell_type_sizes(pd.Series(n_cells, index=types), cell_type_key, min_cells, obs)
     lib = np.asarray(counts.sum(1)).ravel()
     if (lib <= 0).any():
         warnings.warn(
@@ -196,9 +164,8 @@ def build_reference(
         counts, code, lib = counts[ok], code[ok], lib[ok]
         n_cells = np.bincount(code, minlength=len(types))
         if (n_cells == 0).any():
-            raise EmptyCellTypeError(
-                f"cell type(s) {[t for t, c in zip(types, n_cells) if c == 0]} have no cells with counts"
-            )
+            empty = [t for t, c in zip(types, n_cells) if c == 0]
+            raise EmptyCellTypeError(f"cell type(s) {empty} have no cells with counts")
     member = sp.csr_matrix(
         (np.ones_like(code, dtype=np.float64), (code, np.arange(code.size))),
         shape=(len(types), code.size),
@@ -405,7 +372,7 @@ def prepare(
 ) -> Prepared:
     """Match, select and scale: the model's inputs from raw slide counts and a reference."""
     counts = _as_csr(counts)
-    _check_counts(counts.data, "the slide counts")
+    check_counts(counts, None, pd.Index(slide_genes).astype(str), "slide")
     si, ri = match_genes(slide_genes, reference.genes, case_insensitive=case_insensitive)
     n_shared = si.size
     if genes is not None:  # fixed gene set (e.g. from a trained model)

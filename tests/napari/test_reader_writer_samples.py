@@ -5,10 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import write_10x_h5
 
 napari = pytest.importorskip("napari")
 
 from napari_stlnmf import deconvolve
+from napari_stlnmf._napari.reader import napari_get_reader
+from napari_stlnmf._napari.sample_data import make_demo_sample, make_histology_sample
+from napari_stlnmf._napari.writer import write_proportions
+from napari_stlnmf.datasets import DEMO_REFERENCE, load_demo
+from napari_stlnmf.errors import StlnmfError
 from napari_stlnmf.layers import (
     RESULT_TAG,
     SLIDE_TAG,
@@ -16,11 +22,6 @@ from napari_stlnmf.layers import (
     slide_for_deconvolution,
     slide_layers,
 )
-from napari_stlnmf._napari.reader import napari_get_reader
-from napari_stlnmf._napari.sample_data import make_demo_sample, make_histology_sample
-from napari_stlnmf._napari.writer import write_proportions
-from napari_stlnmf.datasets import DEMO_REFERENCE, load_demo
-from napari_stlnmf.errors import StlnmfError
 
 
 @pytest.fixture(scope="module")
@@ -33,22 +34,19 @@ def _write_visium(folder, slide):
     """A minimal Space Ranger outs/ folder (10x HDF5 matrix + spatial/) from an AnnData."""
     import json
 
-    import h5py
     from PIL import Image
     from scipy import sparse
 
     outs = folder / "outs"
     (outs / "spatial").mkdir(parents=True)
-    X = sparse.csc_matrix(sparse.csr_matrix(slide.X).T.astype(np.int32))
-    with h5py.File(outs / "filtered_feature_bc_matrix.h5", "w") as f:
-        g = f.create_group("matrix")
-        g["barcodes"] = np.array(slide.obs_names, dtype="S")
-        g["data"], g["indices"], g["indptr"] = X.data, X.indices, X.indptr
-        g["shape"] = np.array(X.shape)
-        feats = g.create_group("features")
-        feats["name"] = np.array(slide.var_names, dtype="S")
-        feats["id"] = np.array(slide.var_names, dtype="S")
-        feats["feature_type"] = np.array(["Gene Expression"] * slide.n_vars, dtype="S")
+    write_10x_h5(
+        outs / "filtered_feature_bc_matrix.h5",
+        sparse.csr_matrix(slide.X).T.astype(np.int32),
+        slide.obs_names,
+        slide.var_names,
+        slide.var_names,
+        ["Gene Expression"] * slide.n_vars,
+    )
     lib = next(iter(slide.uns["spatial"].values()))
     xy = slide.obsm["spatial"]
     pos = pd.DataFrame(

@@ -1,39 +1,25 @@
-"""napari reader: Space Ranger ``outs/`` folders and ``.h5ad`` slides with spot positions.
+"""napari reader: every registered slide format whose files place the spots themselves.
 
-Opens the tissue image (scaled to full-resolution pixels) and the spots as a Points layer;
-an ``.h5ad`` written by this plugin's writer also brings back the result layers.
+Today: Space Ranger ``outs/`` folders and ``.h5ad`` slides with ``obsm['spatial']`` (see
+:mod:`napari_stlnmf.io.registry`). Opens the tissue image (scaled to full-resolution
+pixels) and the spots as a Points layer; an ``.h5ad`` written by this plugin's writer also
+brings back the result layers.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from ..io.registry import find_slide_format
 from ..layers import result_layers_from_adata, slide_layers
-
-_MATRIX_H5 = "filtered_feature_bc_matrix.h5"
-
-
-def _is_spaceranger(folder: Path) -> bool:
-    for candidate in (folder, folder / "outs"):
-        if candidate.is_dir() and (
-            (candidate / _MATRIX_H5).is_file() or any(candidate.glob(f"*{_MATRIX_H5}"))
-        ):
-            return True
-    return False
-
-
-def _h5ad_has_spatial(path: Path) -> bool:
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        return "obsm" in f and "spatial" in f["obsm"]
 
 
 def napari_get_reader(path):
     """Return :func:`read_slide_layers` if ``path`` is a slide this plugin reads, else None.
 
-    Cheap and never raises: a single-cell reference ``.h5ad`` (no ``obsm['spatial']``)
-    is left to other readers.
+    Cheap and never raises: the registered formats' ``detect`` and ``has_positions`` look
+    at names and keys only, and a file that needs ``coords=`` (a counts table) or a
+    single-cell reference ``.h5ad`` (no ``obsm['spatial']``) is left to other readers.
     """
     if isinstance(path, (list, tuple)):
         if len(path) != 1:
@@ -41,12 +27,8 @@ def napari_get_reader(path):
         path = path[0]
     try:
         p = Path(path)
-        if p.is_dir():
-            ok = _is_spaceranger(p)
-        elif p.suffix.lower() == ".h5ad" and p.is_file():
-            ok = _h5ad_has_spatial(p)
-        else:
-            ok = False
+        fmt = find_slide_format(p)
+        ok = fmt is not None and fmt.has_positions(p)
     except Exception:  # noqa: BLE001 -- reader contract: never raise, unreadable = not ours
         return None
     return read_slide_layers if ok else None

@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 
 from .._constants import PROPORTIONS_KEY, SPATIAL_KEY
-from ..layers import RESULT_TAG
 from ..errors import StlnmfError
+from ..layers import RESULT_TAG
 
 
 def _result_table(meta: dict) -> pd.DataFrame:

@@ -1,0 +1,77 @@
+"""Small helpers shared by the readers: file names, delimited tables, error-message lists."""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..errors import FileFormatError
+
+TABLE_SUFFIXES = (".csv", ".tsv", ".txt")
+_N_EXAMPLES = 5
+
+
+def examples(values: Sequence[Any] | np.ndarray | pd.Index, n: int = _N_EXAMPLES) -> str:
+    """Format up to ``n`` values for an error message."""
+    values = list(values)
+    shown = ", ".join(repr(str(v)) for v in values[:n])
+    return shown + (", ..." if len(values) > n else "")
+
+
+def table_suffix(path: Path) -> str | None:
+    """Return the table suffix ('.csv', '.tsv', '.txt') of ``path``, ignoring '.gz'."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    if suffixes and suffixes[-1] in TABLE_SUFFIXES:
+        return suffixes[-1]
+    return None
+
+
+def stem(path: Path) -> str:
+    """File name without table/compression suffixes ('counts.csv.gz' -> 'counts')."""
+    name = path.name
+    for suffix in (".gz", *TABLE_SUFFIXES, ".h5ad"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+    return name
+
+
+def _sniff_sep(path: Path) -> str:
+    """Guess the delimiter from the header line (pandas' own sniffer is slow on wide tables)."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rt") as fh:
+        header = fh.readline()
+    for sep in ("\t", ",", ";"):
+        if sep in header:
+            return sep
+    return r"\s+"
+
+
+def read_table(path: Path, sep: str | None) -> pd.DataFrame:
+    """Read a delimited table with the first column as string index."""
+    if sep is None:
+        sep = _sniff_sep(path)
+    try:
+        df = pd.read_csv(path, sep=sep, index_col=0)
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError) as err:
+        raise FileFormatError(f"Cannot read {str(path)!r} as a delimited table: {err}") from err
+    df.index = df.index.astype(str)
+    df.columns = df.columns.astype(str)
+    return df
+
+
+def require_numeric(df: pd.DataFrame, path: Path, what: str) -> None:
+    """Raise FileFormatError naming the non-numeric columns of ``df``."""
+    bad = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+    if bad:
+        raise FileFormatError(
+            f"{what} {str(path)!r} has {len(bad)} non-numeric column(s): {examples(bad)}. "
+            "Expected the ids in the first column and only numbers elsewhere; "
+            "remove annotation columns (e.g. a trailing gene-name column) first."
+        )
