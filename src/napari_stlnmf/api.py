@@ -17,12 +17,9 @@ from ._constants import (
     MRNA_FRACTIONS_KEY,
     PROPORTIONS_KEY,
     QC_KEY,
-    SPATIAL_KEY,
     UNS_KEY,
 )
 from .calibration import calibrate
-from .errors import StlnmfError
-from .graph import region_features, spot_image_features
 from .model import EntryNoise, UnrolledNMF, pick_device
 from .pipeline import (
     DeconvolutionSettings,
@@ -81,34 +78,6 @@ class DeconvolutionResult:
     info: dict = field(default_factory=dict)
     adata: object | None = None
     model: UnrolledNMF | None = None
-
-
-def slide_features(adata, mask, *, library_id=None, use_image=True, region_key=None):
-    """Per-spot features for the graph: region labels, else the image under each spot."""
-    from . import io
-
-    if region_key is not None:
-        if region_key not in adata.obs:
-            raise StlnmfError(f"region_key {region_key!r} is not a column of slide.obs")
-        return region_features(adata.obs[region_key].astype(str).to_numpy()[mask]), "regions"
-    if not use_image:
-        return None, "none"
-    found = io.get_image(adata, library_id=library_id)
-    if found is None:
-        return None, "none"
-    io.check_image_covers_spots(adata, library_id=library_id)
-    image, scalef, _ = found
-    xy = np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64)[mask, :2] * scalef
-    # Window radius in image pixels: half the stored spot diameter; without one (or under a
-    # pixel) half the spot spacing of these spots, not io.spot_diameter's 0.55 estimate:
-    # the shipped parameters were learned on features taken this way.
-    diameter = io.spot_diameter(adata, library_id, estimate=False)
-    radius = 0.5 * diameter * scalef if diameter else None
-    if not radius or radius < 1:
-        from .graph import spot_spacing
-
-        radius = max(0.5 * spot_spacing(xy), 1.0)
-    return spot_image_features(image, xy, radius), "image"
 
 
 def deconvolve(

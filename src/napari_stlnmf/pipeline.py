@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import io
+from ._constants import SPATIAL_KEY
 from .calibration import (
     NOISE_SAMPLE_SPOTS,
     Calibration,
@@ -24,7 +26,13 @@ from .calibration import (
     sample_rows,
 )
 from .errors import StlnmfError
-from .graph import SpatialGraph, build_graph
+from .graph import (
+    SpatialGraph,
+    build_graph,
+    region_features,
+    spot_image_features,
+    spot_spacing,
+)
 from .model import (
     DEFAULTS,
     REFRESH_LAYERS,
@@ -57,6 +65,7 @@ __all__ = [
     "load_reference",
     "load_slide",
     "shipped_refinement_model",
+    "slide_features",
 ]
 
 MAX_GRAM_BYTES = 4 * 2**30  # per-spot Gram matrices (float32, else compact bfloat16)
@@ -115,8 +124,6 @@ def load_slide(slide, coords=None):
     """The slide as an AnnData: a path is read with :func:`napari_stlnmf.io.read_slide`."""
     import anndata as ad
 
-    from . import io
-
     if isinstance(slide, (str, Path)):
         return io.read_slide(slide, coords=coords) if coords is not None else io.read_slide(slide)
     if isinstance(slide, ad.AnnData):
@@ -129,8 +136,6 @@ def load_slide(slide, coords=None):
 
 def load_reference(reference, cell_type_key: str | None) -> Reference:
     """Per-type profiles (and single cells) from an AnnData, a signature table or a path."""
-    from . import io
-
     if isinstance(reference, Reference):
         return reference
     if isinstance(reference, (str, Path)):
@@ -187,6 +192,30 @@ def choose_gene_weighting(
     return fallback, compact
 
 
+def slide_features(adata, mask, *, library_id=None, use_image=True, region_key=None):
+    """Per-spot features for the graph: region labels, else the image under each spot."""
+    if region_key is not None:
+        if region_key not in adata.obs:
+            raise StlnmfError(f"region_key {region_key!r} is not a column of slide.obs")
+        return region_features(adata.obs[region_key].astype(str).to_numpy()[mask]), "regions"
+    if not use_image:
+        return None, "none"
+    found = io.get_image(adata, library_id=library_id)
+    if found is None:
+        return None, "none"
+    io.check_image_covers_spots(adata, library_id=library_id)
+    image, scalef, _ = found
+    xy = np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64)[mask, :2] * scalef
+    # Window radius in image pixels: half the stored spot diameter; without one (or under a
+    # pixel) half the spot spacing of these spots, not io.spot_diameter's 0.55 estimate:
+    # the shipped parameters were learned on features taken this way.
+    diameter = io.spot_diameter(adata, library_id, estimate=False)
+    radius = 0.5 * diameter * scalef if diameter else None
+    if not radius or radius < 1:
+        radius = max(0.5 * spot_spacing(xy), 1.0)
+    return spot_image_features(image, xy, radius), "image"
+
+
 @dataclass(frozen=True)
 class SpotGraph:
     """The graph over the kept spots and what its feature edges were built from."""
@@ -199,9 +228,6 @@ class SpotGraph:
 
 def build_spot_graph(adata, prepared: Prepared, settings: DeconvolutionSettings) -> SpotGraph:
     """k-nearest-neighbour graph of the kept spots, with image or region features."""
-    from ._constants import SPATIAL_KEY
-    from .api import slide_features
-
     mask = prepared.spot_mask
     features, source = slide_features(
         adata,

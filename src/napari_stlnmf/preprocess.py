@@ -58,7 +58,7 @@ class Reference:
         Cells x genes counts (CSR) of a single-cell reference, or None for a signature table.
     cell_labels
         Integer type index per cell (aligned with ``cell_counts``), or None.
-    dispersion
+    variance_to_mean
         Pooled within-type variance-to-mean ratio per gene (None without single cells).
     """
 
@@ -66,7 +66,7 @@ class Reference:
     mrna_content: pd.Series
     cell_counts: sp.csr_matrix | None = None
     cell_labels: np.ndarray | None = None
-    dispersion: pd.Series | None = None
+    variance_to_mean: pd.Series | None = None
 
     @property
     def cell_types(self) -> list[str]:
@@ -84,11 +84,14 @@ class Reference:
             mrna_content=self.mrna_content,
             cell_counts=None if self.cell_counts is None else self.cell_counts[:, pos],
             cell_labels=self.cell_labels,
-            dispersion=None if self.dispersion is None else self.dispersion.iloc[pos],
+            variance_to_mean=None
+            if self.variance_to_mean is None
+            else self.variance_to_mean.iloc[pos],
         )
 
     def scale_genes(self, factors) -> Reference:
-        """The reference as the slide's platform would measure it: gene g scaled by ``factors[g]``."""
+        """The reference as the slide's platform would measure it: gene g scaled by
+        ``factors[g]``."""
         f = np.asarray(factors, dtype=np.float64)
         return Reference(
             profiles=self.profiles * f[:, None],
@@ -97,7 +100,7 @@ class Reference:
             if self.cell_counts is None
             else (self.cell_counts @ sp.diags(f.astype(np.float32))).tocsr(),
             cell_labels=self.cell_labels,
-            dispersion=self.dispersion,
+            variance_to_mean=self.variance_to_mean,
         )
 
 
@@ -188,7 +191,7 @@ def build_reference(
         mrna_content=pd.Series(content, index=types),
         cell_counts=counts,
         cell_labels=code,
-        dispersion=pd.Series(vmr, index=genes),
+        variance_to_mean=pd.Series(vmr, index=genes),
     )
 
 
@@ -214,7 +217,10 @@ def match_genes(
             not case_insensitive
             and len(s.str.upper().intersection(r.str.upper())) >= MIN_SHARED_GENES
         ):
-            hint = " Many genes match when case is ignored (mouse vs human symbols?): use case_insensitive=True."
+            hint = (
+                " Many genes match when case is ignored (mouse vs human symbols?):"
+                " use case_insensitive=True."
+            )
         elif s.str.startswith("ENS").mean() > 0.5 and not r.str.startswith("ENS").mean() > 0.5:
             hint = (
                 " The slide uses Ensembl ids and the reference gene symbols: convert one of them."
@@ -224,7 +230,8 @@ def match_genes(
                 " The reference uses Ensembl ids and the slide gene symbols: convert one of them."
             )
         raise GeneMismatchError(
-            f"slide and reference share {len(shared)} gene(s), at least {MIN_SHARED_GENES} are needed "
+            f"slide and reference share {len(shared)} gene(s), at least {MIN_SHARED_GENES} are "
+            "needed "
             f"(slide e.g. {s[:3].tolist()}, reference e.g. {r[:3].tolist()}).{hint}"
         )
     return s.get_indexer(shared), r.get_indexer(shared)
@@ -235,12 +242,12 @@ def select_marker_genes(
     *,
     n_markers: int = 100,
     min_expression: float = 1e-5,
-    max_dispersion_quantile: float = 0.995,
+    max_variance_to_mean_quantile: float = 0.995,
     expressed: np.ndarray | None = None,
 ) -> np.ndarray:
     """Positions of informative genes: the top ``n_markers`` per type by log fold change.
 
-    Genes with a within-type variance-to-mean ratio above the ``max_dispersion_quantile``
+    Genes with a within-type variance-to-mean ratio above the ``max_variance_to_mean_quantile``
     (noise genes unrelated to type) and genes not ``expressed`` in the slide are skipped.
     """
     prof = reference.profiles.to_numpy()
@@ -248,9 +255,9 @@ def select_marker_genes(
     ok = prof.max(1) >= min_expression
     if expressed is not None:
         ok &= expressed
-    if reference.dispersion is not None and max_dispersion_quantile < 1:
-        vmr = reference.dispersion.to_numpy()
-        ok &= vmr <= np.quantile(vmr[ok], max_dispersion_quantile) if ok.any() else True
+    if reference.variance_to_mean is not None and max_variance_to_mean_quantile < 1:
+        vmr = reference.variance_to_mean.to_numpy()
+        ok &= vmr <= np.quantile(vmr[ok], max_variance_to_mean_quantile) if ok.any() else True
     eps = 1e-6
     chosen = np.zeros(m, dtype=bool)
     for t in range(p):
