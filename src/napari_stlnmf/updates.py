@@ -36,11 +36,16 @@ from .graph import SpatialGraph
 __all__ = [
     "EntryNoise",
     "EntryWeights",
+    "LayerTerms",
     "LearnedGraph",
     "Penalties",
     "PerSpotGram",
     "SharedGram",
+    "Workspace",
+    "edge_weights",
     "entry_weighted_gram",
+    "flush_denormals",
+    "gram_bytes",
     "gram_times",
     "graph_tensors",
     "inference_graph",
@@ -48,6 +53,7 @@ __all__ = [
     "objective",
     "run_layers",
     "solve",
+    "uniform_start",
     "update_layer",
 ]
 
@@ -266,9 +272,8 @@ class EntryNoise:
 
     library_size: torch.Tensor
     overdispersion: float = 0.0
-    # store each spot's Gram matrix as its upper triangle in bfloat16 (a quarter of the memory:
-    # 10^6 bins x 50 types in 2.6 GB instead of 10 GB), read row by row of the triangle in each
-    # layer
+    # store each spot's Gram matrix as its upper triangle in bfloat16 (a quarter of the memory,
+    # what lets Visium HD slides fit), read row by row of the triangle in each layer
     compact_gram: bool = False
 
 
@@ -307,11 +312,11 @@ def _unpack_gram(packed: torch.Tensor, p: int, flat, dtype) -> torch.Tensor:
 
 
 def _gram_times_into(V: torch.Tensor, G: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    if G.ndim == 3:  # G_s symmetric: v_sᵀ G_s, ~5x faster than bmm(G, v)
+    if G.ndim == 3:  # G_s symmetric: v_sᵀ G_s, reads G_s in its memory order, faster than bmm(G, v)
         torch.bmm(V.unsqueeze(1), G, out=out.unsqueeze(1))
         return out
     # compact: row k of the upper triangle holds G_kl for l >= k, contiguous; read it once for the
-    # l >= k part and, by symmetry, for the l > k terms of column k (2.5x faster than unpacking)
+    # l >= k part and, by symmetry, for the l > k terms of column k (faster than unpacking)
     p = V.shape[1]
     offsets = np.concatenate([[0], np.cumsum(np.arange(p, 0, -1))])
     for start in range(0, V.shape[0], UNPACK_CHUNK):
@@ -521,7 +526,7 @@ def update_layer(V, data, terms: LayerTerms, graph, omega, workspace: Workspace 
 
 @contextmanager
 def flush_denormals():
-    """Proportions decaying towards zero hit float32 denormals, which are ~10x slower."""
+    """Proportions decaying towards zero hit float32 denormals, which are many times slower."""
     previous = torch.set_flush_denormal(True)
     try:
         yield
