@@ -16,10 +16,10 @@ from napari_stlnmf.model import (
     objective,
     solve,
     to_cell_fractions,
-    update_step,
 )
 from napari_stlnmf.preprocess import prepare
 from napari_stlnmf.simulate import simulate_slide
+from napari_stlnmf.updates import LayerTerms, LearnedGraph, SharedGram, update_layer
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def problem(demo_reference):
     X = torch.as_tensor(prep.X.toarray(), dtype=torch.float64)
     B = torch.as_tensor(prep.B, dtype=torch.float64)
     g = torch.as_tensor(prep.gene_scale, dtype=torch.float64)
-    return dict(xy=xy, graph=graph, sim=sim, prep=prep, X=X, B=B, g=g)
+    return {"xy": xy, "graph": graph, "sim": sim, "prep": prep, "X": X, "B": B, "g": g}
 
 
 def test_classic_update_never_increases_objective(problem):
@@ -49,28 +49,40 @@ def test_classic_update_never_increases_objective(problem):
         )
         + 0.1
     )
-    At = torch.as_tensor(A.toarray(), dtype=torch.float64)
-    deg = At.sum(1)
+    graph = _learned_graph(problem["graph"], torch.float64)
+    data = SharedGram(BtX, BtB)
+    terms = LayerTerms.of(data, graph, lam1, lam2, ridge)
     values = [objective(V, Xw, Bw, lam1, lam2, ridge, A)]
     for _ in range(60):
-        V = update_step(V, BtX, BtB, lam1, lam2, ridge, lambda v: At @ v, deg)
+        V = update_layer(V, data, terms, graph, 1.0)
         values.append(objective(V, Xw, Bw, lam1, lam2, ridge, A))
     diffs = np.diff(values)
     assert (diffs <= 1e-9 * abs(values[0])).all(), diffs.max()
     assert values[-1] < 0.5 * values[0]
 
 
+def _learned_graph(graph, dtype):
+    """The graph of ``graph.adjacency(1, 1)`` as the training path's differentiable operator."""
+    g = {
+        k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v)
+        for k, v in graph_tensors(graph).items()
+    }
+    return LearnedGraph(g, 1.0, 1.0)
+
+
 def test_fused_solver_equals_reference_update(problem):
-    """The in-place inference path computes exactly the out-of-place layer."""
+    """The in-place inference path (buffers, scipy's kernel) computes the out-of-place layer."""
     Xw = (problem["X"] * problem["g"]).float()
     Bw = (problem["B"] * problem["g"][:, None]).float()
     A = problem["graph"].adjacency(1.0, 1.0)
-    At = torch.as_tensor(A.toarray())
     ridge = torch.full((Bw.shape[1],), 0.02)
     BtX, BtB = Xw @ Bw, Bw.T @ Bw
     V = torch.full((Xw.shape[0], Bw.shape[1]), 1.0 / Bw.shape[1])
+    graph = _learned_graph(problem["graph"], torch.float32)
+    data = SharedGram(BtX, BtB)
+    terms = LayerTerms.of(data, graph, 0.4, 0.2, ridge)
     for _ in range(25):
-        V = update_step(V, BtX, BtB, 0.4, 0.2, ridge, lambda v: At @ v, At.sum(1))
+        V = update_layer(V, data, terms, graph, 1.0)
     fused = solve(BtX, BtB, adjacency=A, lam1=0.4, lam2=0.2, ridge=ridge, n_iter=25)
     torch.testing.assert_close(fused, V, rtol=1e-4, atol=1e-6)
 

@@ -1,54 +1,67 @@
-"""STL NMF: the multiplicative update, classic (fixed λ) and unrolled (learned) forms.
-
-Layout: proportions ``V`` are stored spots x types (the transpose of method.md), so the
-graph product ``A @ V`` is a sparse-times-dense product over contiguous rows.
-
-One layer (method.md, sum-to-one term taken per spot so λ2 does not grow with n)::
-
-    V <- V * (BtX + λ1 A V + λ2) / (V BtB + λ1 D V + λ2 rowsum(V) + 2 λ3 V diag(w3²) + ε)
-
-with ``Bw = diag(g) B``, ``Xw = X diag(g)`` (g = gene weights), ``BtX = Xw Bw`` and
-``BtB = Bwᵀ Bw``. No thresholding inside layers (zeros could never revive); tiny
-proportions are zeroed once at the end.
-Per-entry weights (``gene_weighting='nb'``): the data term weighs each spot and gene by
-``W_sg = 1 / (μ_sg/L_s + φ μ_sg²)``, the inverse of a negative-binomial variance (``μ = V Bᵀ``
-the current fit on rows summing to one, ``L`` the spot's library size, ``φ`` the slide's
-measured overdispersion), recomputed from the current V at a few layers (IRLS). A layer then
-uses per-spot Gram matrices ``G_s = Bᵀ diag(W_s) B`` instead of one ``BtB``.
-"""
+"""STL NMF's unrolled network: K update layers with learned hyper-parameters, the cell-fraction
+head, and their parameter files. The update itself (method.md) is in :mod:`.updates`; both
+solvers behind one interface in :mod:`.solvers`."""
 
 from __future__ import annotations
 
 import math
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from torch import nn
 
-from .errors import FileFormatError
+from .errors import FileFormatError, StlnmfError
 from .graph import SpatialGraph
+from .updates import (
+    EPS,
+    GRAM_CHUNK,
+    MU_FLOOR,
+    UNPACK_CHUNK,
+    EntryNoise,
+    EntryWeights,
+    LearnedGraph,
+    Penalties,
+    SharedGram,
+    edge_weights,
+    entry_weighted_gram,
+    flush_denormals,
+    gram_bytes,
+    gram_times,
+    graph_tensors,
+    inference_graph,
+    normal_equations,
+    objective,
+    run_layers,
+    solve,
+    uniform_start,
+)
 
 __all__ = [
     "DEFAULTS",
+    "EPS",
+    "GRAM_CHUNK",
+    "MU_FLOOR",
+    "REFRESH_LAYERS",
+    "UNPACK_CHUNK",
     "EntryNoise",
     "UnrolledNMF",
+    "edge_weights",
     "entry_weighted_gram",
     "finalize_proportions",
+    "flush_denormals",
+    "gram_bytes",
+    "gram_times",
+    "graph_tensors",
     "objective",
+    "pick_device",
     "solve",
     "to_cell_fractions",
-    "update_step",
 ]
 
-EPS = 1e-10
-MU_FLOOR = 1e-9  # fitted expression floor of the per-entry weights
 REFRESH_LAYERS = (0, 15, 40)  # layers at which per-entry weights are recomputed
-GRAM_CHUNK = 1024  # spots per block when forming per-entry weights (dense spots x genes)
 SIGMA_RANGE = (0.25, 8.0)  # σ's in spot spacings / standardised feature units
 OMEGA_RANGE = (0.5, 2.0)  # over-relaxation exponent of the multiplicative update
 
@@ -75,431 +88,36 @@ class Defaults:
 
 DEFAULTS = Defaults()
 
+_DEVICE_HINT = "use device='auto' (a GPU when there is one), 'cpu', 'cuda' or 'cuda:<index>'"
+
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
+    """The torch device named by ``device`` ('auto': CUDA when available, else the CPU),
+    checked to exist here: an unknown name or a missing GPU raises :class:`StlnmfError`."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def graph_tensors(graph: SpatialGraph | None, device=None) -> dict | None:
-    """Edge list of ``graph`` as torch tensors (for the differentiable path)."""
-    if graph is None or graph.n_edges == 0:
-        return None
-    out = {
-        "rows": torch.as_tensor(graph.rows, device=device),
-        "cols": torch.as_tensor(graph.cols, device=device),
-        "distance": torch.as_tensor(graph.distance, device=device),
-        "feature_distance": None
-        if graph.feature_distance is None
-        else torch.as_tensor(graph.feature_distance, device=device),
-        "n_spots": graph.n_spots,
-    }
-    return out
-
-
-def edge_weights(g: dict, sigma_distance, sigma_feature) -> torch.Tensor:
-    logw = -((g["distance"] / sigma_distance) ** 2)
-    if g["feature_distance"] is not None:
-        logw = logw - (g["feature_distance"] / sigma_feature) ** 2
-    return torch.exp(logw)
-
-
-class _GraphProduct(torch.autograd.Function):
-    """``A V`` for a symmetric sparse ``A`` with differentiable edge weights.
-
-    Forward and the gradient in V use a CSR product (much faster than gather/scatter);
-    the gradient of the weights is ``dL/dw_e = <G[row_e], V[col_e]>`` (a sampled product).
-    """
-
-    @staticmethod
-    def forward(ctx, w, V, crow, col, rows):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            A = torch.sparse_csr_tensor(crow, col, w.detach(), size=(V.shape[0], V.shape[0]))
-        ctx.save_for_backward(V, col, rows)
-        ctx.A = A
-        return torch.sparse.mm(A, V.detach())
-
-    @staticmethod
-    def backward(ctx, grad):
-        V, col, rows = ctx.saved_tensors
-        grad_w = grad_v = None
-        if ctx.needs_input_grad[0]:
-            # (G Vᵀ) sampled on A's pattern = <G[row_e], V[col_e]>, without gathering
-            grad_w = torch.sparse.sampled_addmm(ctx.A, grad.contiguous(), V.T, beta=0.0).values()
-        if ctx.needs_input_grad[1]:
-            grad_v = torch.sparse.mm(ctx.A, grad)  # A is symmetric
-        return grad_w, grad_v, None, None, None
-
-
-def _graph_product(g: dict, w: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    """A V with A given by edges (sorted by row, then column) and weights w."""
-    if "crow" not in g:
-        counts = torch.bincount(g["rows"], minlength=g["n_spots"])
-        g["crow"] = torch.cat(
-            [torch.zeros(1, dtype=torch.int64, device=counts.device), counts.cumsum(0)]
-        )
-    return _GraphProduct.apply(w, V, g["crow"], g["cols"], g["rows"])
-
-
-@dataclass(frozen=True)
-class EntryNoise:
-    """What per-entry weights need besides the fit: each spot's library size and the slide's
-    overdispersion ``φ`` (``Var(x_sg) = μ_sg/L_s + φ μ_sg²`` on rows summing to one; 0 = Poisson)."""
-
-    library_size: torch.Tensor
-    overdispersion: float = 0.0
-    # store each spot's Gram matrix as its upper triangle in bfloat16 (a quarter of the memory:
-    # 10^6 bins x 50 types in 2.6 GB instead of 10 GB), read row by row of the triangle in each layer
-    compact_gram: bool = False
-
-
-def gram_bytes(n_spots: int, n_types: int, compact: bool = False) -> int:
-    """Memory of the per-spot Gram matrices of per-entry weights."""
-    return n_spots * (n_types * (n_types + 1) if compact else 4 * n_types * n_types)
-
-
-UNPACK_CHUNK = 16_384  # spots per block when reading compact Gram matrices
-
-
-def _triangle(p: int, device):
-    """Indices of the upper triangle (k <= l) and its flat positions in p x p and mirrored."""
-    upper = torch.triu_indices(p, p, device=device)
-    return upper, (upper[0] * p + upper[1], upper[1] * p + upper[0])
-
-
-def _unpack_gram(packed: torch.Tensor, p: int, flat, dtype) -> torch.Tensor:
-    """Full p x p matrices from upper triangles (spots x p(p+1)/2)."""
-    values = packed.to(dtype)
-    out = torch.empty(packed.shape[0], p * p, dtype=dtype, device=packed.device)
-    out[:, flat[0]] = values
-    out[:, flat[1]] = values
-    return out.view(-1, p, p)
-
-
-def gram_times(V: torch.Tensor, G: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out_s = v_sᵀ G_s`` for full (spots x p x p) or compact (spots x p(p+1)/2) Gram matrices."""
-    if G.ndim == 3:  # G_s symmetric: v_sᵀ G_s, ~5x faster than bmm(G, v)
-        return torch.bmm(V.unsqueeze(1), G, out=out.unsqueeze(1)).squeeze(1)
-    # compact: row k of the upper triangle holds G_kl for l >= k, contiguous; read it once for the
-    # l >= k part and, by symmetry, for the l > k terms of column k (2.5x faster than unpacking)
-    p = V.shape[1]
-    offsets = np.concatenate([[0], np.cumsum(np.arange(p, 0, -1))])
-    for start in range(0, V.shape[0], UNPACK_CHUNK):
-        stop = min(start + UNPACK_CHUNK, V.shape[0])
-        block, v, o = G[start:stop].to(V.dtype), V[start:stop], out[start:stop]
-        o.zero_()
-        for k in range(p):
-            row = block[:, offsets[k] : offsets[k + 1]]
-            o[:, k:].addcmul_(v[:, k : k + 1], row)
-            o[:, k] += (v[:, k + 1 :] * row[:, 1:]).sum(1)
-    return out
-
-
-def _weighted_btx(X, start, stop, W: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """``(W ⊙ X[start:stop]) B``; for a sparse X only its stored entries are weighted."""
-    if not sp.issparse(X):
-        return (W * torch.as_tensor(X[start:stop], dtype=W.dtype, device=W.device)) @ B
-    x = X[start:stop].tocsr()
-    rows = torch.as_tensor(np.repeat(np.arange(x.shape[0]), np.diff(x.indptr)), device=W.device)
-    cols = torch.as_tensor(x.indices.astype(np.int64), device=W.device)
-    values = W[rows, cols] * torch.as_tensor(x.data, dtype=W.dtype, device=W.device)
-    weighted = sp.csr_matrix((values.cpu().numpy(), x.indices, x.indptr), shape=x.shape)
-    return torch.as_tensor(np.asarray(weighted @ B.cpu().numpy()), device=W.device)
-
-
-@torch.no_grad()
-def entry_weighted_gram(
-    X, B: torch.Tensor, V: torch.Tensor, noise: EntryNoise, chunk: int = GRAM_CHUNK
-):
-    """Per-spot ``BtX_s = Bᵀ W_s x_s`` (spots x types) and ``G_s = Bᵀ diag(W_s) B``
-    (spots x types x types) with ``W_sg = 1/(μ_sg/L_s + φ μ_sg²)``, ``μ = V Bᵀ`` (V detached).
-
-    Scaled so that the mean diagonal of ``G_s`` is one, the scale the gene weights have, so the
-    λ's keep their meaning. Formed in blocks of ``chunk`` spots: dense spots x genes per block only.
-    """
-    V = V.detach()
-    n, p = V.shape
-    m = B.shape[0]
-    Bd = B.to(V.dtype)
-    # G_s is symmetric: one GEMM against the products of B's columns k <= l, then mirrored
-    upper, flat = _triangle(p, V.device)
-    BB = Bd[:, upper[0]] * Bd[:, upper[1]]
-    compact = noise.compact_gram
-    diagonal = upper[0] == upper[1]
-
-    def gram(W):
-        packed = W @ BB
-        return packed.to(torch.bfloat16) if compact else _unpack_gram(packed, p, flat, W.dtype)
-
-    lib = torch.as_tensor(noise.library_size, dtype=V.dtype, device=V.device).clamp_min(1.0)
-    phi = float(noise.overdispersion)
-
-    def weights(mu, L):
-        W = mu / L[:, None]
-        if phi > 0:
-            W.addcmul_(mu, mu, value=phi)
-        return W.reciprocal_()
-
-    BtX = torch.empty(n, p, dtype=V.dtype, device=V.device)
-    shared = None
-    if n > 1 and bool((V == V[:1]).all()):
-        # one fit for every spot (the uniform start): weights depend on the library size only,
-        # and spots share few distinct library sizes (counts are integers)
-        sizes, which = torch.unique(lib, return_inverse=True)
-        if len(sizes) <= n // 2:
-            mu = (V[:1] @ Bd.T).clamp_min_(MU_FLOOR).expand(len(sizes), m).contiguous()
-            W_sizes = weights(mu, sizes)
-            shared = (W_sizes, which)
-            G = gram(W_sizes)[which]
-    if shared is None:
-        G = (
-            torch.empty(n, len(upper[0]), dtype=torch.bfloat16, device=V.device)
-            if compact
-            else torch.empty(n, p, p, dtype=V.dtype, device=V.device)
-        )
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        if shared is None:
-            W = weights((V[start:stop] @ Bd.T).clamp_min_(MU_FLOOR), lib[start:stop])
-            G[start:stop] = gram(W)
-        else:
-            W = shared[0][shared[1][start:stop]]
-        BtX[start:stop] = _weighted_btx(X, start, stop, W, Bd)
-    if compact:
-        scale = G[:, diagonal].float().mean().clamp_min(EPS)  # bfloat16 keeps float32's range
-    else:
-        scale = G.diagonal(dim1=1, dim2=2).mean().clamp_min(EPS)
-    return BtX.div_(scale), G.div_(scale)
-
-
-def _entry_step(V, BtX, G, M, lam1, lam2, dcol, graph_product, omega):
-    """One layer with per-spot Gram matrices: ``M = diag(ridge) + λ2 11ᵀ``."""
-    num = BtX + lam2
-    if graph_product is not None:
-        num = num + lam1 * graph_product(V)
-    den = (
-        torch.bmm(V.unsqueeze(1), G).squeeze(1) + V @ M + EPS
-    )  # G_s symmetric: v_sᵀ G_s = (G_s v_s)ᵀ, ~5x bmm(G, v)
-    if dcol is not None:
-        den = den + dcol * V
-    return V * (num / den) ** omega
-
-
-def update_step(V, BtX, BtB, lam1, lam2, ridge, graph_product=None, degree=None, omega=None):
-    """One multiplicative update (out of place, differentiable; reference form).
-
-    ``omega`` (optional) over-relaxes the step: ``V * (num / den) ** omega``.
-
-    ``ridge`` is the per-type vector ``2 λ3 w3²``; ``graph_product(V)`` returns ``A V`` and
-    ``degree`` is ``A 1``.
-    """
-    num = BtX + lam2
-    den = V @ BtB + lam2 * V.sum(1, keepdim=True) + ridge * V + EPS
-    if graph_product is not None and lam1 is not None:
-        num = num + lam1 * graph_product(V)
-        den = den + (lam1 * degree)[:, None] * V
-    if omega is None:
-        return V * num / den
-    return V * (num / den) ** omega
-
-
-def _fused_step(V, C, M, lam1, degree_col, graph_product, omega=None):
-    """The same update with constants folded: ``C = BtX + λ2``,
-    ``M = BtB + diag(ridge) + λ2 11ᵀ``, ``degree_col = λ1 A1``: fewer passes per layer."""
-    den = torch.addcmul(V @ M, degree_col, V) + EPS if degree_col is not None else V @ M + EPS
-    num = C + lam1 * graph_product(V) if graph_product is not None else C
-    if omega is None:
-        return V * num / den
-    return V * (num / den) ** omega
-
-
-def objective(V, X, B, lam1, lam2, ridge, A=None) -> float:
-    """F(V) of method.md for V spots x types (scaled X spots x genes, B genes x types)."""
-    V = torch.as_tensor(V, dtype=torch.float64)
-    X = torch.as_tensor(X, dtype=torch.float64)
-    B = torch.as_tensor(B, dtype=torch.float64)
-    f = ((X - V @ B.T) ** 2).sum()
-    if A is not None and lam1:
-        A = torch.as_tensor(A.toarray() if hasattr(A, "toarray") else A, dtype=torch.float64)
-        L = torch.diag(A.sum(1)) - A
-        f = f + lam1 * torch.trace(V.T @ L @ V)
-    f = f + lam2 * ((V.sum(1) - 1) ** 2).sum()
-    f = f + (torch.as_tensor(ridge, dtype=torch.float64) * V**2).sum()
-    return float(f)
-
-
-@contextmanager
-def flush_denormals():
-    """Proportions decaying towards zero hit float32 denormals, which are ~10x slower."""
-    previous = torch.set_flush_denormal(True)
     try:
-        yield
-    finally:
-        if not previous:
-            torch.set_flush_denormal(False)
-
-
-def _csr(adjacency, device, dtype):
-    a = adjacency.tocsr()
-    with warnings.catch_warnings():  # "beta support" notices, not actionable for users
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(
-            torch.as_tensor(a.indptr, dtype=torch.int64),
-            torch.as_tensor(a.indices, dtype=torch.int64),
-            torch.as_tensor(a.data, dtype=dtype),
-            size=a.shape,
-            device=device,
-        )
-
-
-@torch.no_grad()
-def solve(
-    BtX: torch.Tensor,
-    BtB: torch.Tensor,
-    *,
-    adjacency=None,
-    lam1=0.0,
-    lam2=0.0,
-    ridge=None,
-    n_iter: int = 100,
-    tol: float | None = None,
-    V0: torch.Tensor | None = None,
-    callback=None,
-    omega: float = 1.0,
-) -> torch.Tensor:
-    """Run multiplicative updates with fixed parameters, in place and fused (inference path).
-
-    ``lam1``/``lam2``/``ridge`` may be sequences (one per layer) for an untied model.
-    ``adjacency`` is a scipy sparse matrix. ``callback(i, n)`` is called every few layers
-    (progress and cancellation). Stops early when the largest change of V falls below ``tol``.
-    """
-    n, p = BtX.shape
-    dev, dt = BtX.device, BtX.dtype
-    V = torch.full((n, p), 1.0 / p, device=dev, dtype=dt) if V0 is None else V0.clone()
-    A, deg = _inference_graph(adjacency, dev, dt)
-    ridge_t = (
-        torch.zeros(p, device=dev, dtype=dt)
-        if ridge is None
-        else torch.as_tensor(ridge, device=dev, dtype=dt)
-    )
-    ridges = ridge_t if ridge_t.ndim == 2 else None
-    V_prev = V.clone() if tol else None
-    with flush_denormals():
-        _run_layers(
-            V,
-            BtX,
-            BtB,
-            A,
-            deg,
-            lam1,
-            lam2,
-            ridge_t,
-            ridges,
-            n_iter,
-            tol,
-            V_prev,
-            callback,
-            float(omega),
-        )
-    return V
-
-
-def _inference_graph(adjacency, device, dtype):
-    """The graph for in-place inference, ``(A, A 1 as a column)``, or ``(None, None)``."""
-    if adjacency is None or not adjacency.nnz:
-        return None, None
-    # on the CPU scipy's CSR kernel accumulating in place is ~2x torch's sparse addmm
-    A = (
-        _ScipyGraph(adjacency, dtype)
-        if device.type == "cpu"
-        else _TorchGraph(_csr(adjacency, device, dtype))
-    )
-    return A, torch.as_tensor(np.asarray(adjacency.sum(1)).ravel(), device=device, dtype=dtype)[
-        :, None
-    ]
-
-
-class _ScipyGraph:
-    """``out += scale * A @ V`` with scipy's CSR kernel, writing into ``out`` (no temporaries)."""
-
-    def __init__(self, adjacency, dtype):
-        a = adjacency.tocsr().astype(np.float32 if dtype == torch.float32 else np.float64)
-        a.sort_indices()
-        self.a = a
-        self.scaled = (None, None)
-        try:
-            from scipy.sparse._sparsetools import csr_matvecs
-
-            self.kernel = csr_matvecs
-        except ImportError:  # private scipy API: fall back to a product with a temporary
-            self.kernel = None
-
-    def accumulate(self, V, out, scale):
-        if self.scaled[0] != scale:
-            self.scaled = (scale, (self.a.data * scale).astype(self.a.data.dtype))
-        data = self.scaled[1]
-        v, o = V.numpy(), out.numpy()
-        if self.kernel is not None and v.flags.c_contiguous and o.flags.c_contiguous:
-            n, m = self.a.shape
-            self.kernel(n, m, v.shape[1], self.a.indptr, self.a.indices, data, v.ravel(), o.ravel())
-        else:
-            o += self.a.__class__((data, self.a.indices, self.a.indptr), shape=self.a.shape) @ v
-
-
-class _TorchGraph:
-    def __init__(self, A):
-        self.A = A
-
-    def accumulate(self, V, out, scale):
-        out.add_(torch.sparse.mm(self.A, V), alpha=scale)
-
-
-def _per_layer(value, k: int) -> float:
-    """Layer ``k``'s value of a parameter given per layer (a sequence) or shared (a scalar)."""
-    return float(value[k]) if np.ndim(value) else float(value)
-
-
-def _run_layers(
-    V, BtX, BtB, A, deg, lam1, lam2, ridge_t, ridges, n_iter, tol, V_prev, callback, omega=1.0
-):
-    """Six fused passes over V per layer (memory-bound at 10^6 spots):
-    ``num = BtX + λ2; num += λ1 A V`` (in-place sparse product), ``den = ε + V M`` (one addmm),
-    ``den += λ1 d ⊙ V``, ``V *= num``, ``V /= den``; with ``M = BtB + diag(ridge) + λ2 11ᵀ``
-    computed once per distinct parameter set."""
-    p = V.shape[1]
-    num = torch.empty_like(V)
-    den = torch.empty_like(V)
-    eps = torch.full((1, p), EPS, dtype=V.dtype, device=V.device)
-    ones = torch.ones(p, p, dtype=V.dtype, device=V.device)
-    key = None
-    for k in range(n_iter):
-        l1, l2 = _per_layer(lam1, k), _per_layer(lam2, k)
-        r = ridges[k] if ridges is not None else ridge_t
-        if key != (l1, l2) or ridges is not None:  # p x p constants of this layer's parameters
-            key = (l1, l2)
-            M = BtB + torch.diag(r) + l2 * ones
-            dcol = deg * l1 if A is not None and l1 else None
-        torch.add(
-            BtX, l2, out=num
-        )  # C = BtX + λ2 in the pass that fills num (per-layer λ2 for free)
-        if dcol is not None:
-            A.accumulate(V, num, l1)
-        torch.addmm(eps, V, M, out=den)
-        if dcol is not None:
-            den.addcmul_(V, dcol)
-        if abs(omega - 1.0) < 1e-6:
-            V.mul_(num).div_(den)
-        else:  # over-relaxed step
-            V.mul_(num.div_(den).pow_(omega))
-        if callback is not None and (k % 10 == 9 or k == n_iter - 1):
-            callback(k + 1, n_iter)
-        if tol and (k % 10 == 9):
-            change = float((V - V_prev).abs().max())
-            if change < tol:
-                break
-            V_prev.copy_(V)
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise StlnmfError(f"unknown device {device!r}: {_DEVICE_HINT}") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise StlnmfError(
+                f"device {device!r} asked for, but this PyTorch build sees no CUDA GPU "
+                "(a CPU-only build, or no driver): use device='cpu' or 'auto', or install a "
+                "CUDA build of PyTorch"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise StlnmfError(
+                f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA "
+                f"GPU(s) are visible: {_DEVICE_HINT}"
+            )
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise StlnmfError(f"device {device!r} (Apple GPU) is not available: {_DEVICE_HINT}")
+    elif dev.type != "cpu":
+        raise StlnmfError(f"device {device!r} is not supported: {_DEVICE_HINT}")
+    return dev
 
 
 def to_cell_fractions(V, mrna_content):
@@ -585,7 +203,8 @@ class UnrolledNMF(nn.Module):
         self.log_cell_smoothing = nn.Parameter(
             torch.tensor(float(np.log(max(cell_smoothing, NO_CELL_SMOOTHING))))
         )
-        # the head's own distance scale: the layers' σ can be short (their graph term acts 100 times)
+        # the head's own distance scale: the layers' σ can be short (their graph term acts in
+        # every layer)
         self.raw_cell_sigma = nn.Parameter(
             torch.tensor(_inv_sigmoid_range(DEFAULTS.cell_sigma, lo, hi), dtype=torch.float32)
         )
@@ -617,13 +236,10 @@ class UnrolledNMF(nn.Module):
         alpha = self.cell_smoothing()
         sigma_feature = self.sigmas()[1]
         if isinstance(V, torch.Tensor):
-            w = edge_weights(graph, self.cell_sigma(), sigma_feature)
-            deg = torch.zeros(c0.shape[0], dtype=c0.dtype, device=c0.device).index_add_(
-                0, graph["rows"], w
-            )
+            A = LearnedGraph(graph, self.cell_sigma(), sigma_feature)
             c = c0
             for _ in range(CELL_SMOOTHING_STEPS):
-                c = (c0 + alpha * _graph_product(graph, w, c)) / (1 + alpha * deg)[:, None]
+                c = (c0 + alpha * A.product(c)) / (1 + alpha * A.degree)
             return c
         if graph.n_edges == 0:
             return c0
@@ -660,111 +276,56 @@ class UnrolledNMF(nn.Module):
 
         ``X`` is a dense tensor or a scipy sparse matrix (large slides stay sparse).
         """
-        g2 = (gene_scale * self.gene_weights()) ** 2
-        Bw = B * g2[:, None]
-        if sp.issparse(X):
-            BtX = torch.as_tensor(np.asarray(X @ Bw.detach().cpu().numpy()), device=B.device)
-        else:
-            BtX = X @ Bw
-        return BtX, B.T @ Bw
+        return normal_equations(X, B, (gene_scale * self.gene_weights()) ** 2)
 
     @property
     def entry_weights(self) -> bool:
         """Whether the data term uses per-entry (spot x gene) weights instead of gene weights."""
         return self.refresh_layers is not None
 
-    def _entry_noise(self, noise):
+    def _data_term(self, X, B, gene_scale, noise, gram=None):
+        """The data term and the uniform start V: per-entry weights (from ``noise``) or one Gram
+        matrix (``gram``, else formed from ``X``)."""
+        if not self.entry_weights:
+            data = SharedGram(*(gram if gram is not None else self.gram(X, B, gene_scale)))
+            return data, uniform_start(*data.BtX.shape, data.BtX)
         if noise is None:
             raise ValueError(
-                "this model uses per-entry weights: pass noise=EntryNoise(library sizes, overdispersion)"
+                "this model uses per-entry weights: "
+                "pass noise=EntryNoise(library sizes, overdispersion)"
             )
-        return noise
+        dtype = X.dtype if isinstance(X, torch.Tensor) else torch.float32
+        start = uniform_start(X.shape[0], B.shape[1], B, dtype)
+        return EntryWeights(X, B, noise, tuple(self.refresh_layers)), start
 
-    def _graph_terms(self, graph: dict | None, V: torch.Tensor):
-        """``(V -> A V, A 1)`` with the learned σ's (differentiable), or ``(None, None)``."""
-        if graph is None:
-            return None, None
-        s = self.sigmas()
-        w = edge_weights(graph, s[0], s[1])
-        deg = torch.zeros(V.shape[0], dtype=V.dtype, device=V.device).index_add_(
-            0, graph["rows"], w
-        )
-        return (lambda v: _graph_product(graph, w, v)), deg
+    def _penalties(self, *, as_numbers: bool, device=None, dtype=None) -> Penalties:
+        """The layers' λ's and ridges: tensors (differentiable) or numbers (inference)."""
+        lam, ridge = self.lambdas(), self.ridge()
+        if as_numbers:
+            lam = lam.detach().cpu().numpy().astype(np.float64)
+            ridge = ridge.detach().to(device=device, dtype=dtype)
+        if self.tied:
+            return Penalties(lam[0, 0], lam[0, 1], ridge[0])
+        return Penalties(lam[:, 0], lam[:, 1], ridge)
 
     def forward(
         self, X, B, gene_scale, graph: dict | None = None, V0=None, noise: EntryNoise | None = None
     ) -> torch.Tensor:
         """Differentiable unrolled pass; returns mRNA fractions V (spots x types).
 
-        ``noise``: library sizes and overdispersion, needed (only) by a per-entry-weights model;
-        its weights are recomputed from the detached V, so gradients flow through the updates."""
-        if self.entry_weights:
-            return self._forward_entry(X, B, graph, V0, self._entry_noise(noise))
-        BtX, BtB = self.gram(X, B, gene_scale)
-        n, p = BtX.shape
-        V = torch.full((n, p), 1.0 / p, dtype=BtX.dtype, device=BtX.device) if V0 is None else V0
-        lam = self.lambdas()
-        ridge = self.ridge()
-        om = self.omega()
-        gp, deg = self._graph_terms(graph, V)
-        ones = torch.ones(p, p, dtype=BtX.dtype, device=BtX.device)
-        with flush_denormals():
-            for k in range(self.n_layers):
-                r = 0 if self.tied else k
-                if k == 0 or not self.tied:  # constants of this layer's parameters
-                    C = BtX + lam[r, 1]
-                    M = BtB + torch.diag(ridge[r]) + lam[r, 1] * ones
-                    dcol = (lam[r, 0] * deg)[:, None] if gp is not None else None
-                V = _fused_step(V, C, M, lam[r, 0], dcol, gp, om)
-        return V
-
-    def _forward_entry(self, X, B, graph, V0, noise: EntryNoise) -> torch.Tensor:
-        n, p = X.shape[0], B.shape[1]
-        dt = torch.float32 if not isinstance(X, torch.Tensor) else X.dtype
-        V = torch.full((n, p), 1.0 / p, dtype=dt, device=B.device) if V0 is None else V0
-        lam, ridge, om = self.lambdas(), self.ridge(), self.omega()
-        gp, deg = self._graph_terms(graph, V)
-        ones = torch.ones(p, p, dtype=V.dtype, device=V.device)
-        refresh = set(self.refresh_layers) | {0}
-        with flush_denormals():
-            for k in range(self.n_layers):
-                r = 0 if self.tied else k
-                if k in refresh:
-                    BtX, G = entry_weighted_gram(X, B, V, noise)
-                M = torch.diag(ridge[r]) + lam[r, 1] * ones
-                dcol = (lam[r, 0] * deg)[:, None] if gp is not None else None
-                V = _entry_step(V, BtX, G, M, lam[r, 0], lam[r, 1], dcol, gp, om)
-        return V
-
-    @torch.no_grad()
-    def _infer_entry(
-        self, X, B, adjacency, noise: EntryNoise, l1, l2, ridge, n_iter, callback, omega
-    ):
-        """In-place inference with per-entry weights (scipy's CSR kernel for the graph)."""
-        n, p = X.shape[0], B.shape[1]
-        V = torch.full((n, p), 1.0 / p, dtype=torch.float32, device=B.device)
-        A, deg = _inference_graph(adjacency, V.device, V.dtype)
-        ridge_t = torch.as_tensor(ridge, device=V.device, dtype=V.dtype)
-        ones = torch.ones(p, p, dtype=V.dtype, device=V.device)
-        refresh = set(self.refresh_layers) | {0}
-        num, den = torch.empty_like(V), torch.empty_like(V)
-        with flush_denormals():
-            for k in range(n_iter):
-                l1k, l2k = _per_layer(l1, k), _per_layer(l2, k)
-                r = ridge_t[k] if ridge_t.ndim == 2 else ridge_t
-                if k in refresh:
-                    BtX, G = entry_weighted_gram(X, B, V, noise)
-                torch.add(BtX, l2k, out=num)
-                if A is not None and l1k:
-                    A.accumulate(V, num, l1k)
-                gram_times(V, G, den)
-                den.addmm_(V, torch.diag(r) + l2k * ones).add_(EPS)
-                if A is not None and l1k:
-                    den.addcmul_(V, deg, value=l1k)
-                V.mul_(num.div_(den).pow_(omega))
-                if callback is not None and (k % 10 == 9 or k == n_iter - 1):
-                    callback(k + 1, n_iter)
-        return V
+        ``graph``: the edge list of :func:`graph_tensors`. ``noise``: library sizes and
+        overdispersion, needed (only) by a per-entry-weights model; its weights are recomputed
+        from the detached V, so gradients flow through the updates."""
+        data, start = self._data_term(X, B, gene_scale, noise)
+        s = self.sigmas()
+        return run_layers(
+            start if V0 is None else V0,
+            data,
+            self._penalties(as_numbers=False),
+            self.n_layers,
+            graph=None if graph is None else LearnedGraph(graph, s[0], s[1]),
+            omega=self.omega(),
+        )
 
     @torch.no_grad()
     def infer(
@@ -783,40 +344,27 @@ class UnrolledNMF(nn.Module):
         ``gram``: ``(BtX, BtB)`` from :meth:`gram` when the caller already has them (gene
         weights only). ``noise``: see :meth:`forward`.
         """
-        if self.entry_weights:
-            noise = self._entry_noise(noise)
-        else:
-            BtX, BtB = gram if gram is not None else self.gram(X, B, gene_scale)
-        lam = self.lambdas().cpu().numpy().astype(np.float64)
+        data, start = self._data_term(X, B, gene_scale, noise, gram)
         s = self.sigmas().cpu().numpy()
         adjacency = (
             None
             if graph is None or graph.n_edges == 0
             else graph.adjacency(float(s[0]), float(s[1]))
         )
-        ridge = self.ridge().cpu().numpy()
-        if self.tied:
-            l1, l2, r = lam[0, 0], lam[0, 1], ridge[0]
-        else:
-            l1, l2, r = lam[:, 0], lam[:, 1], ridge
+        fixed_graph = inference_graph(adjacency, start.device, start.dtype)
+        penalties = self._penalties(as_numbers=True, device=start.device, dtype=start.dtype)
         omega = float(self.omega())
         while True:
-            if self.entry_weights:
-                V = self._infer_entry(
-                    X, B, adjacency, noise, l1, l2, r, n_layers or self.n_layers, callback, omega
-                )
-            else:
-                V = solve(
-                    BtX,
-                    BtB,
-                    adjacency=adjacency,
-                    lam1=l1,
-                    lam2=l2,
-                    ridge=r,
-                    n_iter=n_layers or self.n_layers,
-                    callback=callback,
-                    omega=omega,
-                )
+            V = run_layers(
+                start.clone(),
+                data,
+                penalties,
+                n_layers or self.n_layers,
+                graph=fixed_graph,
+                omega=omega,
+                in_place=True,
+                callback=callback,
+            )
             if _bounded(V) or omega <= 1.0:
                 return V
             # parameters learned on crops of simulated slides can over-relax too far on spots

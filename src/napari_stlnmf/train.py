@@ -167,13 +167,16 @@ def _stack(slides: list[TrainingSlide]) -> TrainingSlide:
     return TrainingSlide(X, truth, graph, "stack", torch.cat([s.library_size for s in slides]))
 
 
-def _noise(model, batch: TrainingSlide, overdispersion: float):
-    return EntryNoise(batch.library_size, overdispersion) if model.entry_weights else None
+def _noise(model, batch: TrainingSlide, overdispersion: float, compact_gram: bool = False):
+    if not model.entry_weights:
+        return None
+    return EntryNoise(batch.library_size, overdispersion, compact_gram=compact_gram)
 
 
-def _rmse(model, batch, B, scale, content, overdispersion=0.0) -> float:
+def _rmse(model, batch, B, scale, content, overdispersion=0.0, compact_gram=False) -> float:
     with torch.no_grad():
-        V = model(batch.X, B, scale, batch.graph, noise=_noise(model, batch, overdispersion))
+        noise = _noise(model, batch, overdispersion, compact_gram)
+        V = model(batch.X, B, scale, batch.graph, noise=noise)
         return float(
             torch.sqrt(((model.cell_fractions(V, content, batch.graph) - batch.truth) ** 2).mean())
         )
@@ -194,6 +197,7 @@ def train_unrolled(
     gene_weight_penalty: float = 1e-3,
     min_improvement: float = 0.05,
     overdispersion: float = 0.0,
+    compact_gram: bool = False,
     progress=None,
     should_stop=None,
     seed: int = 0,
@@ -206,7 +210,8 @@ def train_unrolled(
     Guard: unless that beats the initial parameters' validation RMSE by more than the
     relative margin ``min_improvement``, the initial parameters are kept (a gain within
     the noise of the validation estimate is not worth the risk of a simulator mismatch).
-    ``overdispersion``: the slide's φ, for a model with per-entry weights.
+    ``overdispersion``: the slide's φ, for a model with per-entry weights; ``compact_gram``:
+    keep their per-spot Gram matrices as bfloat16 upper triangles (see :class:`EntryNoise`).
     ``progress(stage, i, n)`` and ``should_stop()`` are optional callbacks.
     """
     torch.manual_seed(seed)
@@ -223,7 +228,8 @@ def train_unrolled(
     ]
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(epochs // 3, 1), gamma=0.5)
-    best = _rmse(model, val_batch, Bt, st, ct, overdispersion)
+    noise_kw = {"overdispersion": overdispersion, "compact_gram": compact_gram}
+    best = _rmse(model, val_batch, Bt, st, ct, **noise_kw)
     initial = best
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     initial_state = best_state
@@ -238,7 +244,7 @@ def train_unrolled(
             Bt,
             st,
             train_batch.graph,
-            noise=_noise(model, train_batch, overdispersion),
+            noise=_noise(model, train_batch, **noise_kw),
         )
         mse = ((model.cell_fractions(V, ct, train_batch.graph) - train_batch.truth) ** 2).mean()
         loss = mse + gene_weight_penalty * (model.log_gene_weight**2).mean()
@@ -246,7 +252,7 @@ def train_unrolled(
         opt.step()
         sched.step()
         train_rmse = float(mse.detach().sqrt())
-        val = _rmse(model, val_batch, Bt, st, ct, overdispersion)
+        val = _rmse(model, val_batch, Bt, st, ct, **noise_kw)
         history.append((epoch, train_rmse, val))
         since_best = 0 if val < best * (1.0 - min_delta) else since_best + 1
         if val < best - 1e-6:
