@@ -20,6 +20,7 @@ from napari_stlnmf.pipeline import (
     fit,
     load_reference,
     load_slide,
+    make_solver,
     shipped_refinement_model,
 )
 from napari_stlnmf.preprocess import prepare
@@ -50,9 +51,9 @@ def test_steps_by_hand_reproduce_deconvolve(demo):
     )
     prep = calibration.prepared
     noise = EntryNoise(torch.as_tensor(prep.library_size), calibration.noise.overdispersion)
-    model = build_model(prep, settings, entry_weights=True)
-    solved = fit(prep, spots, settings, model=model, entry_noise=noise)
-    fractions = finish(solved, prep, spots, model=model, min_proportion=calibration.min_proportion)
+    solver = make_solver(settings, build_model(prep, settings, entry_weights=True))
+    solved = fit(prep, spots, solver, entry_noise=noise)
+    fractions = finish(solved, prep, spots, solver, min_proportion=calibration.min_proportion)
 
     res = deconvolve(slide, reference, cell_type_key=KEY, seed=0)
     np.testing.assert_allclose(res.cell_fractions.to_numpy(), fractions.cell, atol=1e-7)

@@ -33,6 +33,7 @@ from .pipeline import (
     fit,
     load_reference,
     load_slide,
+    make_solver,
     shipped_refinement_model,
 )
 from .preprocess import prepare
@@ -259,14 +260,15 @@ def run_deconvolution(
         if s.save_params is not None:
             extra = {"train": train_report.as_dict(), "gene_weighting": weighting}
             model.save(s.save_params, genes=prep.genes, cell_types=prep.cell_types, extra=extra)
+    solver = make_solver(s, model)
     solved = fit(
-        prep, spots, s,
-        model=model, entry_noise=entry_noise, progress=progress, should_stop=should_stop,
+        prep, spots, solver,
+        entry_noise=entry_noise, device=device, progress=progress, should_stop=should_stop,
     )  # fmt: skip
-    fractions = finish(solved, prep, spots, model=model, min_proportion=calibration.min_proportion)
+    fractions = finish(solved, prep, spots, solver, min_proportion=calibration.min_proportion)
 
     info = {
-        **_run_info(s, prep, spots, solved, calibration, train_report),
+        **_run_info(s, prep, spots, solver, calibration, train_report),
         "gene_weighting": weighting,
         "overdispersion": None if entry_noise is None else entry_noise.overdispersion,
         "gram_storage": _gram_storage(entry_noise),
@@ -283,7 +285,7 @@ def _gram_storage(entry_noise: EntryNoise | None) -> str | None:
     return "bfloat16 upper triangles" if entry_noise.compact_gram else "float32"
 
 
-def _run_info(settings, prep, spots, solved, calibration, train_report) -> dict:
+def _run_info(settings, prep, spots, solver, calibration, train_report) -> dict:
     """What the run did, as plain values (it goes to ``uns['stlnmf']``)."""
     cell = settings.fractions == "cell"
     return {
@@ -302,7 +304,7 @@ def _run_info(settings, prep, spots, solved, calibration, train_report) -> dict:
             "features": spots.feature_source,
             "spacing": spots.graph.spacing,
         },
-        "params": solved.params,
+        "params": solver.describe(),
         "train": None if train_report is None else train_report.as_dict(),
         "min_proportion": calibration.min_proportion,
         "cells_per_spot": calibration.cells_per_spot,

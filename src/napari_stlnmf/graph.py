@@ -199,7 +199,7 @@ def spot_image_features(image: np.ndarray, coords_px, radius_px: float) -> np.nd
     h, w = img.shape[:2]
     xy = _check_coords(coords_px)
     grey = img.mean(2)
-    r = max(int(round(radius_px)), 1)
+    r = max(round(float(radius_px)), 1)
     x0 = np.clip(np.round(xy[:, 0]).astype(int) - r, 0, w)
     x1 = np.clip(np.round(xy[:, 0]).astype(int) + r + 1, 0, w)
     y0 = np.clip(np.round(xy[:, 1]).astype(int) - r, 0, h)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,17 +41,16 @@ from .model import (
     finalize_proportions,
     gram_bytes,
     pick_device,
-    solve,
-    to_cell_fractions,
 )
 from .preprocess import Prepared, Reference, build_reference
 from .progress import Stage, check_stop, report
+from .solvers import CLASSIC_MAX_ITER, ClassicSolver, FitInputs, Solver, UnrolledSolver
+from .solvers import Fit as SolverFit
 from .train import TrainReport, calibrated_noise_ranges, make_training_slides, train_unrolled
 
 __all__ = [
     "MAX_GRAM_BYTES",
     "DeconvolutionSettings",
-    "Fit",
     "Fractions",
     "SpotGraph",
     "build_model",
@@ -64,6 +63,7 @@ __all__ = [
     "fit",
     "load_reference",
     "load_slide",
+    "make_solver",
     "shipped_refinement_model",
     "slide_features",
 ]
@@ -373,75 +373,38 @@ def _model_fit_noise(model, prepared: Prepared, spots: SpotGraph, settings):
     return estimate_noise(prepared.X[rows], prepared.library_size[rows], prepared.B, V[rows])
 
 
-@dataclass
-class Fit:
-    """The factorisation's output over the selected genes."""
-
-    mrna_shares: torch.Tensor  # spots x types, rows sum to one
-    data_btx: torch.Tensor  # (g⊙X) (g⊙B) with the gene weights g the fit error uses
-    data_btb: torch.Tensor
-    gene_scale: torch.Tensor  # the per-gene weights g of the data term
-    params: dict = field(default_factory=dict)  # the solver's parameters, as plain numbers
+def make_solver(settings: DeconvolutionSettings, model: UnrolledNMF | None) -> Solver:
+    """The unrolled ``model``'s inference, or (``model=None``) the classic update with fixed
+    λ's iterated to convergence (at most ``settings.n_layers`` updates)."""
+    if model is not None:
+        return UnrolledSolver(model)
+    return ClassicSolver(max_iter=settings.n_layers or CLASSIC_MAX_ITER)
 
 
 def fit(
     prepared: Prepared,
     spots: SpotGraph,
-    settings: DeconvolutionSettings,
+    solver: Solver,
     *,
-    model: UnrolledNMF | None,
     entry_noise: EntryNoise | None = None,
+    device=None,
     progress=None,
     should_stop=None,
-) -> Fit:
-    """Solve for the mRNA fractions: the unrolled ``model``, or (``model=None``) the classic
-    update with fixed λ's iterated to convergence."""
-    device = pick_device(settings.device)
+) -> SolverFit:
+    """Solve for the mRNA fractions of the selected genes (rows summing to one)."""
     B = torch.as_tensor(prepared.B, device=device)
     scale = torch.as_tensor(prepared.gene_scale, device=device)
-    n_layers = model.n_layers if model is not None else settings.n_layers or 1000
-    report(progress, Stage.DECONVOLVING, 0, n_layers)
+    report(progress, Stage.DECONVOLVING, 0, solver.n_layers)
 
     def callback(i, n):
         report(progress, Stage.DECONVOLVING, i, n)
         check_stop(should_stop)
 
-    graph = spots.graph
-    if model is not None:
-        with torch.no_grad():
-            BtX, BtB = model.gram(prepared.X, B, scale)
-        V = model.infer(
-            prepared.X, B, scale, graph, callback=callback, gram=(BtX, BtB), noise=entry_noise
-        )
-        gene_scale, params = (scale * model.gene_weights()).detach(), model.describe()
-    else:
-        s = DEFAULTS
-        Bw = B * (scale**2)[:, None]
-        BtX = torch.as_tensor(np.asarray(prepared.X @ Bw.cpu().numpy()), device=device)
-        BtB = B.T @ Bw
-        V = solve(
-            BtX,
-            BtB,
-            adjacency=graph.adjacency(s.sigma_distance, s.sigma_feature),
-            lam1=s.lambda_graph,
-            lam2=s.lambda_sum,
-            ridge=torch.full((B.shape[1],), 2 * s.lambda_ridge),
-            n_iter=n_layers,
-            tol=1e-5,
-            callback=callback,
-        )
-        gene_scale = scale
-        params = {
-            "lambda_graph": s.lambda_graph,
-            "lambda_sum": s.lambda_sum,
-            "lambda_ridge": s.lambda_ridge,
-            "sigma_distance": s.sigma_distance,
-            "sigma_feature": s.sigma_feature,
-            "max_iter": n_layers,
-        }
+    inputs = FitInputs(prepared.X, B, scale, spots.graph, entry_noise)
+    result = solver.run(inputs, callback=callback)
     with torch.no_grad():
-        V = V / V.sum(1, keepdim=True).clamp_min(1e-12)
-    return Fit(V, BtX, BtB, gene_scale, params)
+        V = result.V / result.V.sum(1, keepdim=True).clamp_min(1e-12)
+    return replace(result, V=V)
 
 
 @dataclass(frozen=True)
@@ -465,25 +428,21 @@ def fit_error(X, gene_scale: torch.Tensor, V, BtX, BtB) -> np.ndarray:
 
 
 def finish(
-    result: Fit,
+    result: SolverFit,
     prepared: Prepared,
     spots: SpotGraph,
+    solver: Solver,
     *,
-    model: UnrolledNMF | None,
     min_proportion: float,
 ) -> Fractions:
     """Cell fractions (mRNA shares divided by each type's mRNA per cell, then the model's
     learned smoothing head), mRNA fractions of the whole transcriptome, both with proportions
     below ``min_proportion`` zeroed; and the fit error."""
     with torch.no_grad():
-        V = result.mrna_shares
-        error = fit_error(prepared.X, result.gene_scale, V, result.data_btx, result.data_btb)
+        V = result.V
+        error = fit_error(prepared.X, result.gene_scale, V, result.BtX, result.BtB)
         mrna_selected = V.cpu().numpy().astype(np.float64)
-    content = prepared.mrna_content
-    if model is None:
-        cells = to_cell_fractions(mrna_selected, content)
-    else:
-        cells = model.cell_fractions(mrna_selected, content, spots.graph)
+    cells = solver.cell_fractions(mrna_selected, prepared.mrna_content, spots.graph)
     # transcripts of the whole transcriptome, not only the selected genes
     mrna = mrna_selected / prepared.gene_share[None, :]
     return Fractions(

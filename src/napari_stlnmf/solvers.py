@@ -53,6 +53,11 @@ class Fit:
 
 
 class Solver(Protocol):
+    @property
+    def n_layers(self) -> int:
+        """Updates the solver runs at most (what its progress counts)."""
+        ...
+
     def run(self, inputs: FitInputs, *, callback=None) -> Fit:
         """Fit the slide; ``callback(i, n)`` reports progress (and may raise to cancel)."""
         ...
@@ -77,6 +82,10 @@ class ClassicSolver:
     sigma_feature: float = DEFAULTS.sigma_feature
     max_iter: int = CLASSIC_MAX_ITER
     tol: float = CLASSIC_TOL
+
+    @property
+    def n_layers(self) -> int:
+        return self.max_iter
 
     def run(self, inputs: FitInputs, *, callback=None) -> Fit:
         BtX, BtB = normal_equations(inputs.X, inputs.B, inputs.gene_scale**2)
@@ -118,6 +127,10 @@ class UnrolledSolver:
     per-entry-weights model, the inputs' :class:`EntryNoise`)."""
 
     model: UnrolledNMF
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.n_layers
 
     def run(self, inputs: FitInputs, *, callback=None) -> Fit:
         model = self.model
