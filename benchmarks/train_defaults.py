@@ -112,7 +112,7 @@ def main(
     batches = [
         (
             torch.as_tensor(p.B),
-            torch.as_tensor(p.gene_scale),
+            torch.as_tensor(p.gene_weights),
             torch.as_tensor(p.mrna_content, dtype=torch.float32),
             _stack(sl[:3]),
             _stack(sl[3:]),

@@ -374,7 +374,12 @@ def test_cli_run_and_demo(tmp_path, demo, capsys):
 def test_fitted_gene_weights_follow_the_slides_noise(demo, trained_demo_result):
     """Training weighs genes by 1/sd measured on the slide: a gene made noisy on the slide
     loses weight; with Poisson noise only, the weights are the 1/sqrt(mean) ones."""
-    from napari_stlnmf.preprocess import build_reference, fitted_gene_scale, gene_scale_for, prepare
+    from napari_stlnmf.preprocess import (
+        build_reference,
+        fitted_gene_weights,
+        gene_weights_for,
+        prepare,
+    )
 
     slide, reference = demo
     ref = build_reference(reference, cell_type_key=KEY)
@@ -384,7 +389,7 @@ def test_fitted_gene_weights_follow_the_slides_noise(demo, trained_demo_result):
     V = (
         V * gene_share / (V * gene_share).sum(1, keepdims=True)
     )  # mRNA shares within the model's genes
-    before = fitted_gene_scale(prep.X, prep.library_size, prep.B, V)
+    before = fitted_gene_weights(prep.X, prep.library_size, prep.B, V)
 
     j = int(np.argmax(prep.B.mean(1)))  # a well-expressed gene, made unreliable on the slide
     col = slide.var_names.get_loc(prep.genes[j])
@@ -394,15 +399,15 @@ def test_fitted_gene_weights_follow_the_slides_noise(demo, trained_demo_result):
         counts[:, col].toarray() * rng.lognormal(0, 1.0, size=(slide.n_obs, 1))
     )
     noisy = prepare(counts.tocsr(), slide.var_names, ref, genes=list(prep.genes))
-    after = fitted_gene_scale(noisy.X, noisy.library_size, noisy.B, V)
+    after = fitted_gene_weights(noisy.X, noisy.library_size, noisy.B, V)
     others = np.arange(len(before)) != j
     assert after[j] / after[others].mean() < 0.5 * before[j] / before[others].mean()
 
     mu = V @ prep.B.T * prep.library_size[:, None]
     poisson = rng.poisson(mu).astype(np.float32)
     pois = prepare(poisson, prep.genes, ref, genes=list(prep.genes))
-    fitted = fitted_gene_scale(pois.X, pois.library_size, pois.B, V[pois.spot_mask])
-    sqrt = gene_scale_for(pois.B, "sqrt")
+    fitted = fitted_gene_weights(pois.X, pois.library_size, pois.B, V[pois.spot_mask])
+    sqrt = gene_weights_for(pois.B, "sqrt")
     assert np.corrcoef(np.log(fitted), np.log(sqrt))[0, 1] > 0.99  # 0.977 on the real demo slide
 
 

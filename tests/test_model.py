@@ -30,7 +30,7 @@ def problem(demo_reference):
     prep = prepare(sim.counts, demo_reference.genes, demo_reference)
     X = torch.as_tensor(prep.X.toarray(), dtype=torch.float64)
     B = torch.as_tensor(prep.B, dtype=torch.float64)
-    g = torch.as_tensor(prep.gene_scale, dtype=torch.float64)
+    g = torch.as_tensor(prep.gene_weights, dtype=torch.float64)
     return {"xy": xy, "graph": graph, "sim": sim, "prep": prep, "X": X, "B": B, "g": g}
 
 
@@ -206,7 +206,7 @@ def test_inference_damps_an_over_relaxation_that_diverges(problem):
     neighbours and blow up (as Jacobi over-relaxation does); inference halves ω until the
     updates stay bounded and says so."""
     prep, graph = problem["prep"], problem["graph"]
-    B, g = torch.as_tensor(prep.B), torch.as_tensor(prep.gene_scale)
+    B, g = torch.as_tensor(prep.B), torch.as_tensor(prep.gene_weights)
     model = UnrolledNMF(*prep.B.shape, lambda_graph=5.0, omega=1.99)
     with pytest.warns(RuntimeWarning, match="diverged"):
         V = model.infer(prep.X, B, g, graph)

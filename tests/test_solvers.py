@@ -64,7 +64,7 @@ def test_unrolled_solver_is_the_models_inference(demo, demo_reference, entry):
     xy = hex_layout(8, 9)
     sim = simulate_slide(xy, demo_reference, kind="regions", seed=2)
     prep = prepare(sim.counts, demo_reference.genes, demo_reference)
-    B, g = torch.as_tensor(prep.B), torch.as_tensor(prep.gene_scale)
+    B, g = torch.as_tensor(prep.B), torch.as_tensor(prep.gene_weights)
     model = UnrolledNMF(*prep.B.shape, n_layers=25, omega=1.4)
     noise = None
     if entry:

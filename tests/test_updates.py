@@ -40,7 +40,7 @@ def slide(demo_reference):
         "prep": prep,
         "X": torch.as_tensor(prep.X.toarray()),
         "B": torch.as_tensor(prep.B),
-        "g": torch.as_tensor(prep.gene_scale),
+        "g": torch.as_tensor(prep.gene_weights),
         "noise": EntryNoise(torch.as_tensor(prep.library_size), 0.2),
         "compact": EntryNoise(torch.as_tensor(prep.library_size), 0.2, compact_gram=True),
     }
@@ -115,7 +115,7 @@ def test_training_with_compact_gram_matrices(slide, demo_reference):
         slide["xy"], slide["graph"], reference, n_slides=3, library_sizes=prep.library_size
     )
     report = train_unrolled(
-        model, prep.B, prep.gene_scale, prep.mrna_content, slides[:2], slides[2:],
+        model, prep.B, prep.gene_weights, prep.mrna_content, slides[:2], slides[2:],
         epochs=2, overdispersion=0.2, compact_gram=True, min_improvement=0.0,
     )  # fmt: skip
     assert report.epochs == 2 and np.isfinite([report.val_rmse, report.train_rmse]).all()

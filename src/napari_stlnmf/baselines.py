@@ -29,8 +29,8 @@ def nnls_proportions(
         raise ValueError(f"fractions must be 'cell' or 'mrna', not {fractions!r}")
     ref = build_reference(reference, cell_type_key=cell_type_key)
     prep = prepare(slide.X, slide.var_names, ref, n_markers=n_markers)
-    B = prep.B * prep.gene_scale[:, None]
-    X = prep.X.toarray() * prep.gene_scale[None, :]
+    B = prep.B * prep.gene_weights[:, None]
+    X = prep.X.toarray() * prep.gene_weights[None, :]
     V = np.array([nnls(B.astype(np.float64), x.astype(np.float64))[0] for x in X])
     V = V / np.maximum(V.sum(1, keepdims=True), 1e-12)
     if smooth:

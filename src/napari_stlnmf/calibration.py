@@ -3,7 +3,7 @@
 
 Everything here is measured on a quick first fit (no graph, fixed parameters) of a seeded sample
 of spots. The platform effect is an iterated estimate (each pass fits again with the corrected
-reference); noise, fitted gene scale and cells per spot then all come from ONE quick fit on the
+reference); noise, fitted gene weights and cells per spot then all come from ONE quick fit on the
 corrected inputs (:func:`calibrate`).
 """
 
@@ -16,7 +16,7 @@ import scipy.sparse as sp
 import torch
 
 from .model import DEFAULTS, REFRESH_LAYERS, EntryNoise, UnrolledNMF, finalize_proportions
-from .preprocess import Prepared, Reference, fitted_gene_scale, with_platform_effect
+from .preprocess import Prepared, Reference, fitted_gene_weights, with_platform_effect
 
 __all__ = [
     "AUTO_MIN_PROPORTION",
@@ -64,7 +64,7 @@ class SlideNoise:
 class Calibration:
     """What :func:`calibrate` measured, and the inputs corrected by it."""
 
-    prepared: Prepared  # platform effect corrected; gene scale fitted if asked
+    prepared: Prepared  # platform effect corrected; gene weights fitted if asked
     log_platform_factor: np.ndarray | None  # per selected gene; None when not fitted
     noise: SlideNoise | None  # None when nothing needed it
     cells_per_spot: float | None  # effective cells per spot (None: not measurable)
@@ -89,12 +89,12 @@ def integer_valued(matrix, at_most: int = 200_000) -> bool:
 
 def quick_fit(prepared: Prepared, rows: np.ndarray, *, device=None) -> np.ndarray:
     """mRNA fractions of ``rows`` (summing to one) from fixed parameters, no graph: the first fit
-    the platform effect, the noise and the gene scale are measured on."""
+    the platform effect, the noise and the gene weights are measured on."""
     model = UnrolledNMF(*prepared.B.shape, omega=DEFAULTS.omega_start).to(device)
     V = model.infer(
         prepared.X[rows],
         torch.as_tensor(prepared.B, device=device),
-        torch.as_tensor(prepared.gene_scale, device=device),
+        torch.as_tensor(prepared.gene_weights, device=device),
         None,
         n_layers=QUICK_FIT_LAYERS,
     )
@@ -264,7 +264,7 @@ def fit_platform_effect(
     X, lib = prepared.X[rows], prepared.library_size[rows]
     phi = _noise_of_rows(current, rows, quick_fit(current, rows, device=device)).overdispersion
     noise = EntryNoise(torch.as_tensor(lib, device=device), phi)
-    scale = torch.as_tensor(prepared.gene_scale, device=device)
+    scale = torch.as_tensor(prepared.gene_weights, device=device)
     refine_with = refine_with.to(device)
     for _ in range(refine_passes):
         B = torch.as_tensor(current.B, device=device)
@@ -309,7 +309,7 @@ def calibrate(
     device=None,
 ) -> Calibration:
     """The platform effect (if ``platform_effect``), then ONE quick fit on the corrected inputs
-    from which the noise, the fitted gene scale (``gene_weighting='fitted'``) and the effective
+    from which the noise, the fitted gene weights (``gene_weighting='fitted'``) and the effective
     cells per spot (``min_proportion='auto'``) are read.
 
     ``slide_counts``: the slide's stored values (φ's Poisson part assumes raw counts on both
@@ -331,7 +331,7 @@ def calibrate(
         noise = _noise_of_rows(prepared, rows, V)
         if gene_weighting == "fitted":
             X, lib = prepared.X[rows], prepared.library_size[rows]
-            prepared = replace(prepared, gene_scale=fitted_gene_scale(X, lib, prepared.B, V))
+            prepared = replace(prepared, gene_weights=fitted_gene_weights(X, lib, prepared.B, V))
         if counts_both:  # the reference's own counts, not rescaled by the platform effect
             cell_phi = reference_overdispersion(reference.subset_genes(prepared.genes), seed=seed)
             cells_per_spot = effective_cells_per_spot(cell_phi, noise.overdispersion)

@@ -264,30 +264,30 @@ class UnrolledNMF(nn.Module):
         lo, hi = SIGMA_RANGE
         return lo + (hi - lo) * torch.sigmoid(self.raw_sigma)
 
-    def gene_weights(self) -> torch.Tensor:
+    def learned_gene_weights(self) -> torch.Tensor:
         return torch.exp(self.log_gene_weight.clamp(-3.0, 3.0))
 
     def ridge(self) -> torch.Tensor:
         """(rows, n_types): 2 λ3 w3² per layer row."""
         return 2 * self.lambdas()[:, 2:3] * torch.exp(2 * self.log_type_weight)[None, :]
 
-    def gram(self, X, B: torch.Tensor, gene_scale: torch.Tensor):
+    def gram(self, X, B: torch.Tensor, gene_weights: torch.Tensor):
         """``BtX`` (spots x types) and ``BtB`` with the (learned) gene weights applied.
 
         ``X`` is a dense tensor or a scipy sparse matrix (large slides stay sparse).
         """
-        return normal_equations(X, B, (gene_scale * self.gene_weights()) ** 2)
+        return normal_equations(X, B, (gene_weights * self.learned_gene_weights()) ** 2)
 
     @property
     def entry_weights(self) -> bool:
         """Whether the data term uses per-entry (spot x gene) weights instead of gene weights."""
         return self.refresh_layers is not None
 
-    def _data_term(self, X, B, gene_scale, noise, gram=None):
+    def _data_term(self, X, B, gene_weights, noise, gram=None):
         """The data term and the uniform start V: per-entry weights (from ``noise``) or one Gram
         matrix (``gram``, else formed from ``X``)."""
         if not self.entry_weights:
-            data = SharedGram(*(gram if gram is not None else self.gram(X, B, gene_scale)))
+            data = SharedGram(*(gram if gram is not None else self.gram(X, B, gene_weights)))
             return data, uniform_start(*data.BtX.shape, data.BtX)
         if noise is None:
             raise ValueError(
@@ -309,14 +309,20 @@ class UnrolledNMF(nn.Module):
         return Penalties(lam[:, 0], lam[:, 1], ridge)
 
     def forward(
-        self, X, B, gene_scale, graph: dict | None = None, V0=None, noise: EntryNoise | None = None
+        self,
+        X,
+        B,
+        gene_weights,
+        graph: dict | None = None,
+        V0=None,
+        noise: EntryNoise | None = None,
     ) -> torch.Tensor:
         """Differentiable unrolled pass; returns mRNA fractions V (spots x types).
 
         ``graph``: the edge list of :func:`graph_tensors`. ``noise``: library sizes and
         overdispersion, needed (only) by a per-entry-weights model; its weights are recomputed
         from the detached V, so gradients flow through the updates."""
-        data, start = self._data_term(X, B, gene_scale, noise)
+        data, start = self._data_term(X, B, gene_weights, noise)
         s = self.sigmas()
         return run_layers(
             start if V0 is None else V0,
@@ -332,7 +338,7 @@ class UnrolledNMF(nn.Module):
         self,
         X,
         B,
-        gene_scale,
+        gene_weights,
         graph: SpatialGraph | None = None,
         callback=None,
         n_layers=None,
@@ -344,7 +350,7 @@ class UnrolledNMF(nn.Module):
         ``gram``: ``(BtX, BtB)`` from :meth:`gram` when the caller already has them (gene
         weights only). ``noise``: see :meth:`forward`.
         """
-        data, start = self._data_term(X, B, gene_scale, noise, gram)
+        data, start = self._data_term(X, B, gene_weights, noise, gram)
         s = self.sigmas().cpu().numpy()
         adjacency = (
             None
@@ -382,7 +388,7 @@ class UnrolledNMF(nn.Module):
         """Learned hyper-parameters as plain numbers (for reports and ``uns``)."""
         lam = self.lambdas().detach().cpu().numpy()
         s = self.sigmas().detach().cpu().numpy()
-        gw = self.gene_weights().detach().cpu().numpy()
+        gw = self.learned_gene_weights().detach().cpu().numpy()
         return {
             "lambda_graph": lam[:, 0].tolist() if not self.tied else float(lam[0, 0]),
             "lambda_sum": lam[:, 1].tolist() if not self.tied else float(lam[0, 1]),

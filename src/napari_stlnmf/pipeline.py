@@ -345,7 +345,7 @@ def fine_tune(
     result = train_unrolled(
         model,
         prepared.B,
-        prepared.gene_scale,
+        prepared.gene_weights,
         prepared.mrna_content,
         slides[:n_train],
         slides[n_train:],
@@ -366,7 +366,7 @@ def _model_fit_noise(model, prepared: Prepared, spots: SpotGraph, settings):
     a seeded sample of spots (the estimate densifies its rows: 10^6 bins would not fit)."""
     device = pick_device(settings.device)
     B = torch.as_tensor(prepared.B, device=device)
-    scale = torch.as_tensor(prepared.gene_scale, device=device)
+    scale = torch.as_tensor(prepared.gene_weights, device=device)
     V = model.infer(prepared.X, B, scale, spots.graph).cpu().numpy().astype(np.float64)
     V /= np.maximum(V.sum(1, keepdims=True), 1e-12)
     rows = sample_rows(prepared.X.shape[0], NOISE_SAMPLE_SPOTS, settings.seed)
@@ -393,7 +393,7 @@ def fit(
 ) -> SolverFit:
     """Solve for the mRNA fractions of the selected genes (rows summing to one)."""
     B = torch.as_tensor(prepared.B, device=device)
-    scale = torch.as_tensor(prepared.gene_scale, device=device)
+    scale = torch.as_tensor(prepared.gene_weights, device=device)
     report(progress, Stage.DECONVOLVING, 0, solver.n_layers)
 
     def callback(i, n):
@@ -416,10 +416,10 @@ class Fractions:
     fit_error: np.ndarray
 
 
-def fit_error(X, gene_scale: torch.Tensor, V, BtX, BtB) -> np.ndarray:
+def fit_error(X, gene_weights: torch.Tensor, V, BtX, BtB) -> np.ndarray:
     """Relative weighted residual ``||g⊙(x − B v)|| / ||g⊙x||`` per spot, without forming the
     dense residual matrix."""
-    g2 = (gene_scale**2).cpu().numpy().astype(np.float64)
+    g2 = (gene_weights**2).cpu().numpy().astype(np.float64)
     xsq = np.asarray(X.multiply(X) @ g2).ravel()
     cross = (V * BtX).sum(1).cpu().numpy()
     quad = ((V @ BtB) * V).sum(1).cpu().numpy()
@@ -440,7 +440,7 @@ def finish(
     below ``min_proportion`` zeroed; and the fit error."""
     with torch.no_grad():
         V = result.V
-        error = fit_error(prepared.X, result.gene_scale, V, result.BtX, result.BtB)
+        error = fit_error(prepared.X, result.gene_weights, V, result.BtX, result.BtB)
         mrna_selected = V.cpu().numpy().astype(np.float64)
     cells = solver.cell_fractions(mrna_selected, prepared.mrna_content, spots.graph)
     # transcripts of the whole transcriptome, not only the selected genes

@@ -277,12 +277,13 @@ class Prepared:
     """Scaled inputs of the factorisation.
 
     ``X`` (spots x genes, CSR) rows sum to one, ``B`` (genes x types) columns sum to one;
-    ``gene_scale`` is the row weight applied to both inside the model.
+    ``gene_weights`` are the data term's per-gene weights chosen by ``gene_weighting`` (the
+    unrolled model multiplies them by its learned gene weights).
     """
 
     X: sp.csr_matrix
     B: np.ndarray
-    gene_scale: np.ndarray
+    gene_weights: np.ndarray
     genes: pd.Index
     cell_types: list[str]
     mrna_content: np.ndarray  # per type, counts per cell in the selected genes
@@ -309,10 +310,10 @@ def with_platform_effect(prep: Prepared, log_factor: np.ndarray) -> Prepared:
 GENE_WEIGHTINGS = ("nb", "fitted", "sqrt", "mean", "none")
 
 
-def gene_scale_for(B: np.ndarray, weighting: str = "sqrt") -> np.ndarray:
+def gene_weights_for(B: np.ndarray, weighting: str = "sqrt") -> np.ndarray:
     """Row weights of genes: 1/sqrt(mean) ('sqrt'), 1/mean ('mean') or none.
 
-    ``'fitted'`` needs a first fit (:func:`fitted_gene_scale`) and ``'nb'`` (per-entry weights
+    ``'fitted'`` needs a first fit (:func:`fitted_gene_weights`) and ``'nb'`` (per-entry weights
     inside the model's layers) the fitted values; until then both are 'sqrt'.
     Normalised so that ``mean(diag(Bw^T Bw)) = 1``: λ's then have a meaning that does not
     depend on the number of genes or on sequencing depth.
@@ -337,7 +338,7 @@ def _normalised_scale(B: np.ndarray, s: np.ndarray) -> np.ndarray:
     return s.astype(np.float32)
 
 
-def fitted_gene_scale(X, library_size: np.ndarray, B: np.ndarray, V: np.ndarray) -> np.ndarray:
+def fitted_gene_weights(X, library_size: np.ndarray, B: np.ndarray, V: np.ndarray) -> np.ndarray:
     """Gene weights 1/sd measured on the slide: each gene's Poisson variance plus its excess
     squared residual after a first fit ``V`` (feasible weighted least squares).
 
@@ -421,12 +422,12 @@ def prepare(
         bad = [t for t, s in zip(reference.cell_types, share) if s <= 0]
         raise EmptyCellTypeError(f"cell type(s) {bad} express none of the selected genes")
     B = (prof / share).astype(np.float32)
-    scale = gene_scale_for(B, gene_weighting)
+    scale = gene_weights_for(B, gene_weighting)
     genes_used = pd.Index(reference.genes[ri].astype(str))
     return Prepared(
         X=X,
         B=B,
-        gene_scale=scale,
+        gene_weights=scale,
         genes=genes_used,
         cell_types=reference.cell_types,
         mrna_content=(reference.mrna_content.to_numpy() * share).astype(np.float64),

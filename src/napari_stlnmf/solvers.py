@@ -27,12 +27,12 @@ CLASSIC_TOL = 1e-5
 @dataclass(frozen=True)
 class FitInputs:
     """One slide's problem: scaled counts ``X`` (spots x genes, scipy sparse or a tensor), the
-    signatures ``B`` (genes x types, a tensor on the device to fit on), the per-gene scale, the
+    signatures ``B`` (genes x types, a tensor on the device to fit on), the per-gene weights, the
     spot graph (or None) and, for per-entry weights, the slide's :class:`EntryNoise`."""
 
     X: object
     B: torch.Tensor
-    gene_scale: torch.Tensor
+    gene_weights: torch.Tensor
     graph: SpatialGraph | None = None
     noise: EntryNoise | None = None
 
@@ -44,10 +44,10 @@ class FitInputs:
 @dataclass(frozen=True)
 class Fit:
     """A solver's result: mRNA fractions ``V`` (spots x types, rows not yet normalised), the
-    gene scale its data term used and the gene-weighted ``BtX``, ``BtB`` (for the fit error)."""
+    per-gene weights its data term used and the gene-weighted ``BtX``, ``BtB`` (for the fit error)."""
 
     V: torch.Tensor
-    gene_scale: torch.Tensor
+    gene_weights: torch.Tensor
     BtX: torch.Tensor
     BtB: torch.Tensor
 
@@ -88,7 +88,7 @@ class ClassicSolver:
         return self.max_iter
 
     def run(self, inputs: FitInputs, *, callback=None) -> Fit:
-        BtX, BtB = normal_equations(inputs.X, inputs.B, inputs.gene_scale**2)
+        BtX, BtB = normal_equations(inputs.X, inputs.B, inputs.gene_weights**2)
         graph = inputs.graph
         adjacency = (
             None if graph is None else graph.adjacency(self.sigma_distance, self.sigma_feature)
@@ -105,7 +105,7 @@ class ClassicSolver:
             tol=self.tol,
             callback=callback,
         )
-        return Fit(V, inputs.gene_scale, BtX, BtB)
+        return Fit(V, inputs.gene_weights, BtX, BtB)
 
     def describe(self) -> dict:
         return {
@@ -135,18 +135,18 @@ class UnrolledSolver:
     def run(self, inputs: FitInputs, *, callback=None) -> Fit:
         model = self.model
         with torch.no_grad():
-            gram = model.gram(inputs.X, inputs.B, inputs.gene_scale)
+            gram = model.gram(inputs.X, inputs.B, inputs.gene_weights)
             V = model.infer(
                 inputs.X,
                 inputs.B,
-                inputs.gene_scale,
+                inputs.gene_weights,
                 inputs.graph,
                 callback=callback,
                 gram=gram,
                 noise=inputs.noise,
             )
-            gene_scale = inputs.gene_scale * model.gene_weights()
-        return Fit(V, gene_scale, *gram)
+            gene_weights = inputs.gene_weights * model.learned_gene_weights()
+        return Fit(V, gene_weights, *gram)
 
     def describe(self) -> dict:
         return self.model.describe()

@@ -185,7 +185,7 @@ def _rmse(model, batch, B, scale, content, overdispersion=0.0, compact_gram=Fals
 def train_unrolled(
     model: UnrolledNMF,
     B: np.ndarray,
-    gene_scale: np.ndarray,
+    gene_weights: np.ndarray,
     mrna_content: np.ndarray,
     train_slides: list[TrainingSlide],
     val_slides: list[TrainingSlide],
@@ -218,7 +218,7 @@ def train_unrolled(
     t0 = time.perf_counter()
     dev = train_slides[0].X.device
     Bt = torch.as_tensor(B, device=dev)
-    st = torch.as_tensor(gene_scale, device=dev)
+    st = torch.as_tensor(gene_weights, device=dev)
     ct = torch.as_tensor(mrna_content, dtype=torch.float32, device=dev)
     train_batch, val_batch = _stack(train_slides), _stack(val_slides)
     # the cell-fraction head is learned with the shipped parameters on the zeroed output users get
