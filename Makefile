@@ -21,6 +21,8 @@ demo: $(STAMP)
 # without them the napari GUI tests are skipped with the reason
 test: $(STAMP)
 	@bash scripts/install-gui-deps.sh
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

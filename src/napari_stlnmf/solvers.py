@@ -44,7 +44,8 @@ class FitInputs:
 @dataclass(frozen=True)
 class Fit:
     """A solver's result: mRNA fractions ``V`` (spots x types, rows not yet normalised), the
-    per-gene weights its data term used and the gene-weighted ``BtX``, ``BtB`` (for the fit error)."""
+    per-gene weights its data term used and the gene-weighted ``BtX``, ``BtB`` (for the fit
+    error)."""
 
     V: torch.Tensor
     gene_weights: torch.Tensor
