@@ -87,7 +87,7 @@ def main(
 ):
     from napari_stlnmf.api import default_params_path
     from napari_stlnmf.model import DEFAULTS, REFRESH_LAYERS, EntryNoise, UnrolledNMF
-    from napari_stlnmf.train import _stack
+    from napari_stlnmf.train import stack_slides
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -114,8 +114,8 @@ def main(
             torch.as_tensor(p.B),
             torch.as_tensor(p.gene_weights),
             torch.as_tensor(p.mrna_content, dtype=torch.float32),
-            _stack(sl[:3]),
-            _stack(sl[3:]),
+            stack_slides(sl[:3]),
+            stack_slides(sl[3:]),
             phi,
         )
         for p, sl, phi in data

@@ -24,7 +24,7 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))
 
 
-def _background(adata, library_id=None):
+def map_background(adata, library_id=None):
     """``(image or None, scalefactor, spot diameter in image pixels)``; scale 1 without image.
 
     The diameter is :func:`napari_stlnmf.io.spot_diameter`, as for the napari layers.
@@ -34,10 +34,12 @@ def _background(adata, library_id=None):
     return image, scalef, io.spot_diameter(adata, library_id) * scalef
 
 
-def _draw(ax, adata, values, *, cmap, vmin, vmax, library_id=None, title=""):
+def draw_spot_map(ax, adata, values, *, cmap, vmin, vmax, library_id=None, title=""):
+    """One map of per-spot ``values`` on ``ax``: spots as circles of their true diameter over
+    the tissue image (if any); returns the circles."""
     from matplotlib.collections import EllipseCollection
 
-    image, scalef, d = _background(adata, library_id)
+    image, scalef, d = map_background(adata, library_id)
     xy = np.asarray(adata.obsm[SPATIAL_KEY], dtype=float)[:, :2] * scalef
     if image is not None:
         ax.imshow(image)
@@ -90,7 +92,7 @@ def plot_cell_type_maps(
     paths = []
     for name in proportions.columns:
         fig, ax = plt.subplots(figsize=(5.5, 5), dpi=dpi)
-        sc = _draw(
+        sc = draw_spot_map(
             ax,
             adata,
             proportions[name].to_numpy(float),
@@ -111,7 +113,7 @@ def plot_cell_type_maps(
     dom[has] = values[has].argmax(1)
     fig, ax = plt.subplots(figsize=(6.8, 5), dpi=dpi)
     cmap = plt.get_cmap("tab20", len(proportions.columns))
-    _draw(
+    draw_spot_map(
         ax,
         adata,
         dom,
@@ -143,7 +145,7 @@ def plot_truth_vs_estimate(
     types = list(truth.columns)
     fig, axes = plt.subplots(len(types), 2, figsize=(6, 2.9 * len(types)), dpi=dpi, squeeze=False)
     for i, t in enumerate(types):
-        _draw(
+        draw_spot_map(
             axes[i, 0],
             adata,
             truth[t].to_numpy(float),
@@ -153,7 +155,7 @@ def plot_truth_vs_estimate(
             library_id=library_id,
             title=f"{t} — truth",
         )
-        _draw(
+        draw_spot_map(
             axes[i, 1],
             adata,
             estimate[t].to_numpy(float),

@@ -26,6 +26,7 @@ __all__ = [
     "TrainingSlide",
     "calibrated_noise_ranges",
     "make_training_slides",
+    "stack_slides",
     "train_unrolled",
 ]
 
@@ -142,7 +143,7 @@ def make_training_slides(
     return slides
 
 
-def _stack(slides: list[TrainingSlide]) -> TrainingSlide:
+def stack_slides(slides: list[TrainingSlide]) -> TrainingSlide:
     """One block-diagonal problem from several slides: one forward pass per epoch."""
     X = torch.cat([s.X for s in slides])
     truth = torch.cat([s.truth for s in slides])
@@ -220,7 +221,7 @@ def train_unrolled(
     Bt = torch.as_tensor(B, device=dev)
     st = torch.as_tensor(gene_weights, device=dev)
     ct = torch.as_tensor(mrna_content, dtype=torch.float32, device=dev)
-    train_batch, val_batch = _stack(train_slides), _stack(val_slides)
+    train_batch, val_batch = stack_slides(train_slides), stack_slides(val_slides)
     # the cell-fraction head is learned with the shipped parameters on the zeroed output users get
     # (benchmarks/train_defaults.py --head-only); fine-tuning's loss is on unzeroed fractions
     params = [

@@ -95,7 +95,7 @@ def test_png_maps_and_napari_layers_draw_the_same_spot_size(diameter, image):
     import matplotlib.pyplot as plt
 
     from napari_stlnmf.layers import result_layers, slide_layers
-    from napari_stlnmf.plotting import _background, _draw
+    from napari_stlnmf.plotting import draw_spot_map, map_background
 
     adata = _hex_slide(100.0, diameter=diameter, image=image)
     expected = io.spot_diameter(adata)
@@ -105,10 +105,10 @@ def test_png_maps_and_napari_layers_draw_the_same_spot_size(diameter, image):
     for _, kwargs, _ in result_layers(props, None, None, adata):
         assert kwargs["size"] == pytest.approx(expected)
 
-    _, scalef, _ = _background(adata)
+    _, scalef, _ = map_background(adata)
     fig, ax = plt.subplots()
     try:
-        circles = _draw(ax, adata, props["a"].to_numpy(), cmap="viridis", vmin=0, vmax=1)
+        circles = draw_spot_map(ax, adata, props["a"].to_numpy(), cmap="viridis", vmin=0, vmax=1)
         # image pixels in the PNG, full-resolution pixels (world units) in napari
         np.testing.assert_allclose(circles.get_widths() / scalef, expected)
     finally:
