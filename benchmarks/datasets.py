@@ -261,13 +261,17 @@ REAL_PREFIX = "real "  # slide names of the real-tissue sets start with this
 REAL_SETS = {  # folder -> (slide name, one-line description for the page)
     "seqfish_ob": (
         "real seqFISH+ olfactory bulb (seqfish_ob)",
-        "111 pseudo-spots (35 µm bins of 2-24 segmented cells) x 10,000 genes; reference 866 cells "
-        "of 3 other fields of view, 9 types",
+        (
+            "111 pseudo-spots (35 µm bins of 2-24 segmented cells) x 10,000 genes; reference "
+            "866 cells of 3 other fields of view, 9 types"
+        ),
     ),
     "osmfish_ss": (
         "real osmFISH cortex (osmfish_ss)",
-        "437 pseudo-spots (55 µm bins of 2-18 cells) x 33 genes; reference 2,247 cells of "
-        "disjoint 275 µm stripes, 12 classes",
+        (
+            "437 pseudo-spots (55 µm bins of 2-18 cells) x 33 genes; reference 2,247 cells of "
+            "disjoint 275 µm stripes, 12 classes"
+        ),
     ),
 }
 PDAC_NAME = "real PDAC-A ST, pathologist regions (pdac_a_card)"

@@ -49,9 +49,8 @@ def reference_profiles(reference, genes, cell_type_key=None):
 
 def nnls_normalised(slide: ad.AnnData, reference, cell_type_key=None):
     """(cell fractions, mRNA fractions) DataFrames, spots x types; see the module docstring."""
-    ref_genes = set(
-        (reference.index if isinstance(reference, pd.DataFrame) else reference.var_names).astype(str)
-    )
+    names = reference.index if isinstance(reference, pd.DataFrame) else reference.var_names
+    ref_genes = set(names.astype(str))
     genes = [g for g in slide.var_names.astype(str) if g in ref_genes]
     P, content = reference_profiles(reference, genes, cell_type_key)
     X = _dense(slide[:, genes].X)
