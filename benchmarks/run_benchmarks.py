@@ -714,9 +714,13 @@ def write_page(acc, sc, figs, args, started, regions=None):
             )
         )
         + (
-            f"; this run re-ran only the methods matching `{args.methods}` "
-            f"/ slides matching `{args.slides}`, the other "
-            "rows come from earlier runs (docs/bench_accuracy.csv)."
+            "; this run re-ran only "
+            + " on ".join(
+                f"the {what} matching `{rx}`"
+                for what, rx in (("methods", args.methods), ("slides", args.slides))
+                if rx
+            )
+            + ", the other rows come from earlier runs (docs/bench_accuracy.csv)."
             if args.accuracy and (args.methods or args.slides)
             else "."
         ),
