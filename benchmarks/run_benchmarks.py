@@ -33,6 +33,8 @@ warnings.simplefilter("ignore")
 PEER_VENVS = {  # method -> venv made by `make bench-peers`
     "FlashDeconv": ("flashdeconv", "flashdeconv"),
     "RCTD": ("rctd", "rctd"),
+    # every reference type kept (rctd-py drops types with < 25 reference cells by default)
+    "RCTD (cell_min=1)": ("rctd", "rctd", {"RCTD_CELL_MIN": "1"}),
     "cell2location": ("cell2location", "scvi"),
     "Stereoscope": ("stereoscope", "scvi"),
     "Tangram": ("tangram", "tangram"),
@@ -78,7 +80,8 @@ def nnls_norm():
 
 
 def peer(name, timeout):
-    method, venv = PEER_VENVS[name]
+    method, venv, *env = PEER_VENVS[name]
+    env = {**os.environ, **(env[0] if env else {})}
     python = HERE / ".venvs" / venv / "bin" / "python"
 
     def run(slide, reference, key):
@@ -106,7 +109,7 @@ def peer(name, timeout):
             ]
             try:
                 proc = subprocess.run(
-                    cmd, capture_output=True, text=True, timeout=timeout, check=False
+                    cmd, capture_output=True, text=True, timeout=timeout, check=False, env=env
                 )
             except subprocess.TimeoutExpired:
                 raise RuntimeError(f"timed out after {timeout} s (--peer-timeout)") from None
@@ -485,6 +488,7 @@ ESTIMATES = {
     ),
     "FlashDeconv": ("mRNA fractions (approx.)", "mRNA"),
     "RCTD": ("mRNA fractions (full mode)", "mRNA"),
+    "RCTD (cell_min=1)": ("mRNA fractions (full mode, every reference type kept)", "mRNA"),
     "cell2location": ("cell fractions (abundance / total)", "cells"),
     "Stereoscope": ("mRNA fractions", "mRNA"),
     "DestVI": ("mRNA fractions", "mRNA"),
