@@ -206,7 +206,12 @@ def accuracy(
                     "pearson_mrna": sc_m["pearson"],
                     "seconds": float(secs),
                     "peak_mb": info.get("peak_rss_mb"),
-                    "note": "",
+                    "note": (
+                        "no estimate for (set to 0): "
+                        + ", ".join(info["cell_types_missing_from_output"])
+                        if info.get("cell_types_missing_from_output")
+                        else ""
+                    ),
                 }
                 if mname == DEFAULT_OURS:
                     maps[name] = (slide, truth, cell)
@@ -603,8 +608,8 @@ def region_summary(regions: pd.DataFrame) -> list[str]:
         )
     failed = regions[regions.region.astype(str) == ""]
     out.append("")
-    for _, r in failed.iterrows():
-        out.append(f"- {r.method}: did not run on PDAC ({r.note}).")
+    for note, g in failed.groupby("note", sort=False):
+        out.append(f"Did not run on this slide: {', '.join(g.method)} ({note}).")
     return out + [""]
 
 
