@@ -587,6 +587,7 @@ def real_gaps(real: pd.DataFrame) -> list[str]:
 
 
 def region_summary(regions: pd.DataFrame) -> list[str]:
+    regions = regions.fillna({"region": "", "output": "", "note": ""})  # as read back from CSV
     ok = regions[regions.region.astype(str) != ""]
     order = list(dict.fromkeys(ok.region))
     n = ok.groupby("region").n_spots.first()
