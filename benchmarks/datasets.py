@@ -255,5 +255,154 @@ def demo():
     ]
 
 
+# --- real tissue ---------------------------------------------------------------------------
+
+REAL_PREFIX = "real "  # slide names of the real-tissue sets start with this
+REAL_SETS = {  # folder -> (slide name, one-line description for the page)
+    "seqfish_ob": (
+        "real seqFISH+ olfactory bulb (seqfish_ob)",
+        (
+            "111 pseudo-spots (35 µm bins of 2-24 segmented cells) x 10,000 genes; reference "
+            "866 cells of 3 other fields of view, 9 types"
+        ),
+    ),
+    "osmfish_ss": (
+        "real osmFISH cortex (osmfish_ss)",
+        (
+            "437 pseudo-spots (55 µm bins of 2-18 cells) x 33 genes; reference 2,247 cells of "
+            "disjoint 275 µm stripes, 12 classes"
+        ),
+    ),
+}
+PDAC_NAME = "real PDAC-A ST, pathologist regions (pdac_a_card)"
+
+# PDAC: the signature types expected to dominate each pathologist region
+PDAC_EXPECTED = {
+    "Duct Epithelium": (
+        "Ductal_APOL1_high-hypoxic",
+        "Ductal_CRISP3_high-centroacinar_like",
+        "Ductal_MHC_Class_II",
+        "Ductal_terminal_ductal_like",
+    ),
+    "Pancreatic": ("Acinar_cells",),
+    "Cancer": ("Cancer_clone_A", "Cancer_clone_B"),
+    "Stroma": (
+        "Fibroblasts",
+        "Endothelial_cells",
+        "Macrophages_A",
+        "Macrophages_B",
+        "Mast_cells",
+        "Monocytes",
+        "T_cells_&_NK_cells",
+        "mDCs_A",
+        "mDCs_B",
+        "pDCs",
+    ),
+}  # the other types (Endocrine_cells, RBCs, Tuft_cells) belong to no region's group
+
+
+def _read_slide(folder: Path) -> ad.AnnData:
+    """Spots x genes integer counts (sparse) with obsm['spatial'] from coords.csv."""
+    counts = pd.read_csv(folder / "counts.csv.gz", index_col=0)
+    coords = pd.read_csv(folder / "coords.csv", index_col=0)
+    if not coords.index.equals(counts.index):
+        raise ValueError(f"{folder.name}: coords.csv and counts.csv.gz list different spots")
+    X = counts.to_numpy()
+    if not np.issubdtype(X.dtype, np.integer):
+        raise ValueError(f"{folder.name}: counts are not integers")
+    a = ad.AnnData(
+        X=sp.csr_matrix(X.astype(np.int32)),
+        obs=pd.DataFrame(index=counts.index.astype(str)),
+        var=pd.DataFrame(index=counts.columns.astype(str)),
+    )
+    a.obsm["spatial"] = coords[["x", "y"]].to_numpy(float)
+    return a
+
+
+def _read_sc(folder: Path) -> ad.AnnData:
+    """The single-cell reference: cells x genes integer counts, obs['cell_type']."""
+    sc = pd.read_csv(folder / "sc_counts.csv.gz", index_col=0)
+    labels = pd.read_csv(folder / "sc_labels.csv", index_col=0)
+    if not labels.index.equals(sc.index):
+        raise ValueError(f"{folder.name}: sc_labels.csv and sc_counts.csv.gz list different cells")
+    return ad.AnnData(
+        X=sp.csr_matrix(sc.to_numpy().astype(np.int32)),
+        obs=pd.DataFrame(
+            {KEY: pd.Categorical(labels["cell_type"].astype(str)), "cluster": labels["cluster"]},
+            index=sc.index.astype(str),
+        ),
+        var=pd.DataFrame(index=sc.columns.astype(str)),
+    )
+
+
+def _aligned_truth(folder: Path, file: str, spots: pd.Index, types: list[str]) -> pd.DataFrame:
+    """A truth table with rows = the slide's spots and columns = the reference's type names.
+
+    Types of the reference absent from the truth file become zero columns; a truth type the
+    reference does not have, a spot without truth or rows not summing to 1 raise.
+    """
+    t = pd.read_csv(folder / file, index_col=0)
+    t.index = t.index.astype(str)
+    extra = sorted(set(t.columns) - set(types))
+    if extra:
+        raise ValueError(f"{folder.name}/{file}: types {extra} are not in the reference")
+    missing = spots.difference(t.index)
+    if len(missing):
+        raise ValueError(f"{folder.name}/{file}: no truth for spots {list(missing[:5])}")
+    t = t.reindex(index=spots, columns=types, fill_value=0.0).astype(float)
+    if not np.allclose(t.sum(1), 1.0, atol=1e-4):
+        raise ValueError(f"{folder.name}/{file}: rows do not sum to 1")
+    return t
+
+
+def load_real(name: str):
+    """One real-tissue set with truth (seqfish_ob or osmfish_ss) as a benchmark slide tuple.
+
+    Slide: sparse integer counts, obsm['spatial'] = bin centres (µm). Reference: the single cells
+    (disjoint from the spots) with obs['cell_type']. Truth: cell fractions
+    (truth_proportions.csv) and mRNA fractions (truth_mrna_fractions.csv), aligned to the spots and
+    to the reference's (sorted) type names. The type names of both files are checked to be
+    reference types (they are, for both sets; seqfish_ob's 'Pia' has reference cells but no cell
+    in any spot, so it is a zero column of the truth).
+    """
+    folder = SHARED / name
+    slide = _read_slide(folder)
+    ref = _read_sc(folder)
+    types = sorted(ref.obs[KEY].cat.categories)
+    truth = _aligned_truth(folder, "truth_proportions.csv", slide.obs_names, types)
+    truth_mrna = _aligned_truth(folder, "truth_mrna_fractions.csv", slide.obs_names, types)
+    return (REAL_SETS[name][0], slide, ref, KEY, truth, truth_mrna, REAL_SETS[name][1])
+
+
+def real_tissue():
+    """The real-tissue sets with truth that are present under the shared data folder."""
+    return [load_real(n) for n in REAL_SETS if (SHARED / n).is_dir()]
+
+
+def load_pdac():
+    """PDAC-A (CARD): slide, the genes x 20 types mean-count signature, and the pathologist
+    region of each spot (a Series over the spots that have one: 426 of the 428).
+
+    The signature's type names are checked against :data:`PDAC_EXPECTED`."""
+    folder = SHARED / "pdac_a_card"
+    slide = _read_slide(folder)
+    sig = pd.read_csv(folder / "reference_signature.csv", index_col=0)
+    sig.index = sig.index.astype(str)
+    sig = sig[~sig.index.duplicated()]
+    unknown = {t for ts in PDAC_EXPECTED.values() for t in ts} - set(sig.columns)
+    if unknown:
+        raise ValueError(f"pdac_a_card: expected types {sorted(unknown)} not in the signature")
+    regions = pd.read_csv(folder / "truth_regions.csv", index_col=0)["region"]
+    regions.index = regions.index.astype(str)
+    regions = regions.reindex(slide.obs_names).dropna()
+    if set(regions) - set(PDAC_EXPECTED):
+        raise ValueError(f"pdac_a_card: unknown regions {set(regions) - set(PDAC_EXPECTED)}")
+    note = (
+        f"{slide.n_obs} ST spots x {slide.n_vars} genes; signature {sig.shape[0]} genes x "
+        f"{sig.shape[1]} types (PDAC-A inDrop mean counts); {len(regions)} spots with a region"
+    )
+    return PDAC_NAME, slide, sig, regions, note
+
+
 def all_slides(quick: bool = False):
-    return demo() + paper_grids() + simulated(quick)
+    return real_tissue() + demo() + paper_grids() + simulated(quick)

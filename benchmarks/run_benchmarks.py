@@ -33,6 +33,8 @@ warnings.simplefilter("ignore")
 PEER_VENVS = {  # method -> venv made by `make bench-peers`
     "FlashDeconv": ("flashdeconv", "flashdeconv"),
     "RCTD": ("rctd", "rctd"),
+    # every reference type kept (rctd-py drops types with < 25 reference cells by default)
+    "RCTD (cell_min=1)": ("rctd", "rctd", {"RCTD_CELL_MIN": "1"}),
     "cell2location": ("cell2location", "scvi"),
     "Stereoscope": ("stereoscope", "scvi"),
     "Tangram": ("tangram", "tangram"),
@@ -67,8 +69,19 @@ def nnls(smooth):
     return run
 
 
+def nnls_norm():
+    from nnls_normalised import nnls_normalised
+
+    def run(slide, reference, key):
+        cell, mrna = nnls_normalised(slide, reference, cell_type_key=key)
+        return cell, mrna, {}
+
+    return run
+
+
 def peer(name, timeout):
-    method, venv = PEER_VENVS[name]
+    method, venv, *env = PEER_VENVS[name]
+    env = {**os.environ, **(env[0] if env else {})}
     python = HERE / ".venvs" / venv / "bin" / "python"
 
     def run(slide, reference, key):
@@ -96,7 +109,7 @@ def peer(name, timeout):
             ]
             try:
                 proc = subprocess.run(
-                    cmd, capture_output=True, text=True, timeout=timeout, check=False
+                    cmd, capture_output=True, text=True, timeout=timeout, check=False, env=env
                 )
             except subprocess.TimeoutExpired:
                 raise RuntimeError(f"timed out after {timeout} s (--peer-timeout)") from None
@@ -131,6 +144,7 @@ NAN_SCORES = {
     "rel_frobenius": np.nan,
     "rmse_mrna": np.nan,
     "jsd_mrna": np.nan,
+    "pearson_mrna": np.nan,
 }
 
 
@@ -157,6 +171,7 @@ def accuracy(
         "STL NMF classic": ours("classic"),
         "NNLS": nnls(False),
         "NNLS + spatial smoothing": nnls(True),
+        "NNLS (normalised)": nnls_norm(),
     }
     if peers:
         for name in PEER_VENVS:
@@ -188,9 +203,15 @@ def accuracy(
                     **sc,
                     "rmse_mrna": sc_m["rmse"],
                     "jsd_mrna": sc_m["jsd"],
+                    "pearson_mrna": sc_m["pearson"],
                     "seconds": float(secs),
                     "peak_mb": info.get("peak_rss_mb"),
-                    "note": "",
+                    "note": (
+                        "no estimate for (set to 0): "
+                        + ", ".join(info["cell_types_missing_from_output"])
+                        if info.get("cell_types_missing_from_output")
+                        else ""
+                    ),
                 }
                 if mname == DEFAULT_OURS:
                     maps[name] = (slide, truth, cell)
@@ -213,7 +234,72 @@ def accuracy(
             pd.DataFrame(rows).to_csv(
                 DOCS / "bench_accuracy.partial.csv", index=False
             )  # survives an interrupted run
-    return pd.DataFrame(rows), maps
+    regions = pd.DataFrame()
+    want_pdac = not quick and (not slides or re.search(slides, bd.PDAC_NAME))
+    if want_pdac and (bd.SHARED / "pdac_a_card").is_dir():
+        regions = pdac_regions(methods, bd)
+    return pd.DataFrame(rows), maps, regions
+
+
+def region_rows(est: pd.DataFrame, regions: pd.Series, expected: dict) -> list[dict]:
+    """Per pathologist region: mean share of the region's expected types, and the fraction of
+    its spots where the expected group has the largest summed share of the groups
+    (the four groups plus 'other', the types expected nowhere)."""
+    e = est.reindex(regions.index)
+    ok = e.notna().all(1) & (e.sum(1) > 0)
+    e, reg = e[ok], regions[ok]
+    e = e.div(e.sum(1), axis=0)
+    share = pd.DataFrame({g: e[list(ts)].sum(1) for g, ts in expected.items()})
+    share["other"] = (1.0 - share.sum(1)).clip(lower=0)
+    dominant = share.idxmax(1)
+    return [
+        {
+            "region": g,
+            "n_spots": int((reg == g).sum()),
+            "expected_share": float(share.loc[reg == g, g].mean()),
+            "dominant_frac": float((dominant[reg == g] == g).mean()),
+        }
+        for g in expected
+    ]
+
+
+def pdac_regions(methods: dict, bd) -> pd.DataFrame:
+    """PDAC-A: no proportions, pathologist regions; every method's region table."""
+    name, slide, sig, regions, note = bd.load_pdac()
+    print(f"== {name}: {slide.n_obs} spots, {sig.shape[1]} types ({note})", flush=True)
+    rows = []
+    for mname, fn in methods.items():
+        if mname in HEAVY_PEERS:
+            continue
+        t0 = time.perf_counter()
+        try:
+            cell, mrna, _ = fn(slide, sig, None)
+            secs = time.perf_counter() - t0
+            outs = (("cell", cell), ("mRNA", mrna)) if cell is not mrna else (("single", cell),)
+            for quantity, est in outs:
+                for r in region_rows(est, regions, bd.PDAC_EXPECTED):
+                    rows.append(
+                        {"method": mname, "output": quantity, **r, "seconds": secs, "note": ""}
+                    )
+            note_m = ""
+        except Exception as exc:  # noqa: BLE001 - recorded, not fatal
+            note_m = str(exc)[:160]
+            rows.append(
+                {
+                    "method": mname,
+                    "output": "",
+                    "region": "",
+                    "n_spots": 0,
+                    "expected_share": np.nan,
+                    "dominant_frac": np.nan,
+                    "seconds": time.perf_counter() - t0,
+                    "note": note_m,
+                }
+            )
+        print(f"   {mname:38s} {time.perf_counter() - t0:.1f}s {note_m}", flush=True)
+    out = pd.DataFrame(rows)
+    out.insert(0, "slide", name)
+    return out
 
 
 def merge_rows(new: pd.DataFrame, old: pd.DataFrame) -> pd.DataFrame:
@@ -366,10 +452,11 @@ def plots(acc: pd.DataFrame, sc: pd.DataFrame, maps: dict):
             fig.savefig(DOCS / "bench_scaling.png", dpi=90)
             plt.close(fig)
             figs["scaling"] = "bench_scaling.png"
+    maps = {k: v for k, v in maps.items() if k.startswith("sim")}  # the figure shows a sim slide
     if maps:
         from napari_stlnmf.plotting import plot_truth_vs_estimate
 
-        name = next((k for k in maps if k.startswith("sim")), next(iter(maps)))
+        name = next(iter(maps))
         slide, truth, est = maps[name]
         cols = list(truth.columns[:3])
         plot_truth_vs_estimate(slide, truth[cols], est[cols], DOCS / "bench_maps.png", dpi=70)
@@ -396,8 +483,17 @@ ESTIMATES = {
     "STL NMF classic": ("both (as above)", "both (matching output)"),
     "NNLS": ("both (same conversion as STL NMF)", "both (matching output)"),
     "NNLS + spatial smoothing": ("both (same conversion as STL NMF)", "both (matching output)"),
+    "NNLS (normalised)": (
+        (
+            "both: mRNA fractions = NNLS weights on library-size-normalised data and per-type "
+            "mean normalised profiles; cell fractions = those / mean counts per cell "
+            "(benchmarks/nnls_normalised.py)"
+        ),
+        "both (matching output)",
+    ),
     "FlashDeconv": ("mRNA fractions (approx.)", "mRNA"),
     "RCTD": ("mRNA fractions (full mode)", "mRNA"),
+    "RCTD (cell_min=1)": ("mRNA fractions (full mode, every reference type kept)", "mRNA"),
     "cell2location": ("cell fractions (abundance / total)", "cells"),
     "Stereoscope": ("mRNA fractions", "mRNA"),
     "DestVI": ("mRNA fractions", "mRNA"),
@@ -452,12 +548,171 @@ def win_summary(acc: pd.DataFrame) -> list[str]:
     return out + [""]
 
 
-def write_page(acc, sc, figs, args, started):
+def _fmt(v, d=4):
+    return "–" if v is None or not np.isfinite(v) else f"{v:.{d}f}"
+
+
+def real_gaps(real: pd.DataFrame) -> list[str]:
+    """Per real set and truth: the best method, our default run, the gap, who beats us."""
+    out = [
+        (
+            "| set | truth | best RMSE | STL NMF (default) RMSE | gap | rank of STL NMF "
+            "| methods with lower RMSE than STL NMF | best JSD | STL NMF JSD |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for slide, g in real.groupby("slide", sort=False):
+        for truth, col, jcol in (("cells", "rmse", "jsd"), ("mRNA", "rmse_mrna", "jsd_mrna")):
+            h = g.dropna(subset=[col]).sort_values(col)
+            t = h[h.method == DEFAULT_OURS]
+            if not len(h) or not len(t):
+                continue
+            ours_v, best = float(t[col].iloc[0]), h.iloc[0]
+            rank = int((h[col] < ours_v).sum()) + 1
+            better = [
+                f"{SHORT_NAMES.get(m, m)} {v:.4f}"
+                for m, v in zip(h.method, h[col])
+                if v < ours_v and m != DEFAULT_OURS
+            ]
+            hj = g.dropna(subset=[jcol]).sort_values(jcol).iloc[0]
+            out.append(
+                f"| {slide} | {truth} | {SHORT_NAMES.get(best.method, best.method)} "
+                f"{best[col]:.4f} | {ours_v:.4f} | "
+                + (f"+{100 * (ours_v / best[col] - 1):.0f} %" if rank > 1 else "best")
+                + f" | {rank} of {len(h)} | {'; '.join(better) or 'none'} "
+                f"| {SHORT_NAMES.get(hj.method, hj.method)} {hj[jcol]:.4f} "
+                f"| {_fmt(float(t[jcol].iloc[0]))} |"
+            )
+    return out + [""]
+
+
+def region_summary(regions: pd.DataFrame) -> list[str]:
+    regions = regions.fillna({"region": "", "output": "", "note": ""})  # as read back from CSV
+    ok = regions[regions.region.astype(str) != ""]
+    order = list(dict.fromkeys(ok.region))
+    n = ok.groupby("region").n_spots.first()
+    out = [
+        "| method | output | "
+        + " | ".join(f"{r} ({n[r]} spots)" for r in order)
+        + " | mean over regions |",
+        "|---|---|" + "---|" * (len(order) + 1),
+    ]
+    for (m, o), g in ok.groupby(["method", "output"], sort=False):
+        g = g.set_index("region")
+        cells = [
+            f"{g.expected_share[r]:.2f} / {100 * g.dominant_frac[r]:.0f} %" if r in g.index else "–"
+            for r in order
+        ]
+        out.append(
+            f"| {m} | {o} | " + " | ".join(cells) + f" | {g.expected_share.mean():.2f} / "
+            f"{100 * g.dominant_frac.mean():.0f} % |"
+        )
+    failed = regions[regions.region.astype(str) == ""]
+    out.append("")
+    for note, g in failed.groupby("note", sort=False):
+        out.append(f"Did not run on this slide: {', '.join(g.method)} ({note}).")
+    return out + [""]
+
+
+def real_section(real: pd.DataFrame, regions: pd.DataFrame) -> list[str]:
+    """The page's lead: the real-tissue sets (hand-written context from
+    benchmarks/real_tissue.md, generated tables, ablations, hand-written reading)."""
+    if not len(real) and not len(regions):
+        return []
+    lines = ["## Real tissue", ""]
+    for name in ("real_tissue.md",):
+        path = HERE / name
+        if path.exists():
+            lines += [path.read_text().strip(), ""]
+    if len(real):
+        lines += [
+            "### How far we are from the best",
+            "",
+            (
+                "`STL NMF` = `deconvolve(slide, reference, cell_type_key='cell_type', seed=0)`, "
+                "the default run; 'cells' scores each method's cell fractions against the true "
+                "cell fractions, 'mRNA' its mRNA fractions against the true mRNA fractions (a peer "
+                "has one output, scored against both; RCTD and FlashDeconv estimate mRNA "
+                "fractions, so their 'cells' row is not their own quantity). Gap = our RMSE / the "
+                "best RMSE − 1."
+            ),
+            "",
+        ]
+        lines += real_gaps(real)
+        for slide, grp in real.groupby("slide", sort=False):
+            lines += [
+                f"### {slide}",
+                "",
+                (
+                    "| method | RMSE (cells) | JSD (cells) | Pearson (cells) | RMSE (mRNA) "
+                    "| JSD (mRNA) | Pearson (mRNA) | time (s) | note |"
+                ),
+                "|---|---|---|---|---|---|---|---|---|",
+            ]
+            best = {c: grp[c].min() for c in ("rmse", "jsd", "rmse_mrna", "jsd_mrna")}
+            bold = lambda r, c, best=best: f"**{r[c]:.4f}**" if r[c] == best[c] else _fmt(r[c])
+            for _, r in grp.sort_values("rmse", na_position="last").iterrows():
+                lines.append(
+                    f"| {r.method} | {bold(r, 'rmse')} | {bold(r, 'jsd')} | {_fmt(r.pearson, 3)} "
+                    f"| {bold(r, 'rmse_mrna')} | {bold(r, 'jsd_mrna')} "
+                    f"| {_fmt(r.get('pearson_mrna', np.nan), 3)} | {r.seconds:.1f} | {r.note} |"
+                )
+            lines.append("")
+    if len(regions):
+        lines += [
+            f"### {regions.slide.iloc[0]}",
+            "",
+            (
+                "No proportions exist for this slide, only the pathologist's region of each spot. "
+                "Per region: the mean share of the types expected there / the fraction of the "
+                "region's spots where that group has the largest summed share among the four "
+                "groups and 'other'. Groups (from the signature's type names): **Duct "
+                "Epithelium** = the four Ductal_* types; **Pancreatic** = Acinar_cells; "
+                "**Cancer** = Cancer_clone_A + Cancer_clone_B; **Stroma** = Fibroblasts, "
+                "Endothelial_cells and the immune types (Macrophages_A/B, Mast_cells, Monocytes, "
+                "T_cells_&_NK_cells, mDCs_A/B, pDCs); 'other' = Endocrine_cells, RBCs, "
+                "Tuft_cells. Reference = the genes x 20 types mean-count signature (no single "
+                "cells, so the peers, which need them, do not run here). 'cell' and 'mRNA' are "
+                "the method's cell and mRNA fractions: acinar cells carry ~3-4x the mRNA of the "
+                "other types in this signature, so they differ most in 'Pancreatic'. Higher is "
+                "better; the share is a qualitative check (a region is not pure: stroma lies "
+                "between ducts, and cancer regions hold stroma)."
+            ),
+            "",
+        ]
+        lines += region_summary(regions)
+    abl = DOCS / "bench_real_ablations.md"  # written by benchmarks/real_tissue_ablations.py
+    if abl.exists():
+        lines += [
+            "### Ablations",
+            "",
+            (
+                "Options of `deconvolve` on the two sets with truth "
+                "(`benchmarks/real_tissue_ablations.py`, the table of the first real-tissue "
+                "measurements, re-run here)."
+            ),
+            "",
+            abl.read_text().strip(),
+            "",
+        ]
+    reading = HERE / "analysis_real.md"  # hand-written reading of the real-tissue results
+    if reading.exists():
+        lines += [reading.read_text().strip(), ""]
+    return lines
+
+
+def write_page(acc, sc, figs, args, started, regions=None):
+    import shlex
+
+    from datasets import REAL_PREFIX
+
+    real = acc[acc.slide.str.startswith(REAL_PREFIX)] if len(acc) else acc
+    acc = acc[~acc.slide.str.startswith(REAL_PREFIX)] if len(acc) else acc
+    command = " ".join(["python benchmarks/run_benchmarks.py", *map(shlex.quote, sys.argv[1:])])
     lines = [
         "# Benchmarks",
         "",
-        "Generated by `make bench` "
-        f"(`python benchmarks/run_benchmarks.py{' --quick' if args.quick else ''}`) on "
+        f"Generated by `make bench` / `{command}` on "
         f"{time.strftime('%Y-%m-%d', time.gmtime(started))}: {platform.machine()}, "
         f"{os.cpu_count()} cores, "
         f"torch threads = {os.environ.get('OMP_NUM_THREADS', 'default')}; "
@@ -470,9 +725,13 @@ def write_page(acc, sc, figs, args, started):
             )
         )
         + (
-            f"; this run re-ran only the methods matching `{args.methods}` "
-            f"/ slides matching `{args.slides}`, the other "
-            "rows come from earlier runs (docs/bench_accuracy.csv)."
+            "; this run re-ran only "
+            + " on ".join(
+                f"the {what} matching `{rx}`"
+                for what, rx in (("methods", args.methods), ("slides", args.slides))
+                if rx
+            )
+            + ", the other rows come from earlier runs (docs/bench_accuracy.csv)."
             if args.accuracy and (args.methods or args.slides)
             else "."
         ),
@@ -488,9 +747,10 @@ def write_page(acc, sc, figs, args, started):
         ),
         "",
     ]
+    lines += real_section(real, regions if regions is not None else pd.DataFrame())
     if len(acc):
         lines += [
-            "## Accuracy",
+            "## Simulated slides: accuracy",
             "",
             (
                 "Two truths, because methods estimate different things: **cell fractions** "
@@ -680,8 +940,9 @@ def main():
     args = ap.parse_args()
     started = time.time()
     DOCS.mkdir(exist_ok=True)
+    regions_csv = DOCS / "bench_regions.csv"
     if args.accuracy:
-        acc, maps = accuracy(
+        acc, maps, regions = accuracy(
             args.quick,
             args.peers,
             args.peer_timeout,
@@ -691,15 +952,23 @@ def main():
         )
         if (args.methods or args.slides) and (DOCS / "bench_accuracy.csv").exists():
             acc = merge_rows(acc, pd.read_csv(DOCS / "bench_accuracy.csv").fillna({"note": ""}))
+        if (args.methods or args.slides) and regions_csv.exists():
+            old = pd.read_csv(regions_csv).fillna({"note": "", "output": "", "region": ""})
+            if len(regions):  # PDAC re-run for these methods: their rows replace the old ones
+                old = old[~old.method.isin(set(regions.method))]
+            regions = pd.concat([old, regions], ignore_index=True)
     else:
         acc, maps = _cached("bench_accuracy.csv", args), {}
+        regions = _cached("bench_regions.csv", args)
     if len(acc):
         acc.to_csv(DOCS / "bench_accuracy.csv", index=False)
+    if len(regions):
+        regions.to_csv(regions_csv, index=False)
     sc = scaling(args.quick, args.peers) if args.scaling else _cached("bench_scaling.csv", args)
     if len(sc):
         sc.to_csv(DOCS / "bench_scaling.csv", index=False)
     figs = plots(acc, sc, maps)
-    write_page(acc, sc, figs, args, started)
+    write_page(acc, sc, figs, args, started, regions)
     print(f"wrote {DOCS / 'benchmarks.md'}")
 
 

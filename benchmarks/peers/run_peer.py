@@ -201,7 +201,11 @@ def run_rctd(slide, ref, key, a):
     # device='cpu' and compile: torch.compile is only a speed-up, costs 10-20 min of
     # kernel compilation on first use, so it is off unless RCTD_COMPILE=1.
     config = rctd.RCTDConfig(device="cpu", compile=compile_)
-    reference = rctd.Reference(ref, cell_type_col=key)
+    # Reference drops types with fewer than cell_min (default 25, spacexr's CELL_MIN_INSTANCE)
+    # cells; $RCTD_CELL_MIN lowers it so that every type of the reference is kept.
+    cell_min = os.environ.get("RCTD_CELL_MIN")
+    ref_kw = {"cell_min": int(cell_min)} if cell_min else {}
+    reference = rctd.Reference(ref, cell_type_col=key, **ref_kw)
     res = rctd.run_rctd(slide, reference, mode="full", config=config)
     w = np.asarray(res.weights, dtype=np.float64)
     names = list(res.cell_type_names)
@@ -218,6 +222,7 @@ def run_rctd(slide, ref, key, a):
         },
         "q_matrices": qpath,
         "q_matrices_source": "computed locally by benchmarks/peers/rctd_qmat.py",
+        "reference_cell_min": int(cell_min) if cell_min else "package default (25)",
     }
     info = {
         "quantity": "mRNA fraction: full-mode RCTD weights (reference profiles normalised "
