@@ -1,6 +1,6 @@
 """Ablations of `deconvolve`'s options on the real-tissue sets (seqfish_ob, osmfish_ss).
 
-Reproduces the table of /work/shared/docs/real-tissue-ablations.md: for each option, the RMSE
+Reproduces the table of ../shared/docs/real-tissue-ablations.md: for each option, the RMSE
 against the TRUE CELL FRACTIONS of our cell fractions / our mRNA fractions (both outputs scored
 against the cell truth, as in that document), plus the RMSE of our mRNA fractions against the
 true mRNA fractions. Public API only (`napari_stlnmf.deconvolve` keywords).
