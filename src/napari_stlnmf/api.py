@@ -140,8 +140,11 @@ def deconvolve(
         ``'auto'`` (default): 0.05, raised on slides whose spots hold one or two cells (Visium HD
         bins, small spots) up to 0.25 — ``0.25 / n²`` with ``n`` the effective number of cells
         per spot read off the noise (a spot of n cells shows 1/n of single cells'
-        overdispersion; needs raw counts in the slide and a single-cell reference, else 0.05).
-        The values used are ``info['min_proportion']`` and ``info['cells_per_spot']``.
+        overdispersion; needs raw counts in the slide and a single-cell reference, else 0.05)
+        and off the depth (the spots' counts over the reference's counts per cell): the larger
+        of the two, so the threshold rises only when both say few cells. The values used are
+        ``info['min_proportion']`` and ``info['cells_per_spot']`` (the two estimates:
+        ``info['cells_per_spot_noise']``, ``info['cells_per_spot_depth']``).
     gene_weighting
         Weights of the data term. ``'nb'``: one weight per spot and gene, the inverse of a
         negative-binomial variance ``μ/L + φμ²`` at the current fit (``L`` the spot's counts,
@@ -308,6 +311,8 @@ def _run_info(settings, prep, spots, solver, calibration, train_report) -> dict:
         "train": None if train_report is None else train_report.as_dict(),
         "min_proportion": calibration.min_proportion,
         "cells_per_spot": calibration.cells_per_spot,
+        "cells_per_spot_noise": calibration.cells_per_spot_noise,
+        "cells_per_spot_depth": calibration.cells_per_spot_depth,
         "seed": int(settings.seed),
     }
 
