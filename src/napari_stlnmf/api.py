@@ -34,6 +34,7 @@ from .pipeline import (
     load_reference,
     load_slide,
     make_solver,
+    select_subtypes,
     shipped_refinement_model,
 )
 from .preprocess import prepare
@@ -217,10 +218,15 @@ def run_deconvolution(
 
     report(progress, Stage.PREPARING, 0, 1)
     requested = s.gene_weighting or default_gene_weighting(s.method, s.params, s.train)
-    prep = prepare(
-        adata.X, adata.var_names, ref,
-        n_markers=s.n_markers, case_insensitive=s.case_insensitive, gene_weighting=requested,
-    )  # fmt: skip
+    options = {
+        "n_markers": s.n_markers, "case_insensitive": s.case_insensitive,
+        "gene_weighting": requested,
+    }  # fmt: skip
+    prep = prepare(adata.X, adata.var_names, ref, **options)
+    subtypes = select_subtypes(prep, ref, s)
+    if subtypes is not None:  # fit the sub-types' profiles; finish sums them into the types
+        ref = subtypes.reference
+        prep = prepare(adata.X, adata.var_names, ref, **options)
     weighting, compact_gram = choose_gene_weighting(
         requested,
         explicit=s.gene_weighting is not None,
@@ -268,16 +274,21 @@ def run_deconvolution(
         prep, spots, solver,
         entry_noise=entry_noise, device=device, progress=progress, should_stop=should_stop,
     )  # fmt: skip
-    fractions = finish(solved, prep, spots, solver, min_proportion=calibration.min_proportion)
+    fractions = finish(
+        solved, prep, spots, solver, min_proportion=calibration.min_proportion, subtypes=subtypes
+    )
+    types = prep.cell_types if subtypes is None else subtypes.cell_types
 
     info = {
         **_run_info(s, prep, spots, solver, calibration, train_report),
+        "cell_types": types,
+        "cell_subtypes": None if subtypes is None else subtypes.as_dict(),
         "gene_weighting": weighting,
         "overdispersion": None if entry_noise is None else entry_noise.overdispersion,
         "gram_storage": _gram_storage(entry_noise),
         "seconds": time.perf_counter() - t_start,
     }
-    result = _result(adata, prep, fractions, info, model)
+    result = _result(adata, prep, fractions, info, model, types)
     report(progress, Stage.DONE, 1, 1)
     return result
 
@@ -317,15 +328,15 @@ def _run_info(settings, prep, spots, solver, calibration, train_report) -> dict:
     }
 
 
-def _result(adata, prep, fractions, info: dict, model) -> DeconvolutionResult:
+def _result(adata, prep, fractions, info: dict, model, types) -> DeconvolutionResult:
     """Results with one row per input spot (NaN where a spot got no estimate)."""
     mask = prep.spot_mask
     obs_names = pd.Index(adata.obs_names.astype(str))
 
     def full(values):
-        out = np.full((adata.n_obs, len(prep.cell_types)), np.nan)
+        out = np.full((adata.n_obs, len(types)), np.nan)
         out[mask] = values
-        return pd.DataFrame(out, index=obs_names, columns=prep.cell_types)
+        return pd.DataFrame(out, index=obs_names, columns=types)
 
     cell_df, mrna_df = full(fractions.cell), full(fractions.mrna)
     fit_s = pd.Series(np.nan, index=obs_names, name=FIT_ERROR_KEY)
