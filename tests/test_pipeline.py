@@ -21,6 +21,7 @@ from napari_stlnmf.pipeline import (
     load_reference,
     load_slide,
     make_solver,
+    select_subtypes,
     shipped_refinement_model,
 )
 from napari_stlnmf.preprocess import prepare
@@ -35,6 +36,7 @@ def test_steps_by_hand_reproduce_deconvolve(demo):
     ref = load_reference(reference, KEY)
     weighting = default_gene_weighting(settings.method, settings.params, settings.train)
     prep = prepare(adata.X, adata.var_names, ref, gene_weighting=weighting)
+    assert select_subtypes(prep, ref, settings) is None  # the demo's types are homogeneous
     weighting, compact = choose_gene_weighting(
         weighting, explicit=False, train=False, n_spots=prep.X.shape[0], n_types=prep.B.shape[1]
     )
@@ -71,6 +73,8 @@ def test_settings_are_checked_once_up_front():
         DeconvolutionSettings(min_proportion=1.5)
     with pytest.raises(StlnmfError, match="needs method='unrolled'"):
         DeconvolutionSettings(method="classic", gene_weighting="nb")
+    with pytest.raises(StlnmfError, match="cell_subtypes"):
+        DeconvolutionSettings(cell_subtypes="sometimes")
 
 
 def test_model_from_a_missing_parameter_file_is_an_error(demo, tmp_path):
@@ -100,3 +104,67 @@ def test_gene_weighting_choice_follows_the_memory_limit():
     with pytest.raises(StlnmfError, match="fewer cell types"):
         choose_gene_weighting("nb", max_gram_bytes=1024, **{**kw, "explicit": True})
     assert choose_gene_weighting("sqrt", max_gram_bytes=1024, **kw)[0] == "sqrt"
+
+
+def _states_slide(n_states=12, n_types=4):
+    """Types made of states whose mix changes across the slide, the reference labelling only
+    the types (as the suite's states slide; osmFISH's pyramidal classes)."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from napari_stlnmf.datasets import hex_layout, make_reference
+    from napari_stlnmf.preprocess import build_reference
+    from napari_stlnmf.simulate import simulate_slide
+
+    coarse = lambda names: [f"type_{int(str(n).split('_')[1]) % n_types}" for n in names]
+    reference = make_reference(n_types=n_states, cells_per_type=120, seed=38)
+    reference.obs[KEY] = pd.Categorical(coarse(reference.obs[KEY]))
+    cells = build_reference(
+        make_reference(n_types=n_states, cells_per_type=120, seed=38, cell_seed=39),
+        cell_type_key=KEY,
+    )
+    xy = hex_layout(14, 14)
+    sim = simulate_slide(xy, cells, kind="smooth", library_sizes=np.array([3000.0]), seed=5)
+    slide = ad.AnnData(X=sp.csr_matrix(sim.counts), var=pd.DataFrame(index=cells.genes))
+    slide.obsm["spatial"] = xy
+    types = sorted(set(coarse(cells.cell_types)))
+    fold = np.eye(n_types)[[types.index(t) for t in coarse(cells.cell_types)]]
+    return slide, reference, sim.cell_fractions @ fold, types
+
+
+def test_sub_profiles_where_the_types_are_states():
+    """The slide's held-out genes choose sub-profiles when the reference's types are mixes of
+    states; the output keeps the reference's types and is much closer to the truth."""
+    from napari_stlnmf.api import run_deconvolution
+    from napari_stlnmf.metrics import rmse
+
+    slide, reference, truth, types = _states_slide()
+    auto = run_deconvolution(slide, reference, DeconvolutionSettings(), cell_type_key=KEY)
+    plain = run_deconvolution(
+        slide, reference, DeconvolutionSettings(cell_subtypes=False), cell_type_key=KEY
+    )
+    info = auto.info["cell_subtypes"]
+    assert info is not None and info["n_profiles"] > len(types) and info["deviance_ratio"] < 1
+    assert plain.info["cell_subtypes"] is None
+    assert list(auto.cell_fractions.columns) == types == auto.info["cell_types"]
+    np.testing.assert_allclose(auto.cell_fractions.sum(1), 1.0, atol=1e-6)
+    err_auto = rmse(auto.cell_fractions[types].to_numpy(), truth)
+    err_plain = rmse(plain.cell_fractions[types].to_numpy(), truth)
+    assert err_auto < 0.8 * err_plain, (err_auto, err_plain)
+
+
+def test_sub_profiles_sum_back_into_their_types(demo_reference):
+    from napari_stlnmf.subtypes import SUBTYPE_MARK, merge_subtypes, split_cell_types
+
+    split, parent = split_cell_types(demo_reference, demo_reference.genes, max_per_type=3)
+    assert len(split.cell_types) == 3 * len(demo_reference.cell_types)  # 250 cells per type
+    assert all(SUBTYPE_MARK in t for t in split.cell_types)
+    assert [demo_reference.cell_types[i] for i in parent] == [
+        t.split(SUBTYPE_MARK)[0] for t in split.cell_types
+    ]
+    np.testing.assert_allclose(split.profiles.sum(0), 1.0)
+    values = np.random.default_rng(0).dirichlet(np.ones(parent.size), size=5)
+    merged = merge_subtypes(values, parent, len(demo_reference.cell_types))
+    np.testing.assert_allclose(merged.sum(1), 1.0)
+    np.testing.assert_allclose(merged[:, 0], values[:, parent == 0].sum(1))

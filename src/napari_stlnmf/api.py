@@ -34,6 +34,7 @@ from .pipeline import (
     load_reference,
     load_slide,
     make_solver,
+    select_subtypes,
     shipped_refinement_model,
 )
 from .preprocess import prepare
@@ -140,8 +141,11 @@ def deconvolve(
         ``'auto'`` (default): 0.05, raised on slides whose spots hold one or two cells (Visium HD
         bins, small spots) up to 0.25 — ``0.25 / n²`` with ``n`` the effective number of cells
         per spot read off the noise (a spot of n cells shows 1/n of single cells'
-        overdispersion; needs raw counts in the slide and a single-cell reference, else 0.05).
-        The values used are ``info['min_proportion']`` and ``info['cells_per_spot']``.
+        overdispersion; needs raw counts in the slide and a single-cell reference, else 0.05)
+        and off the depth (the spots' counts over the reference's counts per cell): the larger
+        of the two, so the threshold rises only when both say few cells. The values used are
+        ``info['min_proportion']`` and ``info['cells_per_spot']`` (the two estimates:
+        ``info['cells_per_spot_noise']``, ``info['cells_per_spot_depth']``).
     gene_weighting
         Weights of the data term. ``'nb'``: one weight per spot and gene, the inverse of a
         negative-binomial variance ``μ/L + φμ²`` at the current fit (``L`` the spot's counts,
@@ -214,10 +218,15 @@ def run_deconvolution(
 
     report(progress, Stage.PREPARING, 0, 1)
     requested = s.gene_weighting or default_gene_weighting(s.method, s.params, s.train)
-    prep = prepare(
-        adata.X, adata.var_names, ref,
-        n_markers=s.n_markers, case_insensitive=s.case_insensitive, gene_weighting=requested,
-    )  # fmt: skip
+    options = {
+        "n_markers": s.n_markers, "case_insensitive": s.case_insensitive,
+        "gene_weighting": requested,
+    }  # fmt: skip
+    prep = prepare(adata.X, adata.var_names, ref, **options)
+    subtypes = select_subtypes(prep, ref, s)
+    if subtypes is not None:  # fit the sub-types' profiles; finish sums them into the types
+        ref = subtypes.reference
+        prep = prepare(adata.X, adata.var_names, ref, **options)
     weighting, compact_gram = choose_gene_weighting(
         requested,
         explicit=s.gene_weighting is not None,
@@ -265,16 +274,21 @@ def run_deconvolution(
         prep, spots, solver,
         entry_noise=entry_noise, device=device, progress=progress, should_stop=should_stop,
     )  # fmt: skip
-    fractions = finish(solved, prep, spots, solver, min_proportion=calibration.min_proportion)
+    fractions = finish(
+        solved, prep, spots, solver, min_proportion=calibration.min_proportion, subtypes=subtypes
+    )
+    types = prep.cell_types if subtypes is None else subtypes.cell_types
 
     info = {
         **_run_info(s, prep, spots, solver, calibration, train_report),
+        "cell_types": types,
+        "cell_subtypes": None if subtypes is None else subtypes.as_dict(),
         "gene_weighting": weighting,
         "overdispersion": None if entry_noise is None else entry_noise.overdispersion,
         "gram_storage": _gram_storage(entry_noise),
         "seconds": time.perf_counter() - t_start,
     }
-    result = _result(adata, prep, fractions, info, model)
+    result = _result(adata, prep, fractions, info, model, types)
     report(progress, Stage.DONE, 1, 1)
     return result
 
@@ -308,19 +322,21 @@ def _run_info(settings, prep, spots, solver, calibration, train_report) -> dict:
         "train": None if train_report is None else train_report.as_dict(),
         "min_proportion": calibration.min_proportion,
         "cells_per_spot": calibration.cells_per_spot,
+        "cells_per_spot_noise": calibration.cells_per_spot_noise,
+        "cells_per_spot_depth": calibration.cells_per_spot_depth,
         "seed": int(settings.seed),
     }
 
 
-def _result(adata, prep, fractions, info: dict, model) -> DeconvolutionResult:
+def _result(adata, prep, fractions, info: dict, model, types) -> DeconvolutionResult:
     """Results with one row per input spot (NaN where a spot got no estimate)."""
     mask = prep.spot_mask
     obs_names = pd.Index(adata.obs_names.astype(str))
 
     def full(values):
-        out = np.full((adata.n_obs, len(prep.cell_types)), np.nan)
+        out = np.full((adata.n_obs, len(types)), np.nan)
         out[mask] = values
-        return pd.DataFrame(out, index=obs_names, columns=prep.cell_types)
+        return pd.DataFrame(out, index=obs_names, columns=types)
 
     cell_df, mrna_df = full(fractions.cell), full(fractions.mrna)
     fit_s = pd.Series(np.nan, index=obs_names, name=FIT_ERROR_KEY)

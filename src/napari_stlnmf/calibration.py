@@ -24,6 +24,8 @@ __all__ = [
     "SlideNoise",
     "auto_min_proportion",
     "calibrate",
+    "combined_cells_per_spot",
+    "depth_cells_per_spot",
     "effective_cells_per_spot",
     "estimate_noise",
     "estimate_platform_effect",
@@ -69,6 +71,8 @@ class Calibration:
     noise: SlideNoise | None  # None when nothing needed it
     cells_per_spot: float | None  # effective cells per spot (None: not measurable)
     min_proportion: float  # the zeroing threshold to use
+    cells_per_spot_noise: float | None = None  # φ_cells / φ_slide
+    cells_per_spot_depth: float | None = None  # spot counts / the reference's counts per cell
 
 
 def sample_rows(n: int, at_most: int, seed: int) -> np.ndarray:
@@ -221,6 +225,45 @@ def effective_cells_per_spot(
     return float(cell_overdispersion / spot_overdispersion)
 
 
+def depth_cells_per_spot(
+    library_size: np.ndarray, V: np.ndarray, mrna_content: np.ndarray
+) -> float | None:
+    """How many cells a spot holds, read off its depth: the spot's counts over the counts per
+    cell its fitted mix of types has in the reference (median over spots).
+
+    ``V`` mRNA fractions over the selected genes, ``mrna_content`` the reference's counts per
+    cell of each type in those genes, ``library_size`` the spots' counts in them. Exact when
+    slide and reference capture molecules equally well (same platform); a capture platform that
+    catches fewer molecules per cell than the single-cell reference (Visium against scRNA-seq)
+    gives too few. Independent of the noise model behind :func:`effective_cells_per_spot`."""
+    content = np.asarray(mrna_content, dtype=np.float64)
+    lib = np.asarray(library_size, dtype=np.float64)
+    if content.size == 0 or not np.all(np.isfinite(content)) or np.any(content <= 0):
+        return None
+    cells = np.asarray(V, dtype=np.float64) / content[None, :]
+    per_cell = content[None, :] * cells / np.maximum(cells.sum(1, keepdims=True), 1e-300)
+    per_cell = per_cell.sum(1)
+    ok = (per_cell > 0) & (lib > 0)
+    if not ok.any():
+        return None
+    return float(np.median(lib[ok] / per_cell[ok]))
+
+
+def combined_cells_per_spot(noise: float | None, depth: float | None) -> float | None:
+    """The cells per spot the 'auto' threshold uses: the larger of the noise and the depth
+    estimates, so the threshold rises above its floor only when both say spots hold few cells.
+
+    The noise estimate reads too FEW cells whenever the slide's residual holds variance the
+    reference's cells do not (cells of a spot sharing a state, another field or stripe of
+    tissue, genes whose dispersion differs between cells and spots: seqFISH+ 1.2 against a true
+    10.6, osmFISH 2.4 against 5.8); the depth estimate reads too few when the slide's platform
+    catches fewer molecules per cell than the reference's. Neither reads too many in those
+    cases, so the larger one is the safer. None when the noise is not measurable (the floor)."""
+    if noise is None:
+        return None
+    return noise if depth is None else max(noise, depth)
+
+
 def auto_min_proportion(cells_per_spot: float | None) -> float:
     """The 'auto' zeroing threshold, ``0.25 / n²`` within [0.05, 0.25]: both the smallest real
     share (1/n) and the noise a spot spreads over absent types (φ ∝ 1/n) grow as spots hold fewer
@@ -324,7 +367,7 @@ def calibrate(
         and integer_valued(reference.cell_counts)
         and integer_valued(slide_counts)
     )
-    noise = cells_per_spot = None
+    noise = cells_per_spot = by_noise = by_depth = None
     if gene_weighting in ("fitted", "nb") or (min_proportion == "auto" and counts_both):
         rows = sample_rows(prepared.X.shape[0], NOISE_SAMPLE_SPOTS, seed)
         V = quick_fit(prepared, rows, device=device)
@@ -334,7 +377,15 @@ def calibrate(
             prepared = replace(prepared, gene_weights=fitted_gene_weights(X, lib, prepared.B, V))
         if counts_both:  # the reference's own counts, not rescaled by the platform effect
             cell_phi = reference_overdispersion(reference.subset_genes(prepared.genes), seed=seed)
-            cells_per_spot = effective_cells_per_spot(cell_phi, noise.overdispersion)
+            by_noise = effective_cells_per_spot(cell_phi, noise.overdispersion)
+            # the reference's own counts per cell in these genes, as `prepare` has them (the
+            # platform effect's rescaling of the content is fitted on the slide itself)
+            share = reference.profiles.loc[prepared.genes, prepared.cell_types].sum(0)
+            content = (reference.mrna_content[prepared.cell_types] * share).to_numpy(np.float64)
+            by_depth = depth_cells_per_spot(prepared.library_size[rows], V, content)
+            cells_per_spot = combined_cells_per_spot(by_noise, by_depth)
     if min_proportion == "auto":
         min_proportion = auto_min_proportion(cells_per_spot)
-    return Calibration(prepared, log_factor, noise, cells_per_spot, float(min_proportion))
+    return Calibration(
+        prepared, log_factor, noise, cells_per_spot, float(min_proportion), by_noise, by_depth
+    )

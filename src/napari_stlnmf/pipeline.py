@@ -22,6 +22,7 @@ from .calibration import (
     NOISE_SAMPLE_SPOTS,
     Calibration,
     estimate_noise,
+    fit_platform_effect,
     refinement_model,
     sample_rows,
 )
@@ -46,6 +47,7 @@ from .preprocess import Prepared, Reference, build_reference
 from .progress import Stage, check_stop, report
 from .solvers import CLASSIC_MAX_ITER, ClassicSolver, FitInputs, Solver, UnrolledSolver
 from .solvers import Fit as SolverFit
+from .subtypes import Subtypes, choose_subtypes, merge_subtypes
 from .train import TrainReport, calibrated_noise_ranges, make_training_slides, train_unrolled
 
 __all__ = [
@@ -64,6 +66,7 @@ __all__ = [
     "load_reference",
     "load_slide",
     "make_solver",
+    "select_subtypes",
     "shipped_refinement_model",
     "slide_features",
 ]
@@ -80,8 +83,12 @@ def default_params_path() -> Path:
 class DeconvolutionSettings:
     """Every option of :func:`napari_stlnmf.deconvolve` (documented there), checked once.
 
-    ``max_gram_bytes`` (memory allowed for per-spot Gram matrices) and
-    ``platform_refine_passes`` are advanced settings that :func:`deconvolve` does not take."""
+    ``max_gram_bytes`` (memory allowed for per-spot Gram matrices),
+    ``platform_refine_passes`` and ``cell_subtypes`` are advanced settings that
+    :func:`deconvolve` does not take. ``cell_subtypes``: ``'auto'`` fits k-means sub-profiles of
+    a single-cell reference's types when they predict the slide's held-out genes better
+    (:func:`napari_stlnmf.subtypes.choose_subtypes`), ``True`` always, ``False`` never; the
+    output always has the reference's types."""
 
     library_id: str | None = None
     method: str = "unrolled"
@@ -107,6 +114,7 @@ class DeconvolutionSettings:
     device: str = "auto"
     max_gram_bytes: int = MAX_GRAM_BYTES
     platform_refine_passes: int = 3
+    cell_subtypes: bool | str = "auto"
 
     def __post_init__(self):
         if self.method not in ("unrolled", "classic"):
@@ -116,6 +124,10 @@ class DeconvolutionSettings:
         mp = self.min_proportion
         if not (mp == "auto" or (isinstance(mp, (int, float)) and 0 <= mp < 1)):
             raise StlnmfError(f"min_proportion must be 'auto' or a number in [0, 1), not {mp!r}")
+        if self.cell_subtypes not in ("auto", True, False):
+            raise StlnmfError(
+                f"cell_subtypes must be 'auto', True or False, not {self.cell_subtypes!r}"
+            )
         if self.gene_weighting == "nb" and self.method != "unrolled":
             raise StlnmfError("gene_weighting='nb' (per-entry weights) needs method='unrolled'")
 
@@ -142,6 +154,23 @@ def load_reference(reference, cell_type_key: str | None) -> Reference:
         reference = io.read_reference(reference, cell_type_key=cell_type_key)
     io.validate_reference(reference, cell_type_key=cell_type_key)
     return build_reference(reference, cell_type_key=cell_type_key)
+
+
+def select_subtypes(
+    prepared: Prepared, reference: Reference, settings: DeconvolutionSettings
+) -> Subtypes | None:
+    """Sub-profiles of the reference's types to fit with (``settings.cell_subtypes``: 'auto'
+    when the slide's held-out genes say so, True always), or None. With the platform effect on,
+    the choice is made on profiles corrected by a quick estimate of it (no refinement)."""
+    if not settings.cell_subtypes or reference.cell_counts is None:
+        return None
+    kwargs = {"min_t": -np.inf} if settings.cell_subtypes is True else {}
+    log_factor = None
+    if settings.method == "unrolled" and settings.fit_platform_effect:
+        _, log_factor = fit_platform_effect(prepared, seed=int(settings.seed), refine_with=None)
+    return choose_subtypes(
+        prepared, reference, log_platform_factor=log_factor, seed=int(settings.seed), **kwargs
+    )
 
 
 def default_gene_weighting(method: str, params, train: bool) -> str:
@@ -434,10 +463,12 @@ def finish(
     solver: Solver,
     *,
     min_proportion: float,
+    subtypes: Subtypes | None = None,
 ) -> Fractions:
     """Cell fractions (mRNA shares divided by each type's mRNA per cell, then the model's
     learned smoothing head), mRNA fractions of the whole transcriptome, both with proportions
-    below ``min_proportion`` zeroed; and the fit error."""
+    below ``min_proportion`` zeroed; and the fit error. With ``subtypes`` the sub-types'
+    fractions are summed into their types before the zeroing."""
     with torch.no_grad():
         V = result.V
         error = fit_error(prepared.X, result.gene_weights, V, result.BtX, result.BtB)
@@ -445,6 +476,10 @@ def finish(
     cells = solver.cell_fractions(mrna_selected, prepared.mrna_content, spots.graph)
     # transcripts of the whole transcriptome, not only the selected genes
     mrna = mrna_selected / prepared.gene_share[None, :]
+    if subtypes is not None:
+        n_types = len(subtypes.cell_types)
+        cells = merge_subtypes(cells, subtypes.parent, n_types)
+        mrna = merge_subtypes(mrna, subtypes.parent, n_types)
     return Fractions(
         cell=finalize_proportions(cells, min_proportion),
         mrna=finalize_proportions(mrna, min_proportion),
