@@ -28,16 +28,16 @@ from .pipeline import (
     choose_gene_weighting,
     default_gene_weighting,
     default_params_path,
+    entry_noise_for,
     fine_tune,
     finish,
     fit,
     load_reference,
     load_slide,
     make_solver,
-    select_subtypes,
+    prepare_inputs,
     shipped_refinement_model,
 )
-from .preprocess import prepare
 from .progress import Cancelled, Stage, check_stop, report
 
 __all__ = [
@@ -218,15 +218,7 @@ def run_deconvolution(
 
     report(progress, Stage.PREPARING, 0, 1)
     requested = s.gene_weighting or default_gene_weighting(s.method, s.params, s.train)
-    options = {
-        "n_markers": s.n_markers, "case_insensitive": s.case_insensitive,
-        "gene_weighting": requested,
-    }  # fmt: skip
-    prep = prepare(adata.X, adata.var_names, ref, **options)
-    subtypes = select_subtypes(prep, ref, s)
-    if subtypes is not None:  # fit the sub-types' profiles; finish sums them into the types
-        ref = subtypes.reference
-        prep = prepare(adata.X, adata.var_names, ref, **options)
+    prep, ref, subtypes = prepare_inputs(adata, ref, s, gene_weighting=requested)
     weighting, compact_gram = choose_gene_weighting(
         requested,
         explicit=s.gene_weighting is not None,
@@ -253,11 +245,7 @@ def run_deconvolution(
     )  # fmt: skip
     prep = calibration.prepared
     check_stop(should_stop)
-    entry_noise = None
-    if weighting == "nb":
-        library = torch.as_tensor(prep.library_size, device=device)
-        phi = calibration.noise.overdispersion
-        entry_noise = EntryNoise(library, phi, compact_gram=compact_gram)
+    entry_noise = entry_noise_for(calibration, weighting, compact_gram=compact_gram, device=device)
 
     model = build_model(prep, s, entry_weights=entry_noise is not None) if unrolled else None
     train_report = None
@@ -278,16 +266,13 @@ def run_deconvolution(
         solved, prep, spots, solver, min_proportion=calibration.min_proportion, subtypes=subtypes
     )
     types = prep.cell_types if subtypes is None else subtypes.cell_types
-
-    info = {
-        **_run_info(s, prep, spots, solver, calibration, train_report),
-        "cell_types": types,
-        "cell_subtypes": None if subtypes is None else subtypes.as_dict(),
-        "gene_weighting": weighting,
-        "overdispersion": None if entry_noise is None else entry_noise.overdispersion,
-        "gram_storage": _gram_storage(entry_noise),
-        "seconds": time.perf_counter() - t_start,
-    }
+    info = _run_info(s, prep, spots, solver, calibration, train_report, subtypes, weighting)
+    info.update(
+        cell_types=types,
+        overdispersion=None if entry_noise is None else entry_noise.overdispersion,
+        gram_storage=_gram_storage(entry_noise),
+        seconds=time.perf_counter() - t_start,
+    )
     result = _result(adata, prep, fractions, info, model, types)
     report(progress, Stage.DONE, 1, 1)
     return result
@@ -299,7 +284,7 @@ def _gram_storage(entry_noise: EntryNoise | None) -> str | None:
     return "bfloat16 upper triangles" if entry_noise.compact_gram else "float32"
 
 
-def _run_info(settings, prep, spots, solver, calibration, train_report) -> dict:
+def _run_info(settings, prep, spots, solver, calibration, train_report, subtypes, weighting):
     """What the run did, as plain values (it goes to ``uns['stlnmf']``)."""
     cell = settings.fractions == "cell"
     return {
@@ -325,6 +310,8 @@ def _run_info(settings, prep, spots, solver, calibration, train_report) -> dict:
         "cells_per_spot_noise": calibration.cells_per_spot_noise,
         "cells_per_spot_depth": calibration.cells_per_spot_depth,
         "seed": int(settings.seed),
+        "cell_subtypes": None if subtypes is None else subtypes.as_dict(),
+        "gene_weighting": weighting,
     }
 
 

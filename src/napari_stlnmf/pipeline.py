@@ -43,7 +43,7 @@ from .model import (
     gram_bytes,
     pick_device,
 )
-from .preprocess import Prepared, Reference, build_reference
+from .preprocess import Prepared, Reference, build_reference, prepare
 from .progress import Stage, check_stop, report
 from .solvers import CLASSIC_MAX_ITER, ClassicSolver, FitInputs, Solver, UnrolledSolver
 from .solvers import Fit as SolverFit
@@ -60,12 +60,14 @@ __all__ = [
     "choose_gene_weighting",
     "default_gene_weighting",
     "default_params_path",
+    "entry_noise_for",
     "fine_tune",
     "finish",
     "fit",
     "load_reference",
     "load_slide",
     "make_solver",
+    "prepare_inputs",
     "select_subtypes",
     "shipped_refinement_model",
     "slide_features",
@@ -173,6 +175,25 @@ def select_subtypes(
     )
 
 
+def prepare_inputs(
+    adata, reference: Reference, settings: DeconvolutionSettings, *, gene_weighting: str
+) -> tuple[Prepared, Reference, Subtypes | None]:
+    """The model's inputs (:func:`~.preprocess.prepare`), on the reference's sub-profiles when
+    :func:`select_subtypes` chose them (then the reference returned is the split one, and
+    :func:`finish` sums the sub-types back into the types)."""
+    options = {
+        "n_markers": settings.n_markers,
+        "case_insensitive": settings.case_insensitive,
+        "gene_weighting": gene_weighting,
+    }
+    prepared = prepare(adata.X, adata.var_names, reference, **options)
+    subtypes = select_subtypes(prepared, reference, settings)
+    if subtypes is None:
+        return prepared, reference, None
+    split = subtypes.reference
+    return prepare(adata.X, adata.var_names, split, **options), split, subtypes
+
+
 def default_gene_weighting(method: str, params, train: bool) -> str:
     """The weighting a saved model was trained with; 'nb' when training; else the shipped
     defaults' weighting; 'sqrt' for the classic method."""
@@ -243,6 +264,18 @@ def slide_features(adata, mask, *, library_id=None, use_image=True, region_key=N
     if not radius or radius < 1:
         radius = max(0.5 * spot_spacing(xy), 1.0)
     return spot_image_features(image, xy, radius), "image"
+
+
+def entry_noise_for(
+    calibration: Calibration, gene_weighting: str, *, compact_gram: bool, device=None
+) -> EntryNoise | None:
+    """What per-entry weights need (``gene_weighting='nb'``): the spots' library sizes and the
+    measured φ; None for per-gene weights."""
+    if gene_weighting != "nb":
+        return None
+    library = torch.as_tensor(calibration.prepared.library_size, device=device)
+    phi = calibration.noise.overdispersion
+    return EntryNoise(library, phi, compact_gram=compact_gram)
 
 
 @dataclass(frozen=True)
