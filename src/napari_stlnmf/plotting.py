@@ -145,26 +145,17 @@ def plot_truth_vs_estimate(
     types = list(truth.columns)
     fig, axes = plt.subplots(len(types), 2, figsize=(6, 2.9 * len(types)), dpi=dpi, squeeze=False)
     for i, t in enumerate(types):
-        draw_spot_map(
-            axes[i, 0],
-            adata,
-            truth[t].to_numpy(float),
-            cmap="viridis",
-            vmin=0,
-            vmax=1,
-            library_id=library_id,
-            title=f"{t} — truth",
-        )
-        draw_spot_map(
-            axes[i, 1],
-            adata,
-            estimate[t].to_numpy(float),
-            cmap="viridis",
-            vmin=0,
-            vmax=1,
-            library_id=library_id,
-            title=f"{t} — STL NMF",
-        )
+        for j, (values, source) in enumerate(((truth, "truth"), (estimate, "STL NMF"))):
+            draw_spot_map(
+                axes[i, j],
+                adata,
+                values[t].to_numpy(float),
+                cmap="viridis",
+                vmin=0,
+                vmax=1,
+                library_id=library_id,
+                title=f"{t} — {source}",
+            )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
