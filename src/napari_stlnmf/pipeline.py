@@ -166,7 +166,7 @@ def select_subtypes(
     the choice is made on profiles corrected by a quick estimate of it (no refinement)."""
     if not settings.cell_subtypes or reference.cell_counts is None:
         return None
-    kwargs = {"min_t": -np.inf} if settings.cell_subtypes is True else {}
+    kwargs = {"min_t": -np.inf, "max_ratio": np.inf} if settings.cell_subtypes is True else {}
     log_factor = None
     if settings.method == "unrolled" and settings.fit_platform_effect:
         _, log_factor = fit_platform_effect(prepared, seed=int(settings.seed), refine_with=None)
