@@ -99,7 +99,8 @@ def spot_spacing(coords) -> float:
     if spacing <= 0:
         raise CoordinateError(
             "most spots share their coordinates with another spot; check that the coordinates "
-            "belong to these spots (duplicated rows?)"
+            "belong to these spots (duplicated rows?), or, for several samples stacked in one "
+            "AnnData, pass library_key= (the obs column naming each spot's sample)"
         )
     return spacing
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from . import io
@@ -54,6 +55,7 @@ __all__ = [
     "MAX_GRAM_BYTES",
     "DeconvolutionSettings",
     "Fractions",
+    "SlideLibrary",
     "SpotGraph",
     "build_model",
     "build_spot_graph",
@@ -64,6 +66,7 @@ __all__ = [
     "fine_tune",
     "finish",
     "fit",
+    "in_tissue",
     "load_reference",
     "load_slide",
     "make_solver",
@@ -71,6 +74,7 @@ __all__ = [
     "select_subtypes",
     "shipped_refinement_model",
     "slide_features",
+    "slide_libraries",
 ]
 
 MAX_GRAM_BYTES = 4 * 2**30  # per-spot Gram matrices (float32, else compact bfloat16)
@@ -93,6 +97,8 @@ class DeconvolutionSettings:
     output always has the reference's types."""
 
     library_id: str | None = None
+    library_key: str | None = None
+    obs_prefix: str = "stlnmf_"
     method: str = "unrolled"
     train: bool = False
     params: str | Path | None = None
@@ -130,6 +136,16 @@ class DeconvolutionSettings:
             raise StlnmfError(
                 f"cell_subtypes must be 'auto', True or False, not {self.cell_subtypes!r}"
             )
+        if self.library_key is not None and self.library_id is not None:
+            raise StlnmfError(
+                "give library_key (one fit per library of a multi-sample slide) or library_id "
+                "(the one library of uns['spatial'] to use), not both"
+            )
+        if self.library_key is not None and self.save_params is not None:
+            raise StlnmfError(
+                "save_params with library_key would save one model per library: "
+                "fine-tune and save on one library at a time"
+            )
         if self.gene_weighting == "nb" and self.method != "unrolled":
             raise StlnmfError("gene_weighting='nb' (per-entry weights) needs method='unrolled'")
 
@@ -146,6 +162,61 @@ def load_slide(slide, coords=None):
         f"slide must be an AnnData or a path (.h5ad, Space Ranger outs/ folder, counts CSV), "
         f"not {type(slide).__name__}"
     )
+
+
+@dataclass(frozen=True)
+class SlideLibrary:
+    """The spots of one sample (library) of a slide, fitted on their own."""
+
+    name: str | None  # the library's value in obs[library_key] (None: a single-sample slide)
+    rows: np.ndarray  # bool per spot of the slide: fitted (in this library and in tissue)
+    outside_tissue: np.ndarray  # bool per spot: in this library but obs['in_tissue'] == 0
+    library_id: str | None  # its key in uns['spatial'] (images, scale factors), if any
+
+
+def in_tissue(adata) -> np.ndarray:
+    """Spots Space Ranger marks as under tissue (``obs['in_tissue'] != 0``); all without it."""
+    if "in_tissue" not in adata.obs:
+        return np.ones(adata.n_obs, dtype=bool)
+    flag = pd.to_numeric(adata.obs["in_tissue"], errors="coerce").to_numpy()
+    return ~(flag == 0)
+
+
+def slide_libraries(adata, settings: DeconvolutionSettings) -> list[SlideLibrary]:
+    """The slide's samples, each fitted alone (its own graph, image, platform effect and
+    noise): one per value of ``obs[settings.library_key]``, or the whole slide. Spots with
+    ``obs['in_tissue'] == 0`` are left out of every fit."""
+    tissue = in_tissue(adata)
+    if not tissue.any():
+        raise StlnmfError(
+            "every spot has obs['in_tissue'] == 0: there is no tissue to deconvolve "
+            "(drop or fix the in_tissue column if it is wrong)"
+        )
+    key = settings.library_key
+    if key is None:
+        return [SlideLibrary(None, tissue, ~tissue, settings.library_id)]
+    if key not in adata.obs:
+        columns = [str(c) for c in adata.obs.columns]
+        raise StlnmfError(
+            f"library_key {key!r} is not a column of slide.obs (columns: {columns[:10]}); "
+            "give the column that names each spot's sample"
+        )
+    labels = adata.obs[key]
+    if labels.isna().any():
+        raise StlnmfError(
+            f"slide.obs[{key!r}] is missing for {int(labels.isna().sum())} spots: "
+            "every spot needs its library"
+        )
+    labels = labels.astype(str).to_numpy()
+    images = adata.uns.get("spatial", {}) if isinstance(adata.uns.get("spatial"), dict) else {}
+    out = []
+    for name in pd.unique(labels):
+        member = labels == name
+        if not (member & tissue).any():
+            continue  # a library with no spot under tissue: its spots stay NaN
+        library_id = name if name in images else None
+        out.append(SlideLibrary(str(name), member & tissue, member & ~tissue, library_id))
+    return out
 
 
 def load_reference(reference, cell_type_key: str | None) -> Reference:
