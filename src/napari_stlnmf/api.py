@@ -37,6 +37,7 @@ from .pipeline import (
     load_reference,
     load_slide,
     make_solver,
+    platform_effect_wanted,
     prepare_inputs,
     shipped_refinement_model,
     slide_libraries,
@@ -182,6 +183,8 @@ def deconvolve(
         Unrolled model: before anything else, estimate how the slide's platform measures each
         gene differently from the reference (slide totals against a first fit, shrunk by their
         Poisson noise, as RCTD's platform-effect step) and rescale the reference's genes by it.
+        Skipped on small panels (fewer than 4 genes per fitted profile: there the factors
+        cannot be told from composition); ``info['platform_effect_fitted']`` says.
     train_options
         Advanced: extra keyword arguments for the simulation of training slides
         (:func:`napari_stlnmf.train.make_training_slides`) and for training
@@ -276,7 +279,7 @@ def _fit_library(adata, ref, s: DeconvolutionSettings, progress=None, should_sto
     check_stop(should_stop)
 
     unrolled = s.method == "unrolled"
-    platform = unrolled and s.fit_platform_effect
+    platform = platform_effect_wanted(prep, s)
     if unrolled and (platform or weighting in ("fitted", "nb")):
         report(progress, Stage.PLATFORM, 0, 1)
     calibration = calibrate(
@@ -313,6 +316,7 @@ def _fit_library(adata, ref, s: DeconvolutionSettings, progress=None, should_sto
         cell_types=types,
         overdispersion=None if entry_noise is None else entry_noise.overdispersion,
         gram_storage=_gram_storage(entry_noise),
+        platform_effect_fitted=platform,
     )
     return _LibraryFit(prep, fractions, info, model, types)
 

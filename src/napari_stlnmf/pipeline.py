@@ -24,6 +24,7 @@ from .calibration import (
     Calibration,
     estimate_noise,
     fit_platform_effect,
+    platform_effect_identifiable,
     refinement_model,
     sample_rows,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "load_reference",
     "load_slide",
     "make_solver",
+    "platform_effect_wanted",
     "prepare_inputs",
     "select_subtypes",
     "shipped_refinement_model",
@@ -239,10 +241,21 @@ def select_subtypes(
         return None
     kwargs = {"min_t": -np.inf, "max_ratio": np.inf} if settings.cell_subtypes is True else {}
     log_factor = None
-    if settings.method == "unrolled" and settings.fit_platform_effect:
+    if platform_effect_wanted(prepared, settings):
         _, log_factor = fit_platform_effect(prepared, seed=int(settings.seed), refine_with=None)
     return choose_subtypes(
         prepared, reference, log_platform_factor=log_factor, seed=int(settings.seed), **kwargs
+    )
+
+
+def platform_effect_wanted(prepared: Prepared, settings: DeconvolutionSettings) -> bool:
+    """The platform effect is fitted for the unrolled method when asked for and when the slide
+    has enough genes per profile to tell it from composition
+    (:func:`~.calibration.platform_effect_identifiable`)."""
+    return (
+        settings.method == "unrolled"
+        and settings.fit_platform_effect
+        and platform_effect_identifiable(len(prepared.genes), len(prepared.cell_types))
     )
 
 
