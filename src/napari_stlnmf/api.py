@@ -88,6 +88,7 @@ def deconvolve(
     *,
     cell_type_key: str | None = None,
     coords=None,
+    bin_size: float | None = None,
     library_id: str | None = None,
     method: str = "unrolled",
     train: bool = False,
@@ -121,6 +122,9 @@ def deconvolve(
         AnnData (spots x genes, raw counts; ``obsm['spatial']`` = (x, y) in full-resolution
         pixels; optional ``uns['spatial'][library]`` images and scale factors) or a path
         that :func:`napari_stlnmf.io.read_slide` reads.
+    bin_size
+        Visium HD folder given as a path: the bins to read, in µm (default 8). Square bins
+        are linked to their whole 8-ring in the graph (``n_neighbors=4``: the 4 sides).
     reference
         Single-cell AnnData (with ``obs[cell_type_key]``), a signature DataFrame
         (genes x types), or a path to either.
@@ -188,6 +192,7 @@ def deconvolve(
         DeconvolutionSettings(**options),
         cell_type_key=cell_type_key,
         coords=coords,
+        bin_size=bin_size,
         progress=progress,
         should_stop=should_stop,
     )
@@ -200,6 +205,7 @@ def run_deconvolution(
     *,
     cell_type_key: str | None = None,
     coords=None,
+    bin_size: float | None = None,
     progress=None,
     should_stop=None,
 ) -> DeconvolutionResult:
@@ -211,7 +217,7 @@ def run_deconvolution(
     device = pick_device(s.device)
 
     report(progress, Stage.READING, 0, 1)
-    adata = load_slide(slide, coords)
+    adata = load_slide(slide, coords, bin_size)
     io.validate_slide(adata)
     ref = load_reference(reference, cell_type_key)
     check_stop(should_stop)

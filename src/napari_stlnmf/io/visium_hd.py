@@ -49,6 +49,7 @@ __all__ = [
     "available_bin_sizes",
     "bin_folder_name",
     "detect",
+    "has_bins",
     "read",
 ]
 
@@ -117,6 +118,17 @@ def detect(path: Path) -> bool:
             return find_matrix(path) is not None
         return _find_binned_outputs(path) is not None or _find_segmented_outputs(path) is not None
     except OSError:  # unreadable folder: not ours
+        return False
+
+
+def has_bins(path: Path) -> bool:
+    """Whether reading ``path`` gives Visium HD bins (so that a bin size applies): one
+    ``square_XXXum/`` folder, or a folder with ``binned_outputs/`` (cheap, like ``detect``)."""
+    try:
+        if _is_bin_folder(path):
+            return True
+        return path.name != SEGMENTED_OUTPUTS and _find_binned_outputs(path) is not None
+    except OSError:
         return False
 
 
