@@ -207,6 +207,22 @@ def test_layers_draw_bins_as_squares_of_their_size(hd):
     img = io.get_library(adata)[1]["images"]["hires"]
     copy = slide_for_deconvolution(adata, img, scale=(1 / HIRES_SCALEF, 1 / HIRES_SCALEF))
     assert io.square_bin_size(copy) == pytest.approx(side)
+    # the PNG maps draw the same squares, in image pixels
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from napari_stlnmf.plotting import draw_spot_map
+
+    fig, ax = plt.subplots()
+    try:
+        squares = draw_spot_map(ax, adata, props["a"].to_numpy(), cmap="viridis", vmin=0, vmax=1)
+        corners = np.asarray(squares.get_paths()[0].vertices)[:4]
+        np.testing.assert_allclose(np.ptp(corners, axis=0), side * HIRES_SCALEF)
+        np.testing.assert_allclose(corners.mean(0), adata.obsm["spatial"][0] * HIRES_SCALEF)
+    finally:
+        plt.close(fig)
     # Visium spots stay discs
     from io_testdata import make_outs
 

@@ -121,8 +121,7 @@ class DeconvolveWidget(Container):
             label="open slide",
             mode="r",
             filter="*.h5ad",
-            tooltip="Open an .h5ad slide (or use File > Open Folder on "
-            "a Space Ranger outs/ folder)",
+            tooltip="Open an .h5ad slide (Space Ranger folders: 'open folder' below)",
         )
         self.slide_folder = FileEdit(
             label="open folder",
