@@ -92,6 +92,7 @@ def deconvolve(
     *,
     cell_type_key: str | None = None,
     coords=None,
+    bin_size: float | None = None,
     library_id: str | None = None,
     library_key: str | None = None,
     method: str = "unrolled",
@@ -127,6 +128,9 @@ def deconvolve(
         AnnData (spots x genes, raw counts; ``obsm['spatial']`` = (x, y) in full-resolution
         pixels; optional ``uns['spatial'][library]`` images and scale factors) or a path
         that :func:`napari_stlnmf.io.read_slide` reads.
+    bin_size
+        Visium HD folder given as a path: the bins to read, in µm (default 8). Square bins
+        are linked to their whole 8-ring in the graph (``n_neighbors=4``: the 4 sides).
     reference
         Single-cell AnnData (with ``obs[cell_type_key]``), a signature DataFrame
         (genes x types), or a path to either.
@@ -212,6 +216,7 @@ def deconvolve(
         DeconvolutionSettings(**options),
         cell_type_key=cell_type_key,
         coords=coords,
+        bin_size=bin_size,
         progress=progress,
         should_stop=should_stop,
     )
@@ -224,6 +229,7 @@ def run_deconvolution(
     *,
     cell_type_key: str | None = None,
     coords=None,
+    bin_size: float | None = None,
     progress=None,
     should_stop=None,
 ) -> DeconvolutionResult:
@@ -232,7 +238,7 @@ def run_deconvolution(
     slide (:func:`~.pipeline.slide_libraries`) with the method's steps."""
     t_start = time.perf_counter()
     report(progress, Stage.READING, 0, 1)
-    adata = load_slide(slide, coords)
+    adata = load_slide(slide, coords, bin_size)
     io.validate_slide(adata)
     ref = load_reference(reference, cell_type_key)
     check_stop(should_stop)

@@ -175,6 +175,7 @@ def _run(a) -> int:
         scalefactor=a.scalefactor,
         spot_diameter=a.spot_diameter,
         library_id=a.library_id,
+        bin_size=a.bin_size,
     )
     if a.image is not None:
         io.check_image_covers_spots(slide)
@@ -272,7 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--slide",
         required=True,
         type=Path,
-        help=".h5ad, Space Ranger outs/ folder, or counts CSV/TSV (spots x genes)",
+        help=".h5ad, Space Ranger outs/ folder (Visium or Visium HD), or counts CSV/TSV "
+        "(spots x genes)",
+    )
+    run.add_argument(
+        "--bin-size",
+        type=float,
+        default=None,
+        help="Visium HD: the bins to read, in µm (default 8; the square_XXXum/ folders present)",
     )
     run.add_argument(
         "--coords",

@@ -152,12 +152,19 @@ class DeconvolutionSettings:
             raise StlnmfError("gene_weighting='nb' (per-entry weights) needs method='unrolled'")
 
 
-def load_slide(slide, coords=None):
-    """The slide as an AnnData: a path is read with :func:`napari_stlnmf.io.read_slide`."""
+def load_slide(slide, coords=None, bin_size: float | None = None):
+    """The slide as an AnnData: a path is read with :func:`napari_stlnmf.io.read_slide`
+    (``bin_size``: the Visium HD bins to read, µm)."""
     import anndata as ad
 
     if isinstance(slide, (str, Path)):
-        return io.read_slide(slide, coords=coords) if coords is not None else io.read_slide(slide)
+        options = {"coords": coords, "bin_size": bin_size}
+        return io.read_slide(slide, **{k: v for k, v in options.items() if v is not None})
+    if bin_size is not None:
+        raise StlnmfError(
+            "bin_size chooses the bins of a Visium HD folder read from disk; the slide is "
+            "already an AnnData: read it with io.read_slide(path, bin_size=...) instead"
+        )
     if isinstance(slide, ad.AnnData):
         return slide
     raise StlnmfError(
@@ -383,8 +390,25 @@ def build_spot_graph(adata, prepared: Prepared, settings: DeconvolutionSettings)
         region_key=settings.region_key,
     )
     xy = np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64)[mask, :2]
-    graph = build_graph(xy, n_neighbors=settings.n_neighbors, features=features)
+    bin_side = _square_bin_side(adata, settings.library_id)
+    # Visium HD bins: a square lattice of known pitch, whose tied diagonals are all kept
+    graph = build_graph(
+        xy,
+        n_neighbors=settings.n_neighbors,
+        features=features,
+        spacing=bin_side,
+        keep_ties=bin_side is not None,
+    )
     return SpotGraph(graph, xy, features, source)
+
+
+def _square_bin_side(adata, library_id) -> float | None:
+    """The side of Visium HD bins in pixels (:func:`~.io.square_bin_size`), None otherwise
+    (round spots, cells, or several libraries and none chosen)."""
+    try:
+        return io.square_bin_size(adata, library_id)
+    except StlnmfError:
+        return None
 
 
 def shipped_refinement_model(prepared: Prepared) -> UnrolledNMF | None:
