@@ -135,16 +135,19 @@ class DeconvolutionSettings:
 
 
 def load_slide(slide, coords=None):
-    """The slide as an AnnData: a path is read with :func:`napari_stlnmf.io.read_slide`."""
+    """The slide as an AnnData: a path is read with :func:`napari_stlnmf.io.read_slide`, a
+    SpatialData with :func:`napari_stlnmf.io.read_spatialdata`."""
     import anndata as ad
 
     if isinstance(slide, (str, Path)):
         return io.read_slide(slide, coords=coords) if coords is not None else io.read_slide(slide)
     if isinstance(slide, ad.AnnData):
         return slide
+    if io.spatialdata.is_spatialdata(slide):
+        return io.read_spatialdata(slide)
     raise StlnmfError(
-        f"slide must be an AnnData or a path (.h5ad, Space Ranger outs/ folder, counts CSV), "
-        f"not {type(slide).__name__}"
+        "slide must be an AnnData, a SpatialData or a path (.h5ad, Space Ranger outs/ folder, "
+        f"counts CSV, SpatialData .zarr), not {type(slide).__name__}"
     )
 
 

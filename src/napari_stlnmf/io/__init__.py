@@ -11,13 +11,14 @@ back as :class:`~anndata.AnnData` objects following the scanpy/squidpy layout:
   'scalefactors': {...}, 'metadata': {...}}``, where image pixel =
   ``obsm['spatial'] * scalefactors['tissue_<key>_scalef']``.
 
-Each slide format is one module (:mod:`.h5ad`, :mod:`.spaceranger`, :mod:`.table`)
+Each slide format is one module (:mod:`.h5ad`, :mod:`.spaceranger`, :mod:`.table`,
+:mod:`.spatialdata` for SpatialData ``.zarr`` stores, with the optional extra)
 registered below; :func:`read_slide` and the napari reader both go through the registry
 (:mod:`.registry`). The user's objects and files are never modified: readers return new
 objects and the ``validate_*`` / ``check_*`` functions only read.
 """
 
-from . import h5ad, spaceranger, table
+from . import h5ad, spaceranger, spatialdata, table
 from .library import (
     SPOT_DIAMETER_PER_SPACING,
     check_image_covers_spots,
@@ -35,6 +36,7 @@ from .registry import (
     unregister_slide_format,
 )
 from .slide import read_slide
+from .spatialdata import read_spatialdata, write_spatialdata_results
 from .validate import validate_reference, validate_slide
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "get_library",
     "read_reference",
     "read_slide",
+    "read_spatialdata",
     "reference_columns",
     "register_slide_format",
     "slide_formats",
@@ -54,9 +57,11 @@ __all__ = [
     "unregister_slide_format",
     "validate_reference",
     "validate_slide",
+    "write_spatialdata_results",
 ]
 
 # tried in this order; the descriptions make up the "supported inputs" of error messages
 register_slide_format(h5ad.FORMAT)
 register_slide_format(spaceranger.FORMAT)
 register_slide_format(table.FORMAT)
+register_slide_format(spatialdata.FORMAT)
