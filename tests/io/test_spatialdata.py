@@ -1,9 +1,7 @@
 """SpatialData stores: reading a slide from a table and its circles, deconvolving, writing back.
 
-The fixture is built the way spatialdata-io lays out a Visium slide: an H&E image (a pyramid)
-whose pixels map to the 'global' frame by a scale and a translation, circles with a radius in
-full-resolution pixels mapped by their own transformation, and a table linked to them by
-region/instance keys, its rows in another order than the circles'.
+The store is :func:`spatialdata_testdata.make_sdata`, laid out as spatialdata-io lays out a
+Visium slide.
 """
 
 from __future__ import annotations
@@ -12,7 +10,6 @@ import builtins
 import os
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from napari_stlnmf import deconvolve, io
@@ -21,67 +18,13 @@ from napari_stlnmf.io.spatialdata import SOURCE_KEY, WORLD_AFFINE_KEY, detect
 
 sd = pytest.importorskip("spatialdata")
 
-MICRONS_PER_FULLRES_PIXEL = 0.8
-ORIGIN = (120.0, -40.0)  # where full-resolution pixel (0, 0) lies in 'global' (x, y)
-
-
-def _make_sdata(slide, *, seed: int = 0):
-    import anndata as ad
-    from spatialdata.models import Image2DModel, ShapesModel, TableModel
-    from spatialdata.transformations import Scale, Sequence, Translation
-
-    library = slide.uns["spatial"]["demo"]
-    hires = library["images"]["hires"]
-    scalef = library["scalefactors"]["tissue_hires_scalef"]
-    radius = library["scalefactors"]["spot_diameter_fullres"] / 2
-    to_global = Translation(list(ORIGIN), axes=("x", "y"))
-    # image pixel -> full-resolution pixel -> global; circles are in full-resolution pixels
-    image_to_global = Sequence(
-        [Scale([MICRONS_PER_FULLRES_PIXEL / scalef] * 2, axes=("x", "y")), to_global]
-    )
-    circles_to_global = Sequence(
-        [Scale([MICRONS_PER_FULLRES_PIXEL] * 2, axes=("x", "y")), to_global]
-    )
-    image = Image2DModel.parse(
-        np.moveaxis(hires, -1, 0),
-        dims=("c", "y", "x"),
-        c_coords=["r", "g", "b"],
-        scale_factors=[2],
-        transformations={"global": image_to_global},
-    )
-    instance_ids = 1000 + np.arange(slide.n_obs)
-    circles = ShapesModel.parse(
-        np.asarray(slide.obsm["spatial"], dtype=np.float64),
-        geometry=0,
-        radius=np.full(slide.n_obs, radius),
-        index=instance_ids,
-        transformations={"global": circles_to_global},
-    )
-    order = np.random.default_rng(seed).permutation(slide.n_obs)  # table rows != circle order
-    obs = pd.DataFrame(
-        {
-            "region": pd.Categorical(["spots"] * slide.n_obs),
-            "spot_id": instance_ids[order],
-            "barcode": slide.obs_names[order].to_numpy(),
-        },
-        index=[f"row{i}" for i in range(slide.n_obs)],
-    )
-    table = TableModel.parse(
-        ad.AnnData(X=slide.X[order], obs=obs, var=slide.var.copy()),
-        region="spots",
-        region_key="region",
-        instance_key="spot_id",
-    )
-    sdata = sd.SpatialData(
-        images={"demo_hires_image": image}, shapes={"spots": circles}, tables={"table": table}
-    )
-    return sdata, order
+from spatialdata_testdata import MICRONS_PER_FULLRES_PIXEL, ORIGIN, make_sdata
 
 
 @pytest.fixture(scope="module")
 def store(demo, tmp_path_factory):
     slide, _ = demo
-    sdata, order = _make_sdata(slide)
+    sdata, order = make_sdata(slide)
     path = tmp_path_factory.mktemp("sdata") / "slide.zarr"
     sdata.write(path)
     return path, order
@@ -240,3 +183,20 @@ def test_missing_extra_is_our_error(monkeypatch, store):
     monkeypatch.setattr(builtins, "__import__", no_spatialdata)
     with pytest.raises(SpatialDataError, match=r'pip install "napari-stlnmf\[spatialdata\]"'):
         io.read_slide(store[0])
+
+
+@pytest.mark.parametrize("region", ["squares", "spot_points"])
+def test_squares_and_points_read_like_circles(store, region):
+    from spatialdata_testdata import with_squares_and_points
+
+    sdata = with_squares_and_points(sd.read_zarr(store[0]))
+    circles = io.read_spatialdata(sdata, region="spots")
+    other = io.read_spatialdata(sdata, region=region)
+    assert list(other.obs_names) == list(circles.obs_names)
+    np.testing.assert_allclose(other.obsm["spatial"], circles.obsm["spatial"], atol=1e-6)
+    np.testing.assert_array_equal(other.X.toarray(), circles.X.toarray())
+    if region == "squares":  # a circle of the square's area
+        ratio = io.spot_diameter(other) / io.spot_diameter(circles)
+        assert ratio == pytest.approx(2 / np.sqrt(np.pi))
+    with pytest.raises(SpatialDataError, match=r"'spots', 'squares', 'spot_points'.*region="):
+        io.read_spatialdata(sdata)
