@@ -55,6 +55,7 @@ __all__ = [
     "slide_on_image",
     "spot_diameter",
     "spots_from_spatialdata_layer",
+    "write_results_to_spatialdata_layer",
     "zero_transparent_colormap",
 ]
 
@@ -392,6 +393,24 @@ def spots_from_spatialdata_layer(data, metadata, *, sizes=None):
         "path": "",
     }
     return out
+
+
+def write_results_to_spatialdata_layer(metadata, result) -> str:
+    """Write ``result`` into the table of a napari-spatialdata layer's SpatialData (in memory;
+    :func:`~napari_stlnmf.io.write_spatialdata_results`) and refresh the layer's
+    ``metadata['adata']`` so napari-spatialdata colours the layer by the new columns. Returns
+    the table's name."""
+    import spatialdata as sd
+
+    sdata = metadata["sdata"]
+    io.write_spatialdata_results(sdata, result, save=False)
+    table = result.adata.uns[SOURCE_KEY]["table"] or next(iter(sdata.tables))
+    _, joined = sd.join_spatialelement_table(
+        sdata=sdata, spatial_element_names=metadata["name"], table_name=table,
+        how="left", match_rows="left",
+    )  # fmt: skip
+    metadata["adata"] = joined
+    return table
 
 
 def _element_or_none(metadata):

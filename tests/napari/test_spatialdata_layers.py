@@ -23,6 +23,7 @@ from napari_stlnmf.layers import (
     result_layers,
     slide_on_image,
     spots_from_spatialdata_layer,
+    write_results_to_spatialdata_layer,
 )
 
 
@@ -164,10 +165,49 @@ def test_deconvolve_layers_and_write_back_to_their_sdata(demo, store):
     )
     # drawn where the image layer is: image pixels -> world by the image layer's own transform
     np.testing.assert_allclose(layers[0][1]["affine"], layer_to_world(image))
-    io.write_spatialdata_results(spots.metadata["sdata"], result)
+    assert write_results_to_spatialdata_layer(spots.metadata, result) == "table"
+    assert f"stlnmf_{result.proportions.columns[0]}" in spots.metadata["adata"].obs
     table = sdata.tables["table"]
     for t in result.proportions.columns:
         by_id = table.obs.set_index(table.obs["spot_id"].astype(str))[f"stlnmf_{t}"]
         np.testing.assert_allclose(
             by_id.loc[result.proportions.index].to_numpy(), result.proportions[t].to_numpy()
         )
+
+
+def test_widget_deconvolves_napari_spatialdata_layers(
+    make_napari_viewer, qtbot, store, monkeypatch
+):
+    import napari_stlnmf._napari.widget as w
+    from napari_stlnmf.datasets import DEMO_REFERENCE
+
+    errors = []
+    monkeypatch.setattr(w, "show_error", lambda msg: errors.append(str(msg)))
+    viewer = make_napari_viewer()
+    sdata = sd.read_zarr(store)
+    image = viewer.add_layer(image_layer(sdata))
+    viewer.add_layer(napari.layers.Image(np.zeros((5, 5))))  # an unrelated image
+    spots = viewer.add_layer(circles_layer(sdata))
+    _, widget = viewer.window.add_plugin_dock_widget("napari-stlnmf", "Deconvolve (STL NMF)")
+    assert widget.spots.value is spots
+    assert widget.image.value is image  # the image of the same SpatialData
+    widget.reference.value = str(DEMO_REFERENCE)
+    widget.cell_type_key.value = "cell_type"
+    job = widget._job()
+    expected = io.read_slide(store)
+    np.testing.assert_allclose(
+        job.slide[expected.obs_names].obsm["spatial"], expected.obsm["spatial"], atol=0.51
+    )
+    widget.start()
+    qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
+    assert not errors, errors
+    types = [str(t) for t in widget.last_result.proportions.columns]
+    assert f"stlnmf_{types[0]}" in sdata.tables["table"].obs  # napari-spatialdata can colour
+    assert "Added to table 'table'" in widget.status.value
+    first = viewer.layers[types[0]]
+    k = 3  # a result spot lands on its circle in world coordinates
+    instance = widget.last_result.proportions.index[k]
+    row = [str(i) for i in spots.metadata["indices"]].index(instance)
+    np.testing.assert_allclose(
+        first.data_to_world(first.data[k]), spots.data_to_world(spots.data[row]), atol=0.51 * 3.2
+    )

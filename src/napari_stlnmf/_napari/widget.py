@@ -44,6 +44,7 @@ from ..layers import (
     slide_for_deconvolution,
     slide_on_image,
     spots_from_spatialdata_layer,
+    write_results_to_spatialdata_layer,
 )
 from ..progress import stage_label
 
@@ -61,6 +62,7 @@ class Job:
     kwargs: dict = field(default_factory=dict)
     source: str = ""
     spots_name: str = ""
+    spatialdata_layer: object = None  # napari-spatialdata's spots: results go into its table
 
 
 def run_deconvolution(job: Job, progress=None, should_stop=None):
@@ -332,6 +334,7 @@ class DeconvolveWidget(Container):
             kwargs=kwargs,
             source=spots.metadata.get(SLIDE_TAG, {}).get("slide_id") or f"layer-{id(spots)}",
             spots_name=spots.name,
+            spatialdata_layer=None if SLIDE_TAG in spots.metadata else spots,
         )
 
     @staticmethod
@@ -455,6 +458,13 @@ class DeconvolveWidget(Container):
         if n_missing:
             msg += f" {n_missing} spots without estimate (NaN, see qc)."
             show_warning(f"{n_missing} spots have no estimate (no counts on the selected genes).")
+        if job.spatialdata_layer is not None:
+            try:
+                table = write_results_to_spatialdata_layer(job.spatialdata_layer.metadata, result)
+            except (StlnmfError, ImportError, ValueError) as err:
+                show_warning(f"The results could not be added to the SpatialData table: {err}")
+            else:
+                msg += f" Added to table {table!r} as obs['stlnmf_<type>'] (in memory)."
         self.status.value = msg
         self.legend.value = _legend_html(types)
         self.progress.value = self.progress.max
