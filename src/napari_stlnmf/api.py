@@ -119,8 +119,10 @@ def deconvolve(
     ----------
     slide
         AnnData (spots x genes, raw counts; ``obsm['spatial']`` = (x, y) in full-resolution
-        pixels; optional ``uns['spatial'][library]`` images and scale factors) or a path
-        that :func:`napari_stlnmf.io.read_slide` reads.
+        pixels; optional ``uns['spatial'][library]`` images and scale factors), a path
+        that :func:`napari_stlnmf.io.read_slide` reads (a SpatialData ``.zarr`` included) or a
+        SpatialData object (:func:`napari_stlnmf.io.read_spatialdata`; write the results back
+        with :func:`napari_stlnmf.io.write_spatialdata_results`).
     reference
         Single-cell AnnData (with ``obs[cell_type_key]``), a signature DataFrame
         (genes x types), or a path to either.

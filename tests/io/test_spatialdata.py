@@ -6,7 +6,6 @@ Visium slide.
 
 from __future__ import annotations
 
-import builtins
 import os
 
 import numpy as np
@@ -170,19 +169,6 @@ def test_rows_without_geometry_are_named(store):
     sdata.shapes["spots"] = sdata.shapes["spots"].iloc[5:]
     with pytest.raises(CoordinateError, match="5 of 836 rows"):
         io.read_spatialdata(sdata)
-
-
-def test_missing_extra_is_our_error(monkeypatch, store):
-    real_import = builtins.__import__
-
-    def no_spatialdata(name, *args, **kwargs):
-        if name == "spatialdata" or name.startswith("spatialdata."):
-            raise ImportError(f"No module named {name!r}")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_spatialdata)
-    with pytest.raises(SpatialDataError, match=r'pip install "napari-stlnmf\[spatialdata\]"'):
-        io.read_slide(store[0])
 
 
 @pytest.mark.parametrize("region", ["squares", "spot_points"])
