@@ -3,8 +3,10 @@
 World coordinates are the slide's full-resolution pixels, in napari's (row, col) = (y, x)
 order: spots sit at ``obsm['spatial'][:, ::-1]`` and the tissue image gets
 ``scale = 1 / scalefactor`` so image pixel ``spatial * scalefactor`` lands on the spot.
-Spots are drawn :func:`napari_stlnmf.io.spot_diameter` wide (``spot_diameter_fullres``, else
-estimated from the spacing), the same size as in the PNG maps of :mod:`napari_stlnmf.plotting`.
+Spots are drawn as discs :func:`napari_stlnmf.io.spot_diameter` wide (``spot_diameter_fullres``,
+else estimated from the spacing), the same size as in the PNG maps of
+:mod:`napari_stlnmf.plotting`; Visium HD bins as squares of their true side,
+:func:`napari_stlnmf.io.square_bin_size` (``bin_size_um / microns_per_pixel``).
 
 A slide read from a SpatialData store carries ``metadata['world_affine']`` in its library (the
 (x, y) affine from ``obsm['spatial']`` to the store's coordinate system): the layers then get it
@@ -54,6 +56,7 @@ __all__ = [
     "slide_layers",
     "slide_on_image",
     "spot_diameter",
+    "spot_symbol",
     "spots_from_spatialdata_layer",
     "write_results_to_spatialdata_layer",
     "zero_transparent_colormap",
@@ -123,9 +126,18 @@ def _display_library(adata, library_id=None) -> str | None:
 
 
 def spot_diameter(adata, library_id=None) -> float:
-    """Spot size of the layers, in full-resolution pixels: :func:`napari_stlnmf.io.spot_diameter`
-    of the library shown (the first one when there are several and ``library_id`` is None)."""
-    return io.spot_diameter(adata, _display_library(adata, library_id))
+    """Spot size of the layers, in full-resolution pixels, for the library shown (the first one
+    when there are several and ``library_id`` is None): the side of Visium HD bins
+    (:func:`napari_stlnmf.io.square_bin_size`), else :func:`napari_stlnmf.io.spot_diameter`."""
+    lib = _display_library(adata, library_id)
+    side = None if lib is None else io.square_bin_size(adata, lib)
+    return side if side is not None else io.spot_diameter(adata, lib)
+
+
+def spot_symbol(adata, library_id=None) -> str:
+    """The napari Points symbol of the spots: ``'square'`` for Visium HD bins, else ``'disc'``."""
+    lib = _display_library(adata, library_id)
+    return "disc" if lib is None or io.square_bin_size(adata, lib) is None else "square"
 
 
 def _spots_yx(adata) -> np.ndarray:
@@ -212,6 +224,7 @@ def slide_layers(
                 "name": f"{name} spots",
                 "features": _obs_features(adata),
                 "size": spot_diameter(adata, lib),
+                "symbol": spot_symbol(adata, lib),
                 "face_color": [1.0, 1.0, 1.0, 0.25],
                 "border_color": [1.0, 1.0, 1.0, 0.8],
                 "border_width": 0.08,
@@ -255,6 +268,11 @@ def slide_for_deconvolution(adata, image=None, *, scale=None, translate=None, li
     scalefactors = {"tissue_hires_scalef": 1.0 / sx}
     if diameter:
         scalefactors["spot_diameter_fullres"] = diameter
+    if lib is not None and io.square_bin_size(adata, lib) is not None:
+        # Visium HD bins stay square bins of their size for the graph
+        stored = io.get_library(adata, lib)[1]["scalefactors"]
+        for key in ("bin_size_um", "microns_per_pixel"):
+            scalefactors[key] = float(stored[key])
     lib = lib or "napari"
     out = ad.AnnData(
         X=adata.X,
@@ -526,7 +544,8 @@ def result_layers(
             "cell_types": types,
         }
 
-    common = {"size": size, "border_width": 0.0, "opacity": 0.95}
+    symbol = spot_symbol(slide, library_id)
+    common = {"size": size, "symbol": symbol, "border_width": 0.0, "opacity": 0.95}
     if (affine := _world_affine(slide, library_id)) is not None:
         common["affine"] = affine
     cmap = zero_transparent_colormap()

@@ -129,8 +129,20 @@ class DeconvolveWidget(Container):
             label="open slide",
             mode="r",
             filter="*.h5ad",
-            tooltip="Open an .h5ad slide (or use File > Open Folder on "
-            "a Space Ranger outs/ folder)",
+            tooltip="Open an .h5ad slide (Space Ranger folders: 'open folder' below)",
+        )
+        self.slide_folder = FileEdit(
+            label="open folder",
+            mode="d",
+            tooltip="Open a Space Ranger folder: Visium outs/, or Visium HD (the sample, outs/, "
+            "binned_outputs/, one square_XXXum/ or segmented_outputs/) at the bin size below",
+        )
+        self.bin_size = SpinBox(
+            label="HD bin size (µm)",
+            value=8,
+            min=1,
+            max=1000,
+            tooltip="Visium HD: the square_XXXum/ bins to open (Space Ranger writes 2, 8, 16)",
         )
         self.spots = ComboBox(
             label="spots",
@@ -188,6 +200,8 @@ class DeconvolveWidget(Container):
         self.extend(
             [
                 self.slide_file,
+                self.slide_folder,
+                self.bin_size,
                 self.spots,
                 self.image,
                 self.reference,
@@ -206,6 +220,7 @@ class DeconvolveWidget(Container):
         )
 
         self.slide_file.changed.connect(self._on_slide_file)
+        self.slide_folder.changed.connect(self._on_slide_folder)
         self.reference.changed.connect(lambda _=None: self._on_reference())
         self.spots.changed.connect(lambda _=None: self._on_spots())
         self.train.changed.connect(lambda v: setattr(self.train_epochs, "enabled", bool(v)))
@@ -299,6 +314,27 @@ class DeconvolveWidget(Container):
             show_error(f"Could not open {path}: {err}")
             return
         for layer in layers:
+            if isinstance(layer, napari.layers.Points) and SLIDE_TAG in layer.metadata:
+                self.spots.value = layer
+
+    def _on_slide_folder(self, value=None):
+        """Open a Space Ranger folder; Visium HD bins at the chosen bin size (napari's own
+        File > Open Folder cannot ask for one, so the widget reads the layers itself)."""
+        from ..io import visium_hd
+        from .reader import read_slide_layers
+
+        path = self.slide_folder.value
+        if path is None or str(path) in ("", "."):
+            return
+        path = Path(path)
+        bin_size = self.bin_size.value if visium_hd.has_bins(path) else None
+        try:
+            layers = read_slide_layers(path, bin_size=bin_size)
+        except Exception as err:  # noqa: BLE001 -- any reader error: tell the user
+            show_error(f"Could not open {path}: {err}")
+            return
+        for data, kwargs, kind in layers:
+            layer = self._viewer.add_layer(napari.layers.Layer.create(data, kwargs, kind))
             if isinstance(layer, napari.layers.Points) and SLIDE_TAG in layer.metadata:
                 self.spots.value = layer
 
