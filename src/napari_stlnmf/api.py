@@ -126,8 +126,10 @@ def deconvolve(
     ----------
     slide
         AnnData (spots x genes, raw counts; ``obsm['spatial']`` = (x, y) in full-resolution
-        pixels; optional ``uns['spatial'][library]`` images and scale factors) or a path
-        that :func:`napari_stlnmf.io.read_slide` reads.
+        pixels; optional ``uns['spatial'][library]`` images and scale factors), a path
+        that :func:`napari_stlnmf.io.read_slide` reads (a SpatialData ``.zarr`` included) or a
+        SpatialData object (:func:`napari_stlnmf.io.read_spatialdata`; write the results back
+        with :func:`napari_stlnmf.io.write_spatialdata_results`).
     bin_size
         Visium HD folder given as a path: the bins to read, in µm (default 8). Square bins
         are linked to their whole 8-ring in the graph (``n_neighbors=4``: the 4 sides).

@@ -154,7 +154,8 @@ class DeconvolutionSettings:
 
 def load_slide(slide, coords=None, bin_size: float | None = None):
     """The slide as an AnnData: a path is read with :func:`napari_stlnmf.io.read_slide`
-    (``bin_size``: the Visium HD bins to read, µm)."""
+    (``bin_size``: the Visium HD bins to read, µm), a SpatialData with
+    :func:`napari_stlnmf.io.read_spatialdata`."""
     import anndata as ad
 
     if isinstance(slide, (str, Path)):
@@ -167,9 +168,11 @@ def load_slide(slide, coords=None, bin_size: float | None = None):
         )
     if isinstance(slide, ad.AnnData):
         return slide
+    if io.spatialdata.is_spatialdata(slide):
+        return io.read_spatialdata(slide)
     raise StlnmfError(
-        f"slide must be an AnnData or a path (.h5ad, Space Ranger outs/ folder, counts CSV), "
-        f"not {type(slide).__name__}"
+        "slide must be an AnnData, a SpatialData or a path (.h5ad, Space Ranger outs/ folder, "
+        f"counts CSV, SpatialData .zarr), not {type(slide).__name__}"
     )
 
 

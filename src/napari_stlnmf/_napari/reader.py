@@ -1,10 +1,12 @@
 """napari reader: every registered slide format whose files place the spots themselves.
 
 Today: Space Ranger ``outs/`` folders (Visium, and Visium HD at the default 8 µm bins; the
-widget's "open folder" with its bin size chooses another) and ``.h5ad`` slides with
-``obsm['spatial']`` (see :mod:`napari_stlnmf.io.registry`). Opens the tissue image (scaled to
-full-resolution pixels) and the spots as a Points layer (HD bins as squares); an ``.h5ad``
-written by this plugin's writer also brings back the result layers.
+widget's "open folder" with its bin size chooses another), ``.h5ad`` slides with
+``obsm['spatial']`` and SpatialData ``.zarr`` stores (with ``napari-stlnmf[spatialdata]``; see
+:mod:`napari_stlnmf.io.registry`). Opens the tissue image (scaled to full-resolution pixels; for
+SpatialData, placed in the store's 'global' coordinate system like napari-spatialdata's layers)
+and the spots as a Points layer (HD bins as squares); an ``.h5ad`` written by this plugin's
+writer, or a store whose table holds results, also brings back the result layers.
 """
 
 from __future__ import annotations

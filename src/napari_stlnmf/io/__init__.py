@@ -21,12 +21,13 @@ side in pixels (:func:`square_bin_size`; layers draw squares of it). Space Range
 (``obs['cell_area']``, ``obs['cell_diameter']`` in full-resolution pixels).
 
 Each slide format is one module (:mod:`.h5ad`, :mod:`.visium_hd`, :mod:`.spaceranger`,
-:mod:`.table`) registered below; :func:`read_slide` and the napari reader both go through
+:mod:`.table`, :mod:`.spatialdata` for SpatialData ``.zarr`` stores with the optional extra)
+registered below; :func:`read_slide` and the napari reader both go through
 the registry (:mod:`.registry`). The user's objects and files are never modified: readers
 return new objects and the ``validate_*`` / ``check_*`` functions only read.
 """
 
-from . import h5ad, spaceranger, table, visium_hd
+from . import h5ad, spaceranger, spatialdata, table, visium_hd
 from .library import (
     SPOT_DIAMETER_PER_SPACING,
     check_image_covers_spots,
@@ -45,6 +46,7 @@ from .registry import (
     unregister_slide_format,
 )
 from .slide import read_slide
+from .spatialdata import read_spatialdata, write_spatialdata_results
 from .validate import validate_reference, validate_slide
 
 __all__ = [
@@ -57,6 +59,7 @@ __all__ = [
     "get_library",
     "read_reference",
     "read_slide",
+    "read_spatialdata",
     "reference_columns",
     "register_slide_format",
     "slide_formats",
@@ -65,6 +68,7 @@ __all__ = [
     "unregister_slide_format",
     "validate_reference",
     "validate_slide",
+    "write_spatialdata_results",
 ]
 
 # tried in this order; the descriptions make up the "supported inputs" of error messages
@@ -73,3 +77,4 @@ register_slide_format(h5ad.FORMAT)
 register_slide_format(visium_hd.FORMAT)
 register_slide_format(spaceranger.FORMAT)
 register_slide_format(table.FORMAT)
+register_slide_format(spatialdata.FORMAT)
