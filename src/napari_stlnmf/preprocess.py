@@ -257,6 +257,30 @@ def detection_rate(reference: Reference) -> np.ndarray | None:
     return (np.asarray(detected.todense()) / n_cells[:, None]).T
 
 
+def profile_sampling_variance(reference: Reference, genes: np.ndarray) -> np.ndarray | None:
+    """genes x types: the relative sampling variance of each type's mean profile at the genes
+    (positions in the reference), ``Var(cells' normalised expression) / (n_cells · mean²)``.
+    A profile averaged over a few cells is that far from its type's (None for a signature
+    table: its error is unknown)."""
+    if reference.cell_counts is None or reference.cell_labels is None:
+        return None
+    counts = sp.csr_matrix(reference.cell_counts)
+    labels = np.asarray(reference.cell_labels)
+    n_types = reference.profiles.shape[1]
+    lib = np.maximum(np.asarray(counts.sum(1)).ravel(), 1e-12)
+    norm = (sp.diags(1.0 / lib) @ counts[:, genes]).tocsr()
+    member = sp.csr_matrix(
+        (np.ones(labels.size), (labels, np.arange(labels.size))), shape=(n_types, labels.size)
+    )
+    n_cells = np.maximum(np.asarray(member.sum(1)).ravel(), 1.0)
+    mean = np.asarray((member @ norm).todense()) / n_cells[:, None]
+    mean_sq = np.asarray((member @ norm.multiply(norm)).todense()) / n_cells[:, None]
+    var = np.maximum(mean_sq - mean**2, 0.0) * (n_cells / np.maximum(n_cells - 1, 1))[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(mean > 0, var / (n_cells[:, None] * mean**2), 0.0)
+    return rel.T
+
+
 def select_marker_genes(
     reference: Reference,
     *,
@@ -316,6 +340,8 @@ class Prepared:
     spot_mask: np.ndarray  # spots of the slide kept (with counts on the selected genes)
     library_size: np.ndarray  # counts per kept spot on the selected genes
     info: dict = field(default_factory=dict)
+    # genes x types: relative sampling variance of B's entries (None for a signature table)
+    profile_variance: np.ndarray | None = None
 
 
 def with_platform_effect(prep: Prepared, log_factor: np.ndarray) -> Prepared:
@@ -465,4 +491,5 @@ def prepare(
             "n_spots_used": int(spot_mask.sum()),
             "n_spots_empty": n_empty,
         },
+        profile_variance=profile_sampling_variance(reference, ri),
     )
