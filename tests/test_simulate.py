@@ -60,3 +60,13 @@ def test_signature_only_reference_simulates(demo_reference):
     assert sig.cell_counts is None
     sim = simulate_slide(hex_layout(6, 6), sig, seed=0)
     assert sim.counts.sum() > 0
+
+
+def test_near_pure_spots_hold_one_or_two_types_in_few_regions():
+    xy = hex_layout(22, 22)
+    for seed in range(3):
+        prob = simulate_proportions(xy, 10, kind="near_pure", rng=seed)
+        n_types = (prob > 0).sum(1)
+        assert n_types.min() == 1 and n_types.max() == 2
+        assert 3 <= len(np.unique(prob.argmax(1))) <= 6
+        np.testing.assert_allclose(prob.sum(1), 1.0)

@@ -106,14 +106,16 @@ def quick_fit(prepared: Prepared, rows: np.ndarray, *, device=None) -> np.ndarra
     return V / np.maximum(V.sum(1, keepdims=True), 1e-12)
 
 
-def _log_ratio_spread(observed: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, float]:
+def _log_ratio_spread(
+    observed: np.ndarray, predicted: np.ndarray, noise_var: np.ndarray
+) -> tuple[np.ndarray, float]:
     """Per-gene log(observed / predicted slide total), centred on its median, and its robust
-    variance (MAD²) minus the Poisson part of the totals (var of log ≈ 1/count): the spread of a
-    per-gene platform effect."""
+    variance (MAD²) minus the noise part (``noise_var`` per gene): the spread of a per-gene
+    platform effect."""
     r = np.log(observed / predicted)
     r = r - np.median(r)
     spread = 1.4826 * float(np.median(np.abs(r)))
-    return r, max(spread**2 - float(np.median(1.0 / observed)), 0.0)
+    return r, max(spread**2 - float(np.median(noise_var)), 0.0)
 
 
 def _slide_totals(X, lib: np.ndarray) -> np.ndarray:
@@ -124,7 +126,13 @@ def _slide_totals(X, lib: np.ndarray) -> np.ndarray:
 
 
 def estimate_platform_effect(
-    X, library_size: np.ndarray, B: np.ndarray, V: np.ndarray, *, min_count: float = 20.0
+    X,
+    library_size: np.ndarray,
+    B: np.ndarray,
+    V: np.ndarray,
+    *,
+    min_count: float = 20.0,
+    profile_variance: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per-gene log factor by which the slide's platform measures each gene differently from
     the reference (as RCTD's platform-effect fit), from the slide totals: observed
@@ -134,16 +142,27 @@ def estimate_platform_effect(
     (``r σ² / (σ² + 1/count)``, σ² the spread beyond that noise), so a slide without a platform
     effect gets factors of ~1, and genes with few counts are left alone. ``X`` may be sparse
     (never densified); ``V`` are mRNA fractions over the same genes.
+
+    With ``profile_variance`` (genes x types, the relative sampling variance of B's entries:
+    profiles averaged over few reference cells) the prediction's own error joins the noise: it
+    is shared by every spot, so no slide size averages it away, and without it a rare type's
+    profile error reads as a platform effect on its genes (which then moves every type).
     """
     lib = np.asarray(library_size, dtype=np.float64)
     obs = _slide_totals(X, lib)
-    pred = np.asarray(B, dtype=np.float64) @ (np.asarray(V, dtype=np.float64).T @ lib)
+    B = np.asarray(B, dtype=np.float64)
+    type_totals = np.asarray(V, dtype=np.float64).T @ lib
+    pred = B @ type_totals
     ok = (obs >= min_count) & (pred > 0)
     out = np.zeros(obs.size)
     if ok.sum() < 10:
         return out
-    r, sigma2 = _log_ratio_spread(obs[ok], pred[ok])
     noise_var = 1.0 / obs[ok]
+    if profile_variance is not None:
+        # var of log pred ≈ Σ_t (share of pred from type t)² · relative variance of B_gt
+        from_type = B[ok] * type_totals[None, :] / pred[ok][:, None]
+        noise_var = noise_var + (from_type**2 * profile_variance[ok]).sum(1)
+    r, sigma2 = _log_ratio_spread(obs[ok], pred[ok], noise_var)
     out[ok] = r * sigma2 / (sigma2 + noise_var)
     return np.clip(out, -3.0, 3.0)
 
@@ -165,7 +184,7 @@ def estimate_noise(
     ok = (tot_o > 20) & (tot_m > 0)
     if ok.sum() < 10:
         return SlideNoise()
-    r, sigma2 = _log_ratio_spread(tot_o[ok], tot_m[ok])
+    r, sigma2 = _log_ratio_spread(tot_o[ok], tot_m[ok], 1.0 / tot_o[ok])
     sigma = float(np.sqrt(sigma2))
     # remove the platform effect first; the dense spots x genes work is done in place
     factor = np.ones(B.shape[0])
@@ -312,7 +331,9 @@ def fit_platform_effect(
     current = prepared
     for _ in range(PLATFORM_PASSES):
         V = quick_fit(current, rows, device=device)
-        log_factor = log_factor + estimate_platform_effect(X, lib, current.B, V)
+        log_factor = log_factor + estimate_platform_effect(
+            X, lib, current.B, V, profile_variance=prepared.profile_variance
+        )
         current = with_platform_effect(prepared, log_factor)
     if refine_with is None or refine_passes == 0:
         return current, log_factor
@@ -333,7 +354,9 @@ def fit_platform_effect(
         # of the whole factor against the reference's own profiles
         type_total = (prepared.B.astype(np.float64) * np.exp(log_factor)[:, None]).sum(0)
         V_raw = V / V.sum(1, keepdims=True) / type_total[None, :]
-        log_factor = estimate_platform_effect(X, lib, prepared.B, V_raw)
+        log_factor = estimate_platform_effect(
+            X, lib, prepared.B, V_raw, profile_variance=prepared.profile_variance
+        )
         current = with_platform_effect(prepared, log_factor)
     return current, log_factor
 

@@ -17,7 +17,7 @@ from .preprocess import Reference
 
 __all__ = ["SimulatedSlide", "simulate_counts", "simulate_proportions", "simulate_slide"]
 
-KINDS = ("smooth", "regions", "gradient")
+KINDS = ("smooth", "regions", "gradient", "near_pure")
 
 
 @dataclass
@@ -49,6 +49,41 @@ def _kmeans_labels(features, k, rng, n_iter=15):
     return lab
 
 
+def _near_pure_proportions(u, n_types, extent, min_fraction, rng) -> np.ndarray:
+    """1-2 types per spot: a region's type plus one minor type with a small random share."""
+    n = len(u)
+    n_regions = int(min(rng.integers(3, 7), n, max(n_types, 2)))
+    centres = u[rng.choice(n, size=n_regions, replace=False)]
+    warp = _random_fields(u, 2, extent * 0.3, rng) * extent * 0.05
+    w = u + warp
+    d2 = ((w[:, None, :] - centres[None]) ** 2).sum(2)
+    region = d2.argmin(1)
+    # distance (in spot spacings) to the bisector with every other region's centre
+    gap = np.linalg.norm(centres[:, None] - centres[None], axis=2)
+    to_boundary = (d2 - d2[np.arange(n), region][:, None]) / np.maximum(2 * gap[region], 1e-9)
+    to_boundary[np.arange(n), region] = np.inf
+    neighbour = to_boundary.argmin(1)
+    boundary_distance = to_boundary[np.arange(n), neighbour]
+    dominant = rng.choice(n_types, size=n_regions, replace=n_regions > n_types)
+    secondary = (dominant + rng.integers(1, max(n_types, 2), size=n_regions)) % n_types
+    pure_rate = rng.uniform(0.2, 0.6, size=n_regions)  # spots holding one type only
+    max_share = rng.uniform(0.1, 0.35, size=n_regions)
+    width = rng.uniform(1.0, 3.0)  # boundary band, spot spacings
+    share = rng.uniform(0.0, 1.0, size=n) * max_share[region]
+    share[rng.random(n) < pure_rate[region]] = 0.0
+    minor = secondary[region]
+    near = boundary_distance < width
+    # at the boundary both regions' types meet (up to half each)
+    blend = 0.5 * (1.0 - boundary_distance / width) * rng.uniform(0.6, 1.0, size=n)
+    share = np.where(near, np.maximum(blend, share * 0.5), share)
+    minor = np.where(near, dominant[neighbour], minor)
+    share = np.where(share >= min_fraction, share, 0.0)
+    prob = np.zeros((n, n_types))
+    prob[np.arange(n), dominant[region]] = 1.0 - share
+    prob[np.arange(n), minor] += share  # minor == dominant (few types) just adds back
+    return prob
+
+
 def simulate_proportions(
     coords,
     n_types: int,
@@ -66,7 +101,9 @@ def simulate_proportions(
         ``'smooth'``: softmax of smooth random fields (patches and gradients of mixtures);
         ``'regions'``: a few tissue regions, each dominated by one type (near one-hot, as in
         the original paper) — following the image features when given; ``'gradient'``:
-        smooth linear trends between types (layered tissue).
+        smooth linear trends between types (layered tissue); ``'near_pure'``: 3-6 contiguous
+        regions, each spot holding its region's type and at most one other (the region's
+        secondary type, or the neighbouring region's type near a boundary): 1-2 types per spot.
     """
     rng = np.random.default_rng(rng)
     xy = np.asarray(coords, dtype=np.float64)[:, :2]
@@ -102,6 +139,9 @@ def simulate_proportions(
         width = rng.uniform(0.1, 0.35, size=n_types)
         logits = -((s[:, None] - centres[None]) ** 2) / (2 * width**2)
         logits += _random_fields(u, n_types, extent * 0.2, rng) * 0.5
+    elif kind == "near_pure":
+        # returned directly: the softmax below would give every type a small share
+        return _near_pure_proportions(u, n_types, extent, min_fraction, rng)
     else:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
     logits = logits - logits.max(1, keepdims=True)
