@@ -22,6 +22,14 @@ from ._constants import (
 
 DOMINANT_TYPE_SUFFIX = "dominant_type"  # obs column: prefix + this
 from .calibration import calibrate
+from .checks import (
+    check_callbacks,
+    check_cell_types_not_ids,
+    check_reference_is_not_slide,
+    check_signature_orientation,
+    check_slide_arguments,
+)
+from .io._util import table_suffix
 from .model import EntryNoise, UnrolledNMF, pick_device
 from .pipeline import (
     DeconvolutionSettings,
@@ -239,9 +247,13 @@ def run_deconvolution(
     (which also holds the advanced ones): read the inputs once, then fit each library of the
     slide (:func:`~.pipeline.slide_libraries`) with the method's steps."""
     t_start = time.perf_counter()
+    check_callbacks(progress, should_stop)
+    check_slide_arguments(slide, coords)
     report(progress, Stage.READING, 0, 1)
     adata = load_slide(slide, coords, bin_size)
     io.validate_slide(adata)
+    reference = _oriented_signature(reference, adata)
+    _check_cell_type_column(reference, cell_type_key, adata)
     ref = load_reference(reference, cell_type_key)
     check_stop(should_stop)
     fits = []
@@ -253,6 +265,34 @@ def run_deconvolution(
     result = _result(adata, fits, settings, seconds=time.perf_counter() - t_start)
     report(progress, Stage.DONE, 1, 1)
     return result
+
+
+def _oriented_signature(reference, adata):
+    """A signature table (a DataFrame or a table's path, read here) checked to have the
+    slide's genes as rows; other references are returned as given."""
+    if isinstance(reference, (str, Path)) and table_suffix(Path(reference)):
+        reference = io.read_reference(reference)
+    if isinstance(reference, pd.DataFrame):
+        check_signature_orientation(reference, adata.var_names)
+    return reference
+
+
+def _check_cell_type_column(reference, cell_type_key, adata) -> None:
+    """The single-cell reference is not the slide itself, and its cell-type column is not an id
+    column (only ``obs`` of an ``.h5ad`` path is read here)."""
+    import anndata as ad
+
+    obs = None
+    if isinstance(reference, ad.AnnData):
+        obs = reference.obs
+    elif isinstance(reference, (str, Path)) and str(reference).lower().endswith(".h5ad"):
+        io.reference.require_reference_file(Path(reference))
+        obs = io.reference._read_obs(Path(reference))
+    if obs is None:
+        return
+    check_reference_is_not_slide(obs.index, adata.obs_names)
+    if cell_type_key is not None and cell_type_key in obs:
+        check_cell_types_not_ids(obs[cell_type_key], cell_type_key)
 
 
 @dataclass
@@ -420,8 +460,27 @@ def _combined_info(infos: list[tuple[str | None, dict]], settings) -> dict:
 
 
 def type_columns(cell_types, prefix: str) -> dict[str, str]:
-    """The ``obs`` column of each type's proportion (``prefix + type``)."""
-    return {t: f"{prefix}{t}" for t in cell_types}
+    """The ``obs`` column of each type's proportion (``prefix + type``, in its
+    :func:`stored_type_names` spelling)."""
+    return {t: f"{prefix}{k}" for t, k in stored_type_names(cell_types).items()}
+
+
+def stored_type_names(cell_types) -> dict[str, str]:
+    """Each type's name as ``.h5ad`` can store it as a key: ``/`` (an HDF5 path separator,
+    which anndata is deprecating in keys) becomes ``_``, made unique by a suffix if that
+    collides. ``uns['stlnmf']['stored_type_names']`` records them (aligned with
+    ``'cell_types'``)."""
+    names = [str(t) for t in cell_types]
+    out, taken = {}, set()
+    for name in names:
+        key = name.replace("/", "_")
+        if key != name:
+            base, n = key, 2
+            while key in taken or (key in names and key != name):
+                key, n = f"{base}_{n}", n + 1
+        out[name] = key
+        taken.add(key)
+    return out
 
 
 def _annotated_copy(adata, result: DeconvolutionResult, *, obs_prefix: str = "stlnmf_"):
@@ -429,8 +488,11 @@ def _annotated_copy(adata, result: DeconvolutionResult, *, obs_prefix: str = "st
     ``obsm`` tables, and one ``obs`` column per type plus the dominant type, so that
     ``sc.pl.spatial(adata, color='stlnmf_<type>')`` and squidpy colour by them directly."""
     out = adata.copy()
-    out.obsm[PROPORTIONS_KEY] = result.proportions.set_axis(out.obs_names)
-    out.obsm[MRNA_FRACTIONS_KEY] = result.mrna_fractions.set_axis(out.obs_names)
+    stored = stored_type_names(result.proportions.columns)
+    out.obsm[PROPORTIONS_KEY] = result.proportions.set_axis(out.obs_names).rename(columns=stored)
+    out.obsm[MRNA_FRACTIONS_KEY] = result.mrna_fractions.set_axis(out.obs_names).rename(
+        columns=stored
+    )
     columns = type_columns(result.proportions.columns, obs_prefix)
     for t, column in columns.items():
         out.obs[column] = result.proportions[t].to_numpy()
@@ -438,6 +500,7 @@ def _annotated_copy(adata, result: DeconvolutionResult, *, obs_prefix: str = "st
     out.obs[FIT_ERROR_KEY] = result.fit_error.to_numpy()
     out.obs[QC_KEY] = pd.Categorical(result.qc.to_numpy())
     out.uns[UNS_KEY] = _h5ad_safe(dict(result.info))
+    out.uns[UNS_KEY]["stored_type_names"] = list(stored.values())
     return out
 
 

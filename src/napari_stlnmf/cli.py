@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .output_folder import check_output_folder, staged_results
 from .preprocess import GENE_WEIGHTINGS
 from .progress import Stage, stage_label
 
@@ -44,42 +45,53 @@ class _Progress:
             self.bar = None
 
 
-def write_results(result, out_dir, *, library_id=None, library_key=None, plots=True) -> list[Path]:
+def write_results(
+    result, out_dir, *, library_id=None, library_key=None, plots=True, previous=(), extras=None
+) -> list[Path]:
     """``proportions.csv`` (by barcode), ``mrna_fractions.csv``, ``spot_qc.csv``, ``result.h5ad``
     and maps (with ``library_key``: one folder of maps per library, as their coordinates may
-    overlap)."""
+    overlap). Everything is written under temporary names and renamed into place
+    (:func:`~.output_folder.staged_results`); ``previous`` files that the new run does not
+    replace are removed afterwards. ``extras``: ``{file name: writer(path)}`` written alike."""
+    with staged_results(Path(out_dir), list(previous)) as (out, written):
+        result.proportions.to_csv(out / "proportions.csv", index_label="barcode")
+        result.mrna_fractions.to_csv(out / "mrna_fractions.csv", index_label="barcode")
+        pd.DataFrame({"fit_error": result.fit_error, "qc": result.qc}).to_csv(
+            out / "spot_qc.csv", index_label="barcode"
+        )
+        if result.adata is not None:
+            result.adata.write_h5ad(out / "result.h5ad", compression="gzip")
+            if plots:
+                _plot_maps(result, out, library_id=library_id, library_key=library_key)
+        for name, writer in (extras or {}).items():
+            writer(out / name)
+    return written
+
+
+def _plot_maps(result, out: Path, *, library_id, library_key) -> None:
+    """The PNG maps; a slide whose image cannot be drawn gets a warning, not a lost run (the
+    tables are the results)."""
+    from .errors import StlnmfError
     from .plotting import plot_cell_type_maps
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    result.proportions.to_csv(out / "proportions.csv", index_label="barcode")
-    result.mrna_fractions.to_csv(out / "mrna_fractions.csv", index_label="barcode")
-    pd.DataFrame({"fit_error": result.fit_error, "qc": result.qc}).to_csv(
-        out / "spot_qc.csv", index_label="barcode"
-    )
-    written += [out / "proportions.csv", out / "mrna_fractions.csv", out / "spot_qc.csv"]
-    if result.adata is not None:
-        result.adata.write_h5ad(out / "result.h5ad", compression="gzip")
-        written.append(out / "result.h5ad")
-        if plots and library_key is None:
-            written += plot_cell_type_maps(
-                result.adata, result.proportions, out, library_id=library_id
+    try:
+        if library_key is None:
+            plot_cell_type_maps(result.adata, result.proportions, out, library_id=library_id)
+            return
+        samples = result.adata.obs[library_key].astype(str)
+        for name in pd.unique(samples):
+            rows = (samples == name).to_numpy()
+            images = result.adata.uns.get("spatial", {})
+            folder = out / f"maps_{name}"
+            folder.mkdir(exist_ok=True)
+            plot_cell_type_maps(
+                result.adata[rows],
+                result.proportions[rows],
+                folder,
+                library_id=name if name in images else None,
             )
-        elif plots:
-            samples = result.adata.obs[library_key].astype(str)
-            for name in pd.unique(samples):
-                rows = (samples == name).to_numpy()
-                images = result.adata.uns.get("spatial", {})
-                folder = out / f"maps_{name}"
-                folder.mkdir(exist_ok=True)
-                written += plot_cell_type_maps(
-                    result.adata[rows],
-                    result.proportions[rows],
-                    folder,
-                    library_id=name if name in images else None,
-                )
-    return written
+    except StlnmfError as exc:
+        print(f"warning: maps not drawn: {exc}", file=sys.stderr)
 
 
 def _proportion_or_auto(text: str):
@@ -145,6 +157,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results of an earlier run in --out (only its files are removed)",
+    )
 
 
 def _model_kwargs(a) -> dict:
@@ -180,6 +197,7 @@ def _run(a) -> int:
     if a.image is not None:
         io.check_image_covers_spots(slide)
     reference = io.read_reference(a.reference, cell_type_key=a.cell_type_key)
+    previous = check_output_folder(a.out, overwrite=a.overwrite)  # before the computation
     bar = _Progress(not a.quiet)
     try:
         result = deconvolve(
@@ -194,7 +212,9 @@ def _run(a) -> int:
         )
     finally:
         bar.close()
-    written = write_results(result, a.out, library_id=a.library_id, library_key=a.library_key)
+    written = write_results(
+        result, a.out, library_id=a.library_id, library_key=a.library_key, previous=previous
+    )
     for name, info in result.info.get("libraries", {None: result.info}).items():
         _print_run(info, f"library {name}: " if name is not None else "")
     print(f"wrote {len(written)} files to {a.out}")
@@ -224,6 +244,7 @@ def _demo(a) -> int:
     from .metrics import score
     from .plotting import plot_truth_vs_estimate
 
+    previous = check_output_folder(a.out, overwrite=a.overwrite)  # before the computation
     slide, reference = load_demo()
     truth = slide.obsm[TRUTH_KEY]
     bar = _Progress(not a.quiet)
@@ -233,10 +254,6 @@ def _demo(a) -> int:
         )
     finally:
         bar.close()
-    write_results(result, a.out)
-    plot_truth_vs_estimate(
-        result.adata, truth, result.proportions, Path(a.out) / "truth_vs_estimate.png"
-    )
     ours = score(result.proportions[truth.columns].to_numpy(), truth.to_numpy())
     rows = {
         "STL NMF ("
@@ -249,9 +266,13 @@ def _demo(a) -> int:
     size = f"{slide.n_obs} spots, {len(truth.columns)} cell types"
     print(f"\nDemo slide: {size}; scores against the true cell fractions")
     print(table.to_string(float_format=lambda v: f"{v:.4f}"))
-    (Path(a.out) / "demo_scores.json").write_text(
-        json.dumps({k: v for k, v in rows.items()}, indent=2)
-    )
+    extras = {
+        "truth_vs_estimate.png": lambda path: plot_truth_vs_estimate(
+            result.adata, truth, result.proportions, path
+        ),
+        "demo_scores.json": lambda path: path.write_text(json.dumps(rows, indent=2)),
+    }
+    write_results(result, a.out, previous=previous, extras=extras)
     print(f"\nresults in {a.out}/ (proportions.csv, result.h5ad, map_*.png, truth_vs_estimate.png)")
     return 0
 
@@ -325,7 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRACEBACK_ENV = "STLNMF_TRACEBACK"  # set to 1 to see the traceback of an unexpected error
+
+
 def main(argv=None) -> int:
+    """Exit codes: 0 done, 2 bad input (one message, no traceback), 1 an unexpected error
+    (one message; the traceback with ``STLNMF_TRACEBACK=1``), 130 interrupted."""
+    import os
+
     from .errors import StlnmfError
 
     args = build_parser().parse_args(argv)
@@ -334,6 +362,18 @@ def main(argv=None) -> int:
     except (StlnmfError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: no result file was left half-written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a user sees one line, never a traceback
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        print(
+            f"error: {type(exc).__name__}: {exc}\n(an input we do not check yet, or a bug: "
+            f"please report it; {TRACEBACK_ENV}=1 shows where it happened)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

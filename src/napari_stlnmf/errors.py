@@ -46,3 +46,8 @@ class FileFormatError(StlnmfError):
 class SpatialDataError(FileFormatError):
     """A SpatialData object or store cannot be read or written as asked (or spatialdata is
     not installed)."""
+
+
+class OutputFolderError(StlnmfError):
+    """The output folder cannot take the results: it is a file, lies under a file, is not
+    writable, or holds another run's results (the CLI's ``--overwrite`` replaces them)."""

@@ -28,6 +28,7 @@ from .calibration import (
     refinement_model,
     sample_rows,
 )
+from .checks import check_settings_values
 from .errors import StlnmfError
 from .graph import (
     SpatialGraph,
@@ -127,13 +128,11 @@ class DeconvolutionSettings:
     cell_subtypes: bool | str = "auto"
 
     def __post_init__(self):
+        check_settings_values(self)  # types and ranges of the numbers, the device
         if self.method not in ("unrolled", "classic"):
             raise StlnmfError(f"method must be 'unrolled' or 'classic', not {self.method!r}")
         if self.fractions not in ("cell", "mrna"):
             raise StlnmfError(f"fractions must be 'cell' or 'mrna', not {self.fractions!r}")
-        mp = self.min_proportion
-        if not (mp == "auto" or (isinstance(mp, (int, float)) and 0 <= mp < 1)):
-            raise StlnmfError(f"min_proportion must be 'auto' or a number in [0, 1), not {mp!r}")
         if self.cell_subtypes not in ("auto", True, False):
             raise StlnmfError(
                 f"cell_subtypes must be 'auto', True or False, not {self.cell_subtypes!r}"

@@ -53,14 +53,45 @@ def _sniff_sep(path: Path) -> str:
     return r"\s+"
 
 
+def _header(path: Path) -> str:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rt") as fh:
+        return fh.readline().rstrip("\n")
+
+
+def _has_decimal_commas(df: pd.DataFrame) -> bool:
+    """Text columns that all become numbers with ',' read as the decimal separator."""
+    text = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+    if not text:
+        return False
+    for column in text:
+        values = df[column].dropna().astype(str)
+        if not values.str.fullmatch(r"[-+]?\d+(,\d+)?([eE][-+]?\d+)?").all():
+            return False
+    return True
+
+
 def read_table(path: Path, sep: str | None) -> pd.DataFrame:
     """Read a delimited table with the first column as string index."""
     if sep is None:
         sep = _sniff_sep(path)
     try:
         df = pd.read_csv(path, sep=sep, index_col=0)
+    except pd.errors.EmptyDataError as err:
+        raise FileFormatError(
+            f"{str(path)!r} is empty: a table needs a header line and one row per entry."
+        ) from err
     except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError) as err:
         raise FileFormatError(f"Cannot read {str(path)!r} as a delimited table: {err}") from err
+    if df.shape[1] == 0:
+        raise FileFormatError(
+            f"{str(path)!r} reads as a single column (delimiter {sep!r}): its header "
+            f"{_header(path)[:80]!r} has no tab, comma, semicolon or space between the "
+            "columns. Save it as CSV (comma) or TSV (tab), or pass sep= to read_slide."
+        )
+    if sep == ";" and _has_decimal_commas(df):
+        # ';' with decimal commas is the spreadsheet export of comma-decimal locales
+        df = pd.read_csv(path, sep=sep, index_col=0, decimal=",")
     df.index = df.index.astype(str)
     df.columns = df.columns.astype(str)
     return df

@@ -29,13 +29,13 @@ def _pick_xy(df: pd.DataFrame, source: str) -> tuple[str, str]:
     for x, y in XY_COLUMNS:
         if x in lower and y in lower:
             return lower[x], lower[y]
-    numeric = [c for c in df.columns if pd.api.types.is_numeric_dtype(df[c])]
-    if len(df.columns) == 2 and len(numeric) == 2:
-        return numeric[0], numeric[1]
+    # two unnamed numeric columns are not guessed: which one is x (horizontal) is not known,
+    # and a swap mirrors the slide and misplaces the spots on the image without a word
     accepted = ", ".join(f"{x}/{y}" for x, y in XY_COLUMNS)
     raise CoordinateError(
         f"Cannot find spot coordinates in {source}: expected columns {accepted}; "
-        f"found {examples(df.columns, 10)}."
+        f"found {examples(df.columns, 10)}. Rename the two position columns to x "
+        "(horizontal, image column) and y (vertical, image row)."
     )
 
 

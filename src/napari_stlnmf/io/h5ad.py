@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._constants import SPATIAL_KEY
+from ..errors import FileFormatError
 from .coords import replace_positions
 from .registry import SlideFormat
 
@@ -28,13 +29,43 @@ def has_positions(path: Path) -> bool:
         return False
 
 
+def require_hdf5(path: Path, what: str) -> None:
+    """Raise FileFormatError unless ``path`` opens as an HDF5 file (an ``.h5ad`` that is
+    truncated, empty, or another format renamed fails here, not deep inside anndata)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r"):
+            pass
+    except OSError as err:
+        raise FileFormatError(
+            f"Cannot read {str(path)!r} as the {what}: it is not a readable .h5ad (HDF5) file "
+            f"({err}). The file may be truncated by an interrupted copy or download, or be "
+            "another format renamed to .h5ad: copy it again, or re-save it with "
+            "`adata.write_h5ad(path)`."
+        ) from err
+
+
+def read_h5ad_file(path: Path, what: str) -> AnnData:
+    """``anndata.read_h5ad`` with unreadable files reported as FileFormatError."""
+    import anndata as ad
+
+    require_hdf5(path, what)
+    try:
+        return ad.read_h5ad(path)
+    except (OSError, KeyError) as err:  # HDF5 but not AnnData's layout (e.g. a 10x .h5)
+        raise FileFormatError(
+            f"Cannot read {str(path)!r} as the {what}: it is HDF5 but not an AnnData .h5ad "
+            f"({type(err).__name__}: {err}). A 10x matrix .h5 is read from its Space Ranger "
+            "outs/ folder."
+        ) from err
+
+
 def read(
     path: Path, *, coords: Any = None, sep: str | None = None, **_other_options: Any
 ) -> AnnData:
     """Read the file; ``coords`` (if given) replace ``obsm['spatial']``."""
-    import anndata as ad
-
-    adata = ad.read_h5ad(path)
+    adata = read_h5ad_file(path, "slide")
     if coords is not None:
         replace_positions(adata, coords, sep, path.name)
     return adata

@@ -10,6 +10,7 @@ import pandas as pd
 
 from ..errors import FileFormatError
 from ._util import read_table, require_numeric, table_suffix
+from .h5ad import require_hdf5
 from .validate import candidate_columns, check_cell_type_key
 
 if TYPE_CHECKING:
@@ -42,8 +43,7 @@ def read_reference(path: str | Path, *, cell_type_key: str | None = None) -> Ann
         Unsupported file type or non-numeric signature table.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Reference file {str(path)!r} does not exist.")
+    require_reference_file(path)
     if path.suffix.lower() == ".h5ad":
         import anndata as ad
 
@@ -62,6 +62,20 @@ def read_reference(path: str | Path, *, cell_type_key: str | None = None) -> Ann
         "(cells x genes with a cell-type obs column) or a signature table (.csv/.tsv/.txt, "
         "optionally .gz; genes x cell types, gene names in the first column)."
     )
+
+
+def require_reference_file(path: Path) -> None:
+    """A reference path must be a file (a folder is named as one, not "does not exist"), and an
+    ``.h5ad`` one must open as HDF5."""
+    if path.is_dir():
+        raise FileFormatError(
+            f"Reference {str(path)!r} is a folder; give the reference file itself: an .h5ad "
+            "single-cell reference or a signature table (.csv/.tsv/.txt, genes x cell types)."
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"Reference file {str(path)!r} does not exist.")
+    if path.suffix.lower() == ".h5ad":
+        require_hdf5(path, "reference")
 
 
 def _read_obs(path: Path) -> pd.DataFrame:
@@ -102,8 +116,7 @@ def reference_columns(path: str | Path) -> list[str]:
     Column names; ``[]`` for a signature table (its columns are the types).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Reference file {str(path)!r} does not exist.")
+    require_reference_file(path)
     if path.suffix.lower() == ".h5ad":
         return candidate_columns(_read_obs(path))
     if table_suffix(path) is not None:

@@ -94,6 +94,13 @@ def read_slide(
             f"Cannot read {str(path)!r} as a slide: it {what}. "
             f"Supported inputs: {supported_slides()}."
         )
+    if image is not None and fmt.name != "table":
+        # only a counts table takes its image from the caller; the others would ignore it
+        raise FileFormatError(
+            f"image= gives a tissue image to a counts table; {path.name} is {fmt.description}, "
+            "which would ignore it. Drop image= (the file's own images in "
+            "uns['spatial'] are used) or add the image to the AnnData's uns['spatial']."
+        )
     adata = fmt.read(
         path,
         coords=coords,

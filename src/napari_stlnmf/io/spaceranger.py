@@ -10,6 +10,7 @@ hires/lowres tissue images. The matrix and position readers are shared with
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -327,14 +328,35 @@ def read(path: Path, *, library_id: str | None = None, **_other_options: Any) ->
     attach_positions(adata, read_tissue_positions(spatial_dir), matrix, spatial_dir)
     if library_id is None:
         library_id = outs.parent.name if outs.name == "outs" else outs.name
+    images, scalefactors = read_tissue_images(spatial_dir), read_scalefactors(spatial_dir)
+    images = _placeable_images(images, scalefactors, spatial_dir)
     adata.uns["spatial"] = {
-        library_id: {
-            "images": read_tissue_images(spatial_dir),
-            "scalefactors": read_scalefactors(spatial_dir),
-            "metadata": metadata,
-        }
+        library_id: {"images": images, "scalefactors": scalefactors, "metadata": metadata}
     }
     return adata
+
+
+def _placeable_images(images: dict, scalefactors: dict, spatial_dir: Path) -> dict:
+    """The images that can be placed on the spots: each needs its ``tissue_<key>_scalef`` from
+    ``scalefactors_json.json``; the others are left out with a warning naming the file (kept,
+    they would fail every later step that draws or reads the image)."""
+    placeable = {k: v for k, v in images.items() if f"tissue_{k}_scalef" in scalefactors}
+    dropped = sorted(set(images) - set(placeable))
+    if dropped:
+        path = spatial_dir / "scalefactors_json.json"
+        why = (
+            "is missing"
+            if not path.is_file()
+            else "has no " + ", ".join(f"tissue_{k}_scalef" for k in dropped)
+        )
+        warnings.warn(
+            f"{str(path)!r} {why}, so the {', '.join(dropped)} tissue image(s) cannot be placed "
+            "on the spots and are not used (no image features, maps without the image). "
+            "Copy scalefactors_json.json from Space Ranger's outs/spatial/ to use them.",
+            UserWarning,
+            stacklevel=4,
+        )
+    return placeable
 
 
 FORMAT = SlideFormat(

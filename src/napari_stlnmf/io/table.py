@@ -49,7 +49,7 @@ def _align_counts(
     in_rows = counts.index.isin(coords.index)
     if not in_rows.all():
         in_cols = counts.columns.isin(coords.index)
-        if in_cols.all() and not in_rows.any():
+        if len(counts.columns) and in_cols.all() and not in_rows.any():
             warnings.warn(
                 f"{path.name}: the column names, not the row ids, match the spot ids in coords, "
                 "so the table was read as genes x spots and transposed.",
