@@ -113,7 +113,7 @@ def check_slide_arguments(slide, coords) -> None:
         return
     raise StlnmfError(
         "coords= gives spot positions to a slide read from a file; this slide is already "
-        f"a {type(slide).__name__}, so they would be ignored. Set them on the object instead "
+        f"an object ({type(slide).__name__}), so they would be ignored. Set them on it instead "
         "(`slide.obsm['spatial'] = xy`, one (x, y) row per spot) or pass the file's path"
     )
 
