@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-from io_testdata import make_outs, small_reference, small_slide
+from io_testdata import make_outs, small_slide
 
 from napari_stlnmf import io
 from napari_stlnmf.errors import CoordinateError, FileFormatError
@@ -130,9 +130,3 @@ def test_missing_scalefactors_json_is_named_and_its_images_left_out(tmp_path):
     # nothing downstream (graph features, PNG maps, napari layers) meets an unplaceable image
     assert io.get_image(slide) is None
     assert io.spot_diameter(slide) > 0
-
-
-def test_small_reference_still_reads(tmp_path):
-    path = tmp_path / "ref.h5ad"
-    small_reference().write_h5ad(path)
-    assert io.read_reference(path, cell_type_key="cell_type").n_obs == 6
