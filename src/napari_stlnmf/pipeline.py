@@ -43,7 +43,7 @@ from .model import (
     gram_bytes,
     pick_device,
 )
-from .preprocess import Prepared, Reference, build_reference, prepare
+from .preprocess import Prepared, Reference, build_reference, match_gene_identifiers, prepare
 from .progress import Stage, check_stop, report
 from .solvers import CLASSIC_MAX_ITER, ClassicSolver, FitInputs, Solver, UnrolledSolver
 from .solvers import Fit as SolverFit
@@ -74,6 +74,9 @@ __all__ = [
 ]
 
 MAX_GRAM_BYTES = 4 * 2**30  # per-spot Gram matrices (float32, else compact bfloat16)
+# cells kept per type of a single-cell reference: type means are stable long before, and an
+# atlas of 10^6 cells would otherwise be copied whole into float32 CSR
+MAX_CELLS_PER_TYPE = 10_000
 
 
 def default_params_path() -> Path:
@@ -117,6 +120,9 @@ class DeconvolutionSettings:
     max_gram_bytes: int = MAX_GRAM_BYTES
     platform_refine_passes: int = 3
     cell_subtypes: bool | str = "auto"
+    reference_is_means: bool = False
+    allow_non_integer_slide: bool = False
+    max_cells_per_type: int | None = MAX_CELLS_PER_TYPE
 
     def __post_init__(self):
         if self.method not in ("unrolled", "classic"):
@@ -130,6 +136,9 @@ class DeconvolutionSettings:
             raise StlnmfError(
                 f"cell_subtypes must be 'auto', True or False, not {self.cell_subtypes!r}"
             )
+        cap = self.max_cells_per_type
+        if cap is not None and not (isinstance(cap, (int, np.integer)) and cap >= 1):
+            raise StlnmfError(f"max_cells_per_type must be None or at least 1, not {cap!r}")
         if self.gene_weighting == "nb" and self.method != "unrolled":
             raise StlnmfError("gene_weighting='nb' (per-entry weights) needs method='unrolled'")
 
@@ -148,14 +157,49 @@ def load_slide(slide, coords=None):
     )
 
 
-def load_reference(reference, cell_type_key: str | None) -> Reference:
-    """Per-type profiles (and single cells) from an AnnData, a signature table or a path."""
+def load_reference(
+    reference,
+    cell_type_key: str | None,
+    *,
+    is_means: bool = False,
+    max_cells_per_type: int | None = None,
+    seed: int = 0,
+) -> Reference:
+    """Per-type profiles (and single cells) from an AnnData, a signature table or a path.
+
+    A single-cell reference keeps at most ``max_cells_per_type`` cells per type (seeded by
+    ``seed``); an .h5ad path is read for those cells only. ``is_means``: its rows are mean
+    expression, not raw counts (:func:`~.preprocess.build_reference`)."""
+    import anndata as ad
+
     if isinstance(reference, Reference):
         return reference
+    n_in_file = None
     if isinstance(reference, (str, Path)):
-        reference = io.read_reference(reference, cell_type_key=cell_type_key)
-    io.validate_reference(reference, cell_type_key=cell_type_key)
-    return build_reference(reference, cell_type_key=cell_type_key)
+        reference = io.read_reference(
+            reference,
+            cell_type_key=cell_type_key,
+            max_cells_per_type=max_cells_per_type,
+            seed=seed,
+        )
+        n_in_file = (
+            reference.uns.get(io.reference.N_CELLS_IN_FILE)
+            if isinstance(reference, ad.AnnData)
+            else None
+        )
+    if not isinstance(reference, ad.AnnData):
+        io.validate_reference(reference, cell_type_key=cell_type_key)
+    # build_reference runs validate_reference's checks on the cells it keeps
+    built = build_reference(
+        reference,
+        cell_type_key=cell_type_key,
+        is_means=is_means,
+        max_cells_per_type=max_cells_per_type,
+        seed=seed,
+    )
+    if n_in_file is not None:
+        built.info["n_cells"] = int(n_in_file)
+    return built
 
 
 def select_subtypes(
@@ -176,22 +220,45 @@ def select_subtypes(
 
 
 def prepare_inputs(
-    adata, reference: Reference, settings: DeconvolutionSettings, *, gene_weighting: str
+    adata,
+    reference: Reference,
+    settings: DeconvolutionSettings,
+    *,
+    gene_weighting: str,
+    counts: io.FoundCounts | None = None,
 ) -> tuple[Prepared, Reference, Subtypes | None]:
     """The model's inputs (:func:`~.preprocess.prepare`), on the reference's sub-profiles when
     :func:`select_subtypes` chose them (then the reference returned is the split one, and
-    :func:`finish` sums the sub-types back into the types)."""
+    :func:`finish` sums the sub-types back into the types).
+
+    ``counts``: the slide's raw counts (:func:`~.io.validate.validate_slide` returns them;
+    found again if not given). Genes are paired by :func:`~.preprocess.match_gene_identifiers`;
+    ``Prepared.info`` records the pairing and where both sides' counts came from."""
+    if counts is None:
+        counts = io.slide_counts(adata, allow_non_integer=settings.allow_non_integer_slide)
     options = {
         "n_markers": settings.n_markers,
         "case_insensitive": settings.case_insensitive,
         "gene_weighting": gene_weighting,
     }
-    prepared = prepare(adata.X, adata.var_names, reference, **options)
+    genes, matching = match_gene_identifiers(
+        counts.var, reference, case_insensitive=settings.case_insensitive
+    )
+    sources = {
+        "slide_counts_source": counts.source,
+        "reference_counts_source": reference.info.get("counts_source"),
+        "reference_cells": {k: v for k, v in reference.info.items() if k != "counts_source"},
+        "gene_matching": matching,
+    }
+    prepared = prepare(counts.matrix, genes, reference, **options)
+    prepared.info.update(sources)
     subtypes = select_subtypes(prepared, reference, settings)
     if subtypes is None:
         return prepared, reference, None
     split = subtypes.reference
-    return prepare(adata.X, adata.var_names, split, **options), split, subtypes
+    prepared = prepare(counts.matrix, genes, split, **options)
+    prepared.info.update(sources)
+    return prepared, split, subtypes
 
 
 def default_gene_weighting(method: str, params, train: bool) -> str:

@@ -18,6 +18,7 @@ objects and the ``validate_*`` / ``check_*`` functions only read.
 """
 
 from . import h5ad, spaceranger, table
+from .counts import FoundCounts, find_counts
 from .library import (
     SPOT_DIAMETER_PER_SPACING,
     check_image_covers_spots,
@@ -35,13 +36,15 @@ from .registry import (
     unregister_slide_format,
 )
 from .slide import read_slide
-from .validate import validate_reference, validate_slide
+from .validate import slide_counts, validate_reference, validate_slide
 
 __all__ = [
     "SPOT_DIAMETER_PER_SPACING",
+    "FoundCounts",
     "SlideFormat",
     "check_image_covers_spots",
     "estimate_spot_diameter",
+    "find_counts",
     "find_slide_format",
     "get_image",
     "get_library",
@@ -49,6 +52,7 @@ __all__ = [
     "read_slide",
     "reference_columns",
     "register_slide_format",
+    "slide_counts",
     "slide_formats",
     "spot_diameter",
     "unregister_slide_format",
