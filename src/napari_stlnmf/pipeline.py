@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import io
-from ._constants import SPATIAL_KEY
+from ._constants import MAX_CELLS_PER_TYPE, SPATIAL_KEY
 from .calibration import (
     NOISE_SAMPLE_SPOTS,
     Calibration,
@@ -51,6 +51,7 @@ from .subtypes import Subtypes, choose_subtypes, merge_subtypes
 from .train import TrainReport, calibrated_noise_ranges, make_training_slides, train_unrolled
 
 __all__ = [
+    "MAX_CELLS_PER_TYPE",
     "MAX_GRAM_BYTES",
     "DeconvolutionSettings",
     "Fractions",
@@ -74,9 +75,6 @@ __all__ = [
 ]
 
 MAX_GRAM_BYTES = 4 * 2**30  # per-spot Gram matrices (float32, else compact bfloat16)
-# cells kept per type of a single-cell reference: type means are stable long before, and an
-# atlas of 10^6 cells would otherwise be copied whole into float32 CSR
-MAX_CELLS_PER_TYPE = 10_000
 
 
 def default_params_path() -> Path:
