@@ -172,7 +172,6 @@ def load_reference(
 
     if isinstance(reference, Reference):
         return reference
-    n_in_file = None
     if isinstance(reference, (str, Path)):
         reference = io.read_reference(
             reference,
@@ -180,11 +179,12 @@ def load_reference(
             max_cells_per_type=max_cells_per_type,
             seed=seed,
         )
-        n_in_file = (
-            reference.uns.get(io.reference.N_CELLS_IN_FILE)
-            if isinstance(reference, ad.AnnData)
-            else None
-        )
+    # a reference read for a sample of its cells records how many the file holds
+    n_in_file = (
+        reference.uns.get(io.reference.N_CELLS_IN_FILE)
+        if isinstance(reference, ad.AnnData)
+        else None
+    )
     if not isinstance(reference, ad.AnnData):
         io.validate_reference(reference, cell_type_key=cell_type_key)
     # build_reference runs validate_reference's checks on the cells it keeps

@@ -188,6 +188,10 @@ def build_reference(
     # AnnData single-cell reference
     obs = reference.obs
     check_cell_type_key(obs, cell_type_key)
+    if reference.n_obs == 0 or reference.n_vars == 0:
+        raise InvalidCountsError(
+            f"The reference is empty ({reference.n_obs} cells x {reference.n_vars} genes)."
+        )
     found = reference_counts(reference, is_means=is_means)
     check_unique(
         found.genes,
@@ -343,14 +347,11 @@ def match_gene_identifiers(
     reference_columns = _name_columns(reference.genes, reference.gene_ids)
     best = None
     for strip in (False, True):
-        for s_name, s_values in slide_columns.items():
-            s_keys = _identifier_keys(
-                s_values, strip_versions=strip, case_insensitive=case_insensitive
-            )
-            for r_name, r_values in reference_columns.items():
-                r_keys = _identifier_keys(
-                    r_values, strip_versions=strip, case_insensitive=case_insensitive
-                )
+        options = {"strip_versions": strip, "case_insensitive": case_insensitive}
+        slide_keys = {k: _identifier_keys(v, **options) for k, v in slide_columns.items()}
+        reference_keys = {k: _identifier_keys(v, **options) for k, v in reference_columns.items()}
+        for s_name, s_keys in slide_keys.items():
+            for r_name, r_keys in reference_keys.items():
                 shared = set(s_keys.dropna()) & set(r_keys.dropna())
                 if best is None or len(shared) > best[0]:
                     best = (len(shared), s_name, r_name, strip, s_keys, r_keys, shared)

@@ -88,33 +88,25 @@ def _sample_rows(n_rows: int, at_most: int = SAMPLE_ROWS, seed: int = 0) -> np.n
 
 def describe_values(matrix) -> str:
     """What ``matrix`` holds, from a seeded sample of its rows (see the module's docstring)."""
-    if matrix is None:
+    if matrix is None or len(getattr(matrix, "shape", ())) != 2:
         return "invalid"
     rows = _sample_rows(matrix.shape[0])
     part = matrix[rows] if rows.size < matrix.shape[0] else matrix
-    if sparse.issparse(part):
-        part = sparse.csr_matrix(part)
-        values, sums = part.data, np.asarray(part.sum(1)).ravel()
-    else:
-        part = np.asarray(part)
-        values = part.ravel()
-        if not (np.issubdtype(values.dtype, np.number) or values.dtype == bool):
-            return "invalid"
-        sums = part.sum(1) if part.ndim == 2 else part
+    part = sparse.csr_matrix(part) if sparse.issparse(part) else np.asarray(part)
+    values = part.data if sparse.issparse(part) else part.ravel()
     if not (np.issubdtype(values.dtype, np.number) or values.dtype == bool):
         return "invalid"
-    if np.issubdtype(values.dtype, np.integer) or values.dtype == bool:
-        return "scaled" if values.size and values.min() < 0 else "counts"
-    values = np.asarray(values, dtype=np.float64)
+    if values.size and np.issubdtype(values.dtype, np.signedinteger) and values.min() < 0:
+        return "scaled"
+    if not np.issubdtype(values.dtype, np.inexact) or values.size == 0:
+        return "counts"  # integers (or nothing stored)
     if not np.all(np.isfinite(values)):
         return "invalid"
-    if values.size == 0:
-        return "counts"
     if values.min() < 0:
         return "scaled"
     if np.all(np.abs(values - np.round(values)) < WHOLE_TOLERANCE):
         return "counts"
-    sums = np.asarray(sums, dtype=np.float64)
+    sums = np.asarray(part.sum(1), dtype=np.float64).ravel()
     sums = sums[sums > 0]
     if sums.size >= 2 and np.std(sums) <= FIXED_TOTAL_SPREAD * np.mean(sums):
         return "fixed_total"
