@@ -185,9 +185,9 @@ def load_reference(
         if isinstance(reference, ad.AnnData)
         else None
     )
-    if not isinstance(reference, ad.AnnData):
-        io.validate_reference(reference, cell_type_key=cell_type_key)
-    # build_reference runs validate_reference's checks on the cells it keeps
+    # the user's whole reference (unused categories are named here, build_reference drops
+    # them); sparse values are scanned in place, not copied
+    io.validate_reference(reference, cell_type_key=cell_type_key, is_means=is_means)
     built = build_reference(
         reference,
         cell_type_key=cell_type_key,
