@@ -53,6 +53,22 @@ def test_hexagonal_lattice_has_six_neighbours():
     np.testing.assert_allclose(g.distance, 1.0, rtol=1e-5)
 
 
+def test_square_lattice_keeps_tied_neighbours():
+    """With ``keep_ties`` (Visium HD bins) a square lattice gets its whole ring: 6 or 8
+    neighbours give the 8-ring, 4 the sides; without it 6 picks 2 of the 4 diagonals."""
+    rows, cols = np.divmod(np.arange(20 * 20), 20)
+    xy = np.column_stack([cols, rows]) * 29.2 + 1000.0
+    interior = (rows > 2) & (rows < 17) & (cols > 2) & (cols < 17)
+    for n_neighbors, ring in ((4, 4), (6, 8), (8, 8)):
+        g = build_graph(xy, n_neighbors=n_neighbors, keep_ties=True, spacing=29.2)
+        assert (np.bincount(g.rows, minlength=g.n_spots)[interior] == ring).all()
+        assert g.spacing == 29.2
+    plain = np.bincount(build_graph(xy, n_neighbors=6).rows)[interior]
+    assert plain.min() < 8  # the arbitrary half of the diagonals
+    hexagonal = build_graph(hex_layout(10, 10), keep_ties=True)
+    assert hexagonal.n_edges == build_graph(hex_layout(10, 10)).n_edges  # no ties there
+
+
 def test_border_spots_do_not_link_to_far_spots():
     xy = np.vstack([hex_layout(5, 5, pitch=1.0), [[100.0, 100.0]]])
     g = build_graph(xy)

@@ -168,3 +168,23 @@ def test_sub_profiles_sum_back_into_their_types(demo_reference):
     merged = merge_subtypes(values, parent, len(demo_reference.cell_types))
     np.testing.assert_allclose(merged.sum(1), 1.0)
     np.testing.assert_allclose(merged[:, 0], values[:, parent == 0].sum(1))
+    # mRNA per cell: half its own cells', half its type's (geometric mean)
+    counts = demo_reference.cell_counts
+    lib = np.asarray(counts.sum(1)).ravel()
+    for j, name in enumerate(split.cell_types):
+        own = lib[split.cell_labels == j].mean()
+        whole = demo_reference.mrna_content[demo_reference.cell_types[parent[j]]]
+        assert split.mrna_content[name] == pytest.approx(np.sqrt(own * whole))
+
+
+def test_platform_effect_not_fitted_on_panels_too_small_to_tell_it_from_composition(demo):
+    from napari_stlnmf.calibration import MIN_GENES_PER_PROFILE_FOR_PLATFORM
+
+    slide, reference = demo
+    n_types = reference.obs[KEY].nunique()
+    full = deconvolve(slide, reference, cell_type_key=KEY)
+    assert full.info["platform_effect_fitted"]
+    panel = list(full.info["genes"][: MIN_GENES_PER_PROFILE_FOR_PLATFORM * n_types - 1])
+    small = deconvolve(slide[:, panel].copy(), reference[:, panel].copy(), cell_type_key=KEY)
+    assert not small.info["platform_effect_fitted"]
+    assert small.info["n_genes_used"] < MIN_GENES_PER_PROFILE_FOR_PLATFORM * n_types

@@ -4,7 +4,7 @@ over the public steps of :mod:`napari_stlnmf.pipeline`."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,8 @@ from ._constants import (
     QC_KEY,
     UNS_KEY,
 )
+
+DOMINANT_TYPE_SUFFIX = "dominant_type"  # obs column: prefix + this
 from .calibration import calibrate
 from .model import EntryNoise, UnrolledNMF, pick_device
 from .pipeline import (
@@ -36,8 +38,10 @@ from .pipeline import (
     load_reference,
     load_slide,
     make_solver,
+    platform_effect_wanted,
     prepare_inputs,
     shipped_refinement_model,
+    slide_libraries,
 )
 from .progress import Cancelled, Stage, check_stop, report
 
@@ -89,7 +93,9 @@ def deconvolve(
     *,
     cell_type_key: str | None = None,
     coords=None,
+    bin_size: float | None = None,
     library_id: str | None = None,
+    library_key: str | None = None,
     method: str = "unrolled",
     train: bool = False,
     params: str | Path | None = None,
@@ -114,6 +120,7 @@ def deconvolve(
     reference_is_means: bool = False,
     allow_non_integer_slide: bool = False,
     max_cells_per_type: int | None = MAX_CELLS_PER_TYPE,
+    obs_prefix: str = "stlnmf_",
     progress=None,
     should_stop=None,
 ) -> DeconvolutionResult:
@@ -123,8 +130,13 @@ def deconvolve(
     ----------
     slide
         AnnData (spots x genes, raw counts; ``obsm['spatial']`` = (x, y) in full-resolution
-        pixels; optional ``uns['spatial'][library]`` images and scale factors) or a path
-        that :func:`napari_stlnmf.io.read_slide` reads.
+        pixels; optional ``uns['spatial'][library]`` images and scale factors), a path
+        that :func:`napari_stlnmf.io.read_slide` reads (a SpatialData ``.zarr`` included) or a
+        SpatialData object (:func:`napari_stlnmf.io.read_spatialdata`; write the results back
+        with :func:`napari_stlnmf.io.write_spatialdata_results`).
+    bin_size
+        Visium HD folder given as a path: the bins to read, in µm (default 8). Square bins
+        are linked to their whole 8-ring in the graph (``n_neighbors=4``: the 4 sides).
     reference
         Single-cell AnnData (with ``obs[cell_type_key]``), a signature DataFrame
         (genes x types), or a path to either.
@@ -149,6 +161,16 @@ def deconvolve(
         A single-cell reference keeps at most this many cells per type, a seeded (``seed``)
         sample taken before anything is copied; an .h5ad path is read for those cells only, so
         an atlas of 10^6 cells costs memory for the cells kept. ``None`` keeps every cell.
+    library_id
+        The key of ``uns['spatial']`` whose image and scale factors to use (a slide of one
+        sample whose ``uns['spatial']`` holds several).
+    library_key
+        Column of ``slide.obs`` naming each spot's sample, for several samples in one AnnData
+        (a concatenated atlas): each library is fitted on its own — its own spot graph (no
+        edges across samples, even where their coordinates overlap), its image and scale
+        (``uns['spatial'][library]`` when present), platform effect and noise — with the
+        reference read once; each library's result is the one it gets alone. ``info
+        ['libraries']`` holds each library's run info.
     method
         ``'unrolled'`` (learned parameters) or ``'classic'`` (fixed λ's, iterate to
         convergence).
@@ -192,10 +214,15 @@ def deconvolve(
         Unrolled model: before anything else, estimate how the slide's platform measures each
         gene differently from the reference (slide totals against a first fit, shrunk by their
         Poisson noise, as RCTD's platform-effect step) and rescale the reference's genes by it.
+        Skipped on small panels (fewer than 4 genes per fitted profile: there the factors
+        cannot be told from composition); ``info['platform_effect_fitted']`` says.
     train_options
         Advanced: extra keyword arguments for the simulation of training slides
         (:func:`napari_stlnmf.train.make_training_slides`) and for training
         (:func:`napari_stlnmf.train.train_unrolled`), routed by name.
+    obs_prefix
+        Prefix of the per-type ``obs`` columns of ``result.adata`` (``'stlnmf_<type>'``, and
+        ``'stlnmf_dominant_type'``).
     progress, should_stop
         ``progress(stage, i, n)`` callback; ``should_stop()`` returning True cancels with
         :class:`Cancelled`.
@@ -203,8 +230,11 @@ def deconvolve(
     Returns
     -------
     DeconvolutionResult
-        For AnnData input, ``result.adata`` is a *copy* of the slide with
-        ``obsm['stlnmf_proportions']`` and ``uns['stlnmf']``; the input is never modified.
+        ``result.adata`` is a *copy* of the slide with ``obsm['stlnmf_proportions']`` (and
+        ``'stlnmf_mrna_fractions'``), one ``obs`` column per type and the dominant type, the
+        fit error and ``obs['stlnmf_qc']`` (``'ok'``, ``'no counts'``, or ``'outside
+        tissue'`` for spots with ``obs['in_tissue'] == 0``, which are left out of the fit and
+        get NaN), and ``uns['stlnmf']``; the input is never modified.
     """
     options = {k: v for k, v in locals().items() if k in _SETTINGS}
     return run_deconvolution(
@@ -213,6 +243,7 @@ def deconvolve(
         DeconvolutionSettings(**options),
         cell_type_key=cell_type_key,
         coords=coords,
+        bin_size=bin_size,
         progress=progress,
         should_stop=should_stop,
     )
@@ -225,27 +256,50 @@ def run_deconvolution(
     *,
     cell_type_key: str | None = None,
     coords=None,
+    bin_size: float | None = None,
     progress=None,
     should_stop=None,
 ) -> DeconvolutionResult:
     """:func:`deconvolve` with its options as one :class:`~.pipeline.DeconvolutionSettings`
-    (which also holds the advanced ones): the method's steps, top to bottom."""
+    (which also holds the advanced ones): read the inputs once, then fit each library of the
+    slide (:func:`~.pipeline.slide_libraries`) with the method's steps."""
     t_start = time.perf_counter()
-    s = settings
-    torch.manual_seed(int(s.seed))
-    device = pick_device(s.device)
-
     report(progress, Stage.READING, 0, 1)
-    adata = load_slide(slide, coords)
-    counts = io.validate_slide(adata, allow_non_integer=s.allow_non_integer_slide)
+    adata = load_slide(slide, coords, bin_size)
+    io.validate_slide(adata, allow_non_integer=settings.allow_non_integer_slide)
     ref = load_reference(
         reference,
         cell_type_key,
-        is_means=s.reference_is_means,
-        max_cells_per_type=s.max_cells_per_type,
-        seed=int(s.seed),
+        is_means=settings.reference_is_means,
+        max_cells_per_type=settings.max_cells_per_type,
+        seed=int(settings.seed),
     )
     check_stop(should_stop)
+    fits = []
+    for library in slide_libraries(adata, settings):
+        # a copy, not a view: each library then runs exactly as if it were its own slide
+        part = adata if library.rows.all() else adata[library.rows].copy()
+        settings_here = replace(settings, library_id=library.library_id, library_key=None)
+        fits.append((library, _fit_library(part, ref, settings_here, progress, should_stop)))
+    result = _result(adata, fits, settings, seconds=time.perf_counter() - t_start)
+    report(progress, Stage.DONE, 1, 1)
+    return result
+
+
+@dataclass
+class _LibraryFit:
+    prep: object
+    fractions: object
+    info: dict
+    model: UnrolledNMF | None
+    types: list[str]
+
+
+def _fit_library(adata, ref, s: DeconvolutionSettings, progress=None, should_stop=None):
+    """One sample's spots, from inputs to fractions: the method's steps, top to bottom."""
+    torch.manual_seed(int(s.seed))
+    device = pick_device(s.device)
+    counts = io.slide_counts(adata, allow_non_integer=s.allow_non_integer_slide)
 
     report(progress, Stage.PREPARING, 0, 1)
     requested = s.gene_weighting or default_gene_weighting(s.method, s.params, s.train)
@@ -265,7 +319,7 @@ def run_deconvolution(
     check_stop(should_stop)
 
     unrolled = s.method == "unrolled"
-    platform = unrolled and s.fit_platform_effect
+    platform = platform_effect_wanted(prep, s)
     if unrolled and (platform or weighting in ("fitted", "nb")):
         report(progress, Stage.PLATFORM, 0, 1)
     calibration = calibrate(
@@ -302,11 +356,9 @@ def run_deconvolution(
         cell_types=types,
         overdispersion=None if entry_noise is None else entry_noise.overdispersion,
         gram_storage=_gram_storage(entry_noise),
-        seconds=time.perf_counter() - t_start,
+        platform_effect_fitted=platform,
     )
-    result = _result(adata, prep, fractions, info, model, types)
-    report(progress, Stage.DONE, 1, 1)
-    return result
+    return _LibraryFit(prep, fractions, info, model, types)
 
 
 def _gram_storage(entry_noise: EntryNoise | None) -> str | None:
@@ -346,44 +398,98 @@ def _run_info(settings, prep, spots, solver, calibration, train_report, subtypes
     }
 
 
-def _result(adata, prep, fractions, info: dict, model, types) -> DeconvolutionResult:
-    """Results with one row per input spot (NaN where a spot got no estimate)."""
-    mask = prep.spot_mask
+def _result(adata, fits, settings: DeconvolutionSettings, *, seconds: float):
+    """Results with one row per input spot (NaN where a spot got no estimate, with the reason
+    in ``qc``), from each library's fit."""
     obs_names = pd.Index(adata.obs_names.astype(str))
-
-    def full(values):
-        out = np.full((adata.n_obs, len(types)), np.nan)
-        out[mask] = values
-        return pd.DataFrame(out, index=obs_names, columns=types)
-
-    cell_df, mrna_df = full(fractions.cell), full(fractions.mrna)
-    fit_s = pd.Series(np.nan, index=obs_names, name=FIT_ERROR_KEY)
-    fit_s[mask] = fractions.fit_error
-    qc = pd.Series(np.where(mask, "ok", "no counts"), index=obs_names, name=QC_KEY)
+    types = list(dict.fromkeys(t for _, f in fits for t in f.types))
+    cell = np.full((adata.n_obs, len(types)), np.nan)
+    mrna = np.full_like(cell, np.nan)
+    error = np.full(adata.n_obs, np.nan)
+    qc = np.full(adata.n_obs, "outside tissue", dtype=object)
+    for library, f in fits:
+        rows = np.flatnonzero(library.rows)
+        kept = rows[f.prep.spot_mask]
+        columns = [types.index(t) for t in f.types]
+        cell[np.ix_(kept, columns)] = f.fractions.cell
+        mrna[np.ix_(kept, columns)] = f.fractions.mrna
+        error[kept] = f.fractions.fit_error
+        qc[rows] = np.where(f.prep.spot_mask, "ok", "no counts")
+    info = _combined_info([(library.name, f.info) for library, f in fits], settings)
+    info["cell_types"] = types
+    info["n_spots_outside_tissue"] = int((qc == "outside tissue").sum())
+    info["seconds"] = seconds
+    cell_df = pd.DataFrame(cell, index=obs_names, columns=types)
+    mrna_df = pd.DataFrame(mrna, index=obs_names, columns=types)
     result = DeconvolutionResult(
-        proportions=cell_df if info["fractions"] == "cell" else mrna_df,
+        proportions=cell_df if settings.fractions == "cell" else mrna_df,
         cell_fractions=cell_df,
         mrna_fractions=mrna_df,
-        fit_error=fit_s,
-        qc=qc,
+        fit_error=pd.Series(error, index=obs_names, name=FIT_ERROR_KEY),
+        qc=pd.Series(qc.astype(str), index=obs_names, name=QC_KEY),
         info=info,
-        model=model,
+        model=fits[0][1].model if len(fits) == 1 else None,
     )
-    result.adata = _annotated_copy(adata, result)
+    result.adata = _annotated_copy(adata, result, obs_prefix=settings.obs_prefix)
     return result
 
 
-def _annotated_copy(adata, result: DeconvolutionResult):
-    """Copy of the slide with results in obsm/obs/uns (the user's object stays untouched)."""
+_SHARED_INFO = ("version", "method", "fractions", "fractions_meaning", "seed", "gene_weighting")
+
+
+def _combined_info(infos: list[tuple[str | None, dict]], settings) -> dict:
+    """One library: its run info. Several: what they share, the spot counts summed, and each
+    library's own info under ``'libraries'``."""
+    if len(infos) == 1 and infos[0][0] is None:
+        return dict(infos[0][1])
+    first = infos[0][1]
+    info = {k: first[k] for k in _SHARED_INFO}
+    info["library_key"] = settings.library_key
+    for key in ("n_spots_used", "n_spots_empty"):
+        info[key] = int(sum(i.get(key, 0) for _, i in infos))
+    info["libraries"] = {name: i for name, i in infos}
+    return info
+
+
+def type_columns(cell_types, prefix: str) -> dict[str, str]:
+    """The ``obs`` column of each type's proportion (``prefix + type``)."""
+    return {t: f"{prefix}{t}" for t in cell_types}
+
+
+def _annotated_copy(adata, result: DeconvolutionResult, *, obs_prefix: str = "stlnmf_"):
+    """Copy of the slide with results in obsm/obs/uns (the user's object stays untouched):
+    ``obsm`` tables, and one ``obs`` column per type plus the dominant type, so that
+    ``sc.pl.spatial(adata, color='stlnmf_<type>')`` and squidpy colour by them directly."""
     out = adata.copy()
     out.obsm[PROPORTIONS_KEY] = result.proportions.set_axis(out.obs_names)
     out.obsm[MRNA_FRACTIONS_KEY] = result.mrna_fractions.set_axis(out.obs_names)
+    columns = type_columns(result.proportions.columns, obs_prefix)
+    for t, column in columns.items():
+        out.obs[column] = result.proportions[t].to_numpy()
+    out.obs[obs_prefix + DOMINANT_TYPE_SUFFIX] = _dominant_type(result.proportions)
     out.obs[FIT_ERROR_KEY] = result.fit_error.to_numpy()
     out.obs[QC_KEY] = pd.Categorical(result.qc.to_numpy())
-    uns = dict(result.info)
-    uns["params"] = {
-        k: (np.asarray(v) if isinstance(v, list) else v) for k, v in uns["params"].items()
-    }
-    uns["train"] = uns["train"] or {}
-    out.uns[UNS_KEY] = uns
+    out.uns[UNS_KEY] = _h5ad_safe(dict(result.info))
     return out
+
+
+def _dominant_type(proportions: pd.DataFrame) -> pd.Categorical:
+    values = proportions.to_numpy()
+    has = ~np.isnan(values).all(1)
+    best = np.full(values.shape[0], None, dtype=object)
+    best[has] = proportions.columns.to_numpy()[np.nanargmax(values[has], axis=1)]
+    return pd.Categorical(best, categories=list(proportions.columns))
+
+
+def _h5ad_safe(info: dict) -> dict:
+    """Run info as ``.h5ad`` stores it: list-valued parameters as arrays, no None training."""
+    info = dict(info)
+    if "params" in info:
+        info["params"] = {
+            k: (np.asarray(v) if isinstance(v, list) else v) for k, v in info["params"].items()
+        }
+    if "train" in info:
+        info["train"] = info["train"] or {}
+    if "libraries" in info:
+        info["libraries"] = {name: _h5ad_safe(i) for name, i in info["libraries"].items()}
+    return info

@@ -45,9 +45,10 @@ class _Progress:
             self.bar = None
 
 
-def write_results(result, out_dir, *, library_id=None, plots=True) -> list[Path]:
+def write_results(result, out_dir, *, library_id=None, library_key=None, plots=True) -> list[Path]:
     """``proportions.csv`` (by barcode), ``mrna_fractions.csv``, ``spot_qc.csv``, ``result.h5ad``
-    and maps."""
+    and maps (with ``library_key``: one folder of maps per library, as their coordinates may
+    overlap)."""
     from .plotting import plot_cell_type_maps
 
     out = Path(out_dir)
@@ -62,10 +63,23 @@ def write_results(result, out_dir, *, library_id=None, plots=True) -> list[Path]
     if result.adata is not None:
         result.adata.write_h5ad(out / "result.h5ad", compression="gzip")
         written.append(out / "result.h5ad")
-        if plots:
+        if plots and library_key is None:
             written += plot_cell_type_maps(
                 result.adata, result.proportions, out, library_id=library_id
             )
+        elif plots:
+            samples = result.adata.obs[library_key].astype(str)
+            for name in pd.unique(samples):
+                rows = (samples == name).to_numpy()
+                images = result.adata.uns.get("spatial", {})
+                folder = out / f"maps_{name}"
+                folder.mkdir(exist_ok=True)
+                written += plot_cell_type_maps(
+                    result.adata[rows],
+                    result.proportions[rows],
+                    folder,
+                    library_id=name if name in images else None,
+                )
     return written
 
 
@@ -162,6 +176,7 @@ def _run(a) -> int:
         scalefactor=a.scalefactor,
         spot_diameter=a.spot_diameter,
         library_id=a.library_id,
+        bin_size=a.bin_size,
     )
     if a.image is not None:
         io.check_image_covers_spots(slide)
@@ -176,6 +191,7 @@ def _run(a) -> int:
             reference,
             cell_type_key=a.cell_type_key,
             library_id=a.library_id,
+            library_key=a.library_key,
             case_insensitive=a.case_insensitive,
             reference_is_means=a.reference_is_means,
             allow_non_integer_slide=a.allow_non_integer_slide,
@@ -185,10 +201,16 @@ def _run(a) -> int:
         )
     finally:
         bar.close()
-    written = write_results(result, a.out, library_id=a.library_id)
-    info = result.info
+    written = write_results(result, a.out, library_id=a.library_id, library_key=a.library_key)
+    for name, info in result.info.get("libraries", {None: result.info}).items():
+        _print_run(info, f"library {name}: " if name is not None else "")
+    print(f"wrote {len(written)} files to {a.out}")
+    return 0
+
+
+def _print_run(info: dict, lead: str) -> None:
     print(
-        f"used {info['n_genes_used']} genes (of {info['n_shared_genes']} shared) and "
+        lead + f"used {info['n_genes_used']} genes (of {info['n_shared_genes']} shared) and "
         f"{info['n_spots_used']} spots ({info['n_spots_empty']} without counts); "
         f"proportions are {info['fractions_meaning']}"
     )
@@ -201,8 +223,6 @@ def _run(a) -> int:
         t = info["train"]
         rmse = f"{t['val_rmse_initial']:.4f} -> {t['val_rmse']:.4f}"
         print(f"training: validation RMSE {rmse} in {t['seconds']:.1f} s")
-    print(f"wrote {len(written)} files to {a.out}")
-    return 0
 
 
 def _demo(a) -> int:
@@ -260,7 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--slide",
         required=True,
         type=Path,
-        help=".h5ad, Space Ranger outs/ folder, or counts CSV/TSV (spots x genes)",
+        help=".h5ad, Space Ranger outs/ folder (Visium or Visium HD), or counts CSV/TSV "
+        "(spots x genes)",
+    )
+    run.add_argument(
+        "--bin-size",
+        type=float,
+        default=None,
+        help="Visium HD: the bins to read, in µm (default 8; the square_XXXum/ folders present)",
     )
     run.add_argument(
         "--coords",
@@ -275,7 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--spot-diameter", type=float, default=None, help="spot diameter in coordinate units"
     )
-    run.add_argument("--library-id", default=None)
+    run.add_argument("--library-id", default=None, help="key of uns['spatial'] to use (one sample)")
+    run.add_argument(
+        "--library-key",
+        default=None,
+        help="obs column naming each spot's sample: each library is fitted on its own",
+    )
     run.add_argument(
         "--reference",
         required=True,

@@ -47,3 +47,8 @@ class ImageMismatchError(StlnmfError):
 
 class FileFormatError(StlnmfError):
     """A file or folder cannot be read as a slide, reference or model."""
+
+
+class SpatialDataError(FileFormatError):
+    """A SpatialData object or store cannot be read or written as asked (or spatialdata is
+    not installed)."""

@@ -99,7 +99,8 @@ def spot_spacing(coords) -> float:
     if spacing <= 0:
         raise CoordinateError(
             "most spots share their coordinates with another spot; check that the coordinates "
-            "belong to these spots (duplicated rows?)"
+            "belong to these spots (duplicated rows?), or, for several samples stacked in one "
+            "AnnData, pass library_key= (the obs column naming each spot's sample)"
         )
     return spacing
 
@@ -110,6 +111,8 @@ def build_graph(
     n_neighbors: int = 6,
     max_distance: float = 1.5,
     features: np.ndarray | None = None,
+    spacing: float | None = None,
+    keep_ties: bool = False,
 ) -> SpatialGraph:
     """Build the sparse spot graph.
 
@@ -126,19 +129,31 @@ def build_graph(
         Optional (n_spots, f) per-spot image features (e.g. :func:`spot_image_features`)
         or one-hot region labels (:func:`region_features`); they are standardised and
         their Euclidean difference becomes ``z_ij``.
+    spacing
+        The lattice pitch in coordinate units when it is known (Visium HD: the bin side in
+        pixels); default :func:`spot_spacing`, the median nearest-neighbour distance.
+    keep_ties
+        Also keep the neighbours as far (within 1 %) as a spot's ``n_neighbors``-th one. On a
+        square lattice the 4 diagonals tie, so ``n_neighbors=6`` gives the whole 8-ring
+        instead of 2 diagonals picked by the k-d tree's order; 4 gives the 4 sides.
     """
     xy = _check_coords(coords)
     n = len(xy)
-    spacing = spot_spacing(xy)
+    spacing = spot_spacing(xy) if spacing is None else float(spacing)
     if n < 2:
         empty = np.zeros(0, dtype=np.int64)
         return SpatialGraph(empty, empty, np.zeros(0, np.float32), None, n, spacing)
-    k = min(n_neighbors + 1, n)
+    # with ties kept, ask for twice as many: room for a lattice ring's tied neighbours
+    k_query = 2 * n_neighbors if keep_ties else n_neighbors
+    k = min(k_query + 1, n)
     dist, idx = cKDTree(xy).query(xy, k=k)
     rows = np.repeat(np.arange(n, dtype=np.int64), k - 1)
     cols = idx[:, 1:].reshape(-1).astype(np.int64)
     d = (dist[:, 1:].reshape(-1) / spacing).astype(np.float32)
     keep = d <= max_distance
+    if keep_ties:
+        kth = dist[:, min(n_neighbors, k - 1)]  # each spot's n_neighbors-th distance
+        keep &= dist[:, 1:].reshape(-1) <= np.repeat(kth, k - 1) * 1.01
     rows, cols, d = rows[keep], cols[keep], d[keep]
     # symmetrise: an edge found from either end is kept once in each direction
     a, b = np.minimum(rows, cols), np.maximum(rows, cols)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from . import io
@@ -23,6 +24,7 @@ from .calibration import (
     Calibration,
     estimate_noise,
     fit_platform_effect,
+    platform_effect_identifiable,
     refinement_model,
     sample_rows,
 )
@@ -55,6 +57,7 @@ __all__ = [
     "MAX_GRAM_BYTES",
     "DeconvolutionSettings",
     "Fractions",
+    "SlideLibrary",
     "SpotGraph",
     "build_model",
     "build_spot_graph",
@@ -65,13 +68,16 @@ __all__ = [
     "fine_tune",
     "finish",
     "fit",
+    "in_tissue",
     "load_reference",
     "load_slide",
     "make_solver",
+    "platform_effect_wanted",
     "prepare_inputs",
     "select_subtypes",
     "shipped_refinement_model",
     "slide_features",
+    "slide_libraries",
 ]
 
 MAX_GRAM_BYTES = 4 * 2**30  # per-spot Gram matrices (float32, else compact bfloat16)
@@ -94,6 +100,8 @@ class DeconvolutionSettings:
     output always has the reference's types."""
 
     library_id: str | None = None
+    library_key: str | None = None
+    obs_prefix: str = "stlnmf_"
     method: str = "unrolled"
     train: bool = False
     params: str | Path | None = None
@@ -137,22 +145,97 @@ class DeconvolutionSettings:
         cap = self.max_cells_per_type
         if cap is not None and not (isinstance(cap, (int, np.integer)) and cap >= 1):
             raise StlnmfError(f"max_cells_per_type must be None or at least 1, not {cap!r}")
+        if self.library_key is not None and self.library_id is not None:
+            raise StlnmfError(
+                "give library_key (one fit per library of a multi-sample slide) or library_id "
+                "(the one library of uns['spatial'] to use), not both"
+            )
+        if self.library_key is not None and self.save_params is not None:
+            raise StlnmfError(
+                "save_params with library_key would save one model per library: "
+                "fine-tune and save on one library at a time"
+            )
         if self.gene_weighting == "nb" and self.method != "unrolled":
             raise StlnmfError("gene_weighting='nb' (per-entry weights) needs method='unrolled'")
 
 
-def load_slide(slide, coords=None):
-    """The slide as an AnnData: a path is read with :func:`napari_stlnmf.io.read_slide`."""
+def load_slide(slide, coords=None, bin_size: float | None = None):
+    """The slide as an AnnData: a path is read with :func:`napari_stlnmf.io.read_slide`
+    (``bin_size``: the Visium HD bins to read, µm), a SpatialData with
+    :func:`napari_stlnmf.io.read_spatialdata`."""
     import anndata as ad
 
     if isinstance(slide, (str, Path)):
-        return io.read_slide(slide, coords=coords) if coords is not None else io.read_slide(slide)
+        options = {"coords": coords, "bin_size": bin_size}
+        return io.read_slide(slide, **{k: v for k, v in options.items() if v is not None})
+    if bin_size is not None:
+        raise StlnmfError(
+            "bin_size chooses the bins of a Visium HD folder read from disk; the slide is "
+            "already an AnnData: read it with io.read_slide(path, bin_size=...) instead"
+        )
     if isinstance(slide, ad.AnnData):
         return slide
+    if io.spatialdata.is_spatialdata(slide):
+        return io.read_spatialdata(slide)
     raise StlnmfError(
-        f"slide must be an AnnData or a path (.h5ad, Space Ranger outs/ folder, counts CSV), "
-        f"not {type(slide).__name__}"
+        "slide must be an AnnData, a SpatialData or a path (.h5ad, Space Ranger outs/ folder, "
+        f"counts CSV, SpatialData .zarr), not {type(slide).__name__}"
     )
+
+
+@dataclass(frozen=True)
+class SlideLibrary:
+    """The spots of one sample (library) of a slide, fitted on their own."""
+
+    name: str | None  # the library's value in obs[library_key] (None: a single-sample slide)
+    rows: np.ndarray  # bool per spot of the slide: fitted (in this library and in tissue)
+    outside_tissue: np.ndarray  # bool per spot: in this library but obs['in_tissue'] == 0
+    library_id: str | None  # its key in uns['spatial'] (images, scale factors), if any
+
+
+def in_tissue(adata) -> np.ndarray:
+    """Spots Space Ranger marks as under tissue (``obs['in_tissue'] != 0``); all without it."""
+    if "in_tissue" not in adata.obs:
+        return np.ones(adata.n_obs, dtype=bool)
+    flag = pd.to_numeric(adata.obs["in_tissue"], errors="coerce").to_numpy()
+    return ~(flag == 0)
+
+
+def slide_libraries(adata, settings: DeconvolutionSettings) -> list[SlideLibrary]:
+    """The slide's samples, each fitted alone (its own graph, image, platform effect and
+    noise): one per value of ``obs[settings.library_key]``, or the whole slide. Spots with
+    ``obs['in_tissue'] == 0`` are left out of every fit."""
+    tissue = in_tissue(adata)
+    if not tissue.any():
+        raise StlnmfError(
+            "every spot has obs['in_tissue'] == 0: there is no tissue to deconvolve "
+            "(drop or fix the in_tissue column if it is wrong)"
+        )
+    key = settings.library_key
+    if key is None:
+        return [SlideLibrary(None, tissue, ~tissue, settings.library_id)]
+    if key not in adata.obs:
+        columns = [str(c) for c in adata.obs.columns]
+        raise StlnmfError(
+            f"library_key {key!r} is not a column of slide.obs (columns: {columns[:10]}); "
+            "give the column that names each spot's sample"
+        )
+    labels = adata.obs[key]
+    if labels.isna().any():
+        raise StlnmfError(
+            f"slide.obs[{key!r}] is missing for {int(labels.isna().sum())} spots: "
+            "every spot needs its library"
+        )
+    labels = labels.astype(str).to_numpy()
+    images = adata.uns.get("spatial", {}) if isinstance(adata.uns.get("spatial"), dict) else {}
+    out = []
+    for name in pd.unique(labels):
+        member = labels == name
+        if not (member & tissue).any():
+            continue  # a library with no spot under tissue: its spots stay NaN
+        library_id = name if name in images else None
+        out.append(SlideLibrary(str(name), member & tissue, member & ~tissue, library_id))
+    return out
 
 
 def load_reference(
@@ -208,12 +291,23 @@ def select_subtypes(
     the choice is made on profiles corrected by a quick estimate of it (no refinement)."""
     if not settings.cell_subtypes or reference.cell_counts is None:
         return None
-    kwargs = {"min_t": -np.inf} if settings.cell_subtypes is True else {}
+    kwargs = {"min_t": -np.inf, "max_ratio": np.inf} if settings.cell_subtypes is True else {}
     log_factor = None
-    if settings.method == "unrolled" and settings.fit_platform_effect:
+    if platform_effect_wanted(prepared, settings):
         _, log_factor = fit_platform_effect(prepared, seed=int(settings.seed), refine_with=None)
     return choose_subtypes(
         prepared, reference, log_platform_factor=log_factor, seed=int(settings.seed), **kwargs
+    )
+
+
+def platform_effect_wanted(prepared: Prepared, settings: DeconvolutionSettings) -> bool:
+    """The platform effect is fitted for the unrolled method when asked for and when the slide
+    has enough genes per profile to tell it from composition
+    (:func:`~.calibration.platform_effect_identifiable`)."""
+    return (
+        settings.method == "unrolled"
+        and settings.fit_platform_effect
+        and platform_effect_identifiable(len(prepared.genes), len(prepared.cell_types))
     )
 
 
@@ -364,8 +458,25 @@ def build_spot_graph(adata, prepared: Prepared, settings: DeconvolutionSettings)
         region_key=settings.region_key,
     )
     xy = np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64)[mask, :2]
-    graph = build_graph(xy, n_neighbors=settings.n_neighbors, features=features)
+    bin_side = _square_bin_side(adata, settings.library_id)
+    # Visium HD bins: a square lattice of known pitch, whose tied diagonals are all kept
+    graph = build_graph(
+        xy,
+        n_neighbors=settings.n_neighbors,
+        features=features,
+        spacing=bin_side,
+        keep_ties=bin_side is not None,
+    )
     return SpotGraph(graph, xy, features, source)
+
+
+def _square_bin_side(adata, library_id) -> float | None:
+    """The side of Visium HD bins in pixels (:func:`~.io.square_bin_size`), None otherwise
+    (round spots, cells, or several libraries and none chosen)."""
+    try:
+        return io.square_bin_size(adata, library_id)
+    except StlnmfError:
+        return None
 
 
 def shipped_refinement_model(prepared: Prepared) -> UnrolledNMF | None:

@@ -34,12 +34,28 @@ def map_background(adata, library_id=None):
     return image, scalef, io.spot_diameter(adata, library_id) * scalef
 
 
-def draw_spot_map(ax, adata, values, *, cmap, vmin, vmax, library_id=None, title=""):
-    """One map of per-spot ``values`` on ``ax``: spots as circles of their true diameter over
-    the tissue image (if any); returns the circles."""
-    from matplotlib.collections import EllipseCollection
+def _spot_collection(xy: np.ndarray, size: float, square: bool, **style):
+    """Spots of ``size`` (data units) at ``xy``: squares (Visium HD bins) or circles, sized in
+    data units so that they keep their true size at any figure size."""
+    from matplotlib.collections import EllipseCollection, PolyCollection
 
+    if square:
+        corners = 0.5 * size * np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], dtype=float)
+        return PolyCollection(xy[:, None, :] + corners[None], **style)
+    n = len(xy)
+    return EllipseCollection(
+        np.full(n, size), np.full(n, size), np.zeros(n), units="xy", offsets=xy, **style
+    )
+
+
+def draw_spot_map(ax, adata, values, *, cmap, vmin, vmax, library_id=None, title=""):
+    """One map of per-spot ``values`` on ``ax``: spots as circles of their true diameter (Visium
+    HD bins as squares of their side) over the tissue image (if any); returns the spots'
+    collection."""
     image, scalef, d = map_background(adata, library_id)
+    side = io.square_bin_size(adata, library_id) if adata.uns.get("spatial") else None
+    if side is not None:
+        d = side * scalef
     xy = np.asarray(adata.obsm[SPATIAL_KEY], dtype=float)[:, :2] * scalef
     if image is not None:
         ax.imshow(image)
@@ -47,29 +63,19 @@ def draw_spot_map(ax, adata, values, *, cmap, vmin, vmax, library_id=None, title
     ax.set_ylim(xy[:, 1].max() + 2 * d, xy[:, 1].min() - 2 * d)
     ax.set_aspect("equal")
     ok = np.isfinite(values)
-    # circles sized in data units, so spots keep their true diameter at any figure size
-    sc = EllipseCollection(
-        np.full(ok.sum(), d),
-        np.full(ok.sum(), d),
-        np.zeros(ok.sum()),
-        units="xy",
-        offsets=xy[ok],
-        offset_transform=ax.transData,
-        cmap=cmap,
-        alpha=0.9,
-        linewidths=0,
+    square = side is not None
+    sc = _spot_collection(
+        xy[ok], d, square, offset_transform=ax.transData, cmap=cmap, alpha=0.9, linewidths=0
     )
     sc.set_array(values[ok])
     sc.set_clim(vmin, vmax)
     ax.add_collection(sc)
     if (~ok).any():
         ax.add_collection(
-            EllipseCollection(
-                np.full((~ok).sum(), d),
-                np.full((~ok).sum(), d),
-                np.zeros((~ok).sum()),
-                units="xy",
-                offsets=xy[~ok],
+            _spot_collection(
+                xy[~ok],
+                d,
+                square,
                 offset_transform=ax.transData,
                 facecolors="none",
                 edgecolors="grey",

@@ -392,7 +392,8 @@ def select_marker_genes(
     max_variance_to_mean_quantile: float = 0.995,
     expressed: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Positions of informative genes: the top ``n_markers`` per type by log fold change.
+    """Positions of informative genes: the top ``n_markers`` per type by log fold change
+    against the other types (the geometric mean of their mean and their highest expression).
 
     Genes with a within-type variance-to-mean ratio above the ``max_variance_to_mean_quantile``
     (noise genes unrelated to type) and genes not ``expressed`` in the slide are skipped.
@@ -408,7 +409,12 @@ def select_marker_genes(
     eps = 1e-6
     chosen = np.zeros(m, dtype=bool)
     for t in range(p):
-        others = (prof.sum(1) - prof[:, t]) / max(p - 1, 1)
+        rest = np.delete(prof, t, axis=1)
+        # against the geometric mean of the other types' mean and their highest: against the
+        # mean alone, a gene of two similar types ranks high for both yet cannot split them
+        # (seqFISH+ interneurons / neuroblasts); against the highest alone, a type with no
+        # gene of its own loses its markers
+        others = np.sqrt(rest.mean(1) * rest.max(1)) if p > 1 else np.zeros(m)
         lfc = np.log((prof[:, t] + eps) / (others + eps))
         lfc[~ok] = -np.inf
         top = np.argsort(-lfc, kind="stable")[:n_markers]

@@ -23,7 +23,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_builtin_formats_in_order():
-    assert [fmt.name for fmt in io.slide_formats()] == ["h5ad", "spaceranger", "table"]
+    assert [fmt.name for fmt in io.slide_formats()] == [
+        "h5ad",
+        "visium_hd",
+        "spaceranger",
+        "table",
+        "spatialdata",
+    ]
 
 
 def test_find_slide_format_on_each_kind(tmp_path):

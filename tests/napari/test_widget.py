@@ -259,3 +259,27 @@ def test_open_slide_file_from_widget(make_napari_viewer, errors, tmp_path):
     assert widget.image.value is not None and widget.image.value.name == "my_slide image"
     widget.slide_file.value = tmp_path / "missing.h5ad"
     assert errors  # a clear message, no exception
+
+
+def test_open_visium_hd_folder_at_a_bin_size(make_napari_viewer, errors, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "io"))
+    from hd_testdata import MICRONS_PER_PIXEL, make_visium_hd
+
+    counts = np.random.default_rng(0).poisson(1.0, size=(16 * 16, 5))
+    hd = make_visium_hd(tmp_path, counts, [f"g{i}" for i in range(5)], grid=(16, 16))
+    viewer = make_napari_viewer()
+    widget = _dock(viewer)
+    widget.bin_size.value = 16
+    widget.slide_folder.value = hd.outs
+    assert not errors, errors
+    spots = widget.spots.value
+    assert spots is not None and spots.name == "hd_sample 16 µm spots"
+    assert len(spots.data) == len(hd.counts[16])
+    assert str(spots.symbol[0]) == "square"
+    np.testing.assert_allclose(spots.size, 16 / MICRONS_PER_PIXEL)
+    assert widget.image.value is not None  # the bins' own tissue image, pre-selected
+    widget.bin_size.value = 4  # not written by Space Ranger here: the message lists 2, 8, 16
+    widget.slide_folder.value = hd.sample
+    assert errors and "2, 8, 16" in errors[-1]

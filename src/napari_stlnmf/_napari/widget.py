@@ -15,6 +15,7 @@ from pathlib import Path
 import napari  # real import: npe2 resolves the ``viewer`` annotation at run time
 import napari.layers
 import napari.viewer
+import numpy as np
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
@@ -36,8 +37,14 @@ from ..layers import (
     RESULT_TAG,
     SLIDE_TAG,
     dominant_colors,
+    image_for_features,
+    is_spatialdata_layer,
+    layer_to_world,
     result_layers,
     slide_for_deconvolution,
+    slide_on_image,
+    spots_from_spatialdata_layer,
+    write_results_to_spatialdata_layer,
 )
 from ..progress import stage_label
 
@@ -55,6 +62,7 @@ class Job:
     kwargs: dict = field(default_factory=dict)
     source: str = ""
     spots_name: str = ""
+    spatialdata_layer: object = None  # napari-spatialdata's spots: results go into its table
 
 
 def run_deconvolution(job: Job, progress=None, should_stop=None):
@@ -121,14 +129,27 @@ class DeconvolveWidget(Container):
             label="open slide",
             mode="r",
             filter="*.h5ad",
-            tooltip="Open an .h5ad slide (or use File > Open Folder on "
-            "a Space Ranger outs/ folder)",
+            tooltip="Open an .h5ad slide (Space Ranger folders: 'open folder' below)",
+        )
+        self.slide_folder = FileEdit(
+            label="open folder",
+            mode="d",
+            tooltip="Open a Space Ranger folder: Visium outs/, or Visium HD (the sample, outs/, "
+            "binned_outputs/, one square_XXXum/ or segmented_outputs/) at the bin size below",
+        )
+        self.bin_size = SpinBox(
+            label="HD bin size (µm)",
+            value=8,
+            min=1,
+            max=1000,
+            tooltip="Visium HD: the square_XXXum/ bins to open (Space Ranger writes 2, 8, 16)",
         )
         self.spots = ComboBox(
             label="spots",
             choices=self._spot_choices,
             nullable=True,
-            tooltip="Points layer with the slide's spots (opened by this plugin)",
+            tooltip="The slide's spots: a Points layer opened by this plugin, or circles/shapes "
+            "with a table opened by napari-spatialdata",
         )
         self.image = ComboBox(
             label="tissue image",
@@ -179,6 +200,8 @@ class DeconvolveWidget(Container):
         self.extend(
             [
                 self.slide_file,
+                self.slide_folder,
+                self.bin_size,
                 self.spots,
                 self.image,
                 self.reference,
@@ -197,6 +220,7 @@ class DeconvolveWidget(Container):
         )
 
         self.slide_file.changed.connect(self._on_slide_file)
+        self.slide_folder.changed.connect(self._on_slide_folder)
         self.reference.changed.connect(lambda _=None: self._on_reference())
         self.spots.changed.connect(lambda _=None: self._on_spots())
         self.train.changed.connect(lambda v: setattr(self.train_epochs, "enabled", bool(v)))
@@ -208,12 +232,19 @@ class DeconvolveWidget(Container):
 
     # ------------------------------------------------------------------ choices
     def _spot_choices(self, _widget=None):
+        """This plugin's spots, and napari-spatialdata's circles/polygons/points with a table."""
         return [
             (layer.name, layer)
             for layer in self._viewer.layers
-            if isinstance(layer, napari.layers.Points)
-            and "adata" in layer.metadata
-            and SLIDE_TAG in layer.metadata
+            if (
+                isinstance(layer, napari.layers.Points)
+                and "adata" in layer.metadata
+                and SLIDE_TAG in layer.metadata
+            )
+            or (
+                isinstance(layer, (napari.layers.Points, napari.layers.Shapes))
+                and is_spatialdata_layer(layer.metadata)
+            )
         ]
 
     def _image_choices(self, _widget=None):
@@ -240,9 +271,11 @@ class DeconvolveWidget(Container):
         layer = self.spots.value
         if layer is None:
             return
-        sid = layer.metadata[SLIDE_TAG].get("slide_id")
+        sid = layer.metadata.get(SLIDE_TAG, {}).get("slide_id")
+        sdata = layer.metadata.get("sdata")
         for _name, img in self._image_choices():
-            if img.metadata.get(SLIDE_TAG, {}).get("slide_id") == sid:
+            own = sid is not None and img.metadata.get(SLIDE_TAG, {}).get("slide_id") == sid
+            if own or (sdata is not None and img.metadata.get("sdata") is sdata):
                 self.image.value = img
                 break
         ref = layer.metadata.get("reference")
@@ -284,6 +317,27 @@ class DeconvolveWidget(Container):
             if isinstance(layer, napari.layers.Points) and SLIDE_TAG in layer.metadata:
                 self.spots.value = layer
 
+    def _on_slide_folder(self, value=None):
+        """Open a Space Ranger folder; Visium HD bins at the chosen bin size (napari's own
+        File > Open Folder cannot ask for one, so the widget reads the layers itself)."""
+        from ..io import visium_hd
+        from .reader import read_slide_layers
+
+        path = self.slide_folder.value
+        if path is None or str(path) in ("", "."):
+            return
+        path = Path(path)
+        bin_size = self.bin_size.value if visium_hd.has_bins(path) else None
+        try:
+            layers = read_slide_layers(path, bin_size=bin_size)
+        except Exception as err:  # noqa: BLE001 -- any reader error: tell the user
+            show_error(f"Could not open {path}: {err}")
+            return
+        for data, kwargs, kind in layers:
+            layer = self._viewer.add_layer(napari.layers.Layer.create(data, kwargs, kind))
+            if isinstance(layer, napari.layers.Points) and SLIDE_TAG in layer.metadata:
+                self.spots.value = layer
+
     # ------------------------------------------------------------------ running
     def _job(self) -> Job:
         spots = self.spots.value
@@ -298,19 +352,8 @@ class DeconvolveWidget(Container):
                 "Choose a reference: a single-cell .h5ad with a cell-type column "
                 "or a signature table (genes x cell types)."
             )
-        adata = spots.metadata["adata"]
         image = self.image.value if self.use_image.value else None
-        if image is not None and image.metadata.get(SLIDE_TAG, {}).get(
-            "slide_id"
-        ) == spots.metadata[SLIDE_TAG].get("slide_id"):
-            slide = adata  # the slide's own image, already in uns['spatial']
-        elif image is not None:
-            data = image.data[0] if image.multiscale else image.data
-            slide = slide_for_deconvolution(
-                adata, data, scale=image.scale, translate=image.translate
-            )
-        else:
-            slide = adata
+        slide = self._slide(spots, image)
         key = self.cell_type_key.value if self._columns else None
         kwargs = {
             "cell_type_key": key,
@@ -325,9 +368,45 @@ class DeconvolveWidget(Container):
             slide=slide,
             reference=str(reference),
             kwargs=kwargs,
-            source=spots.metadata[SLIDE_TAG]["slide_id"],
+            source=spots.metadata.get(SLIDE_TAG, {}).get("slide_id") or f"layer-{id(spots)}",
             spots_name=spots.name,
+            spatialdata_layer=None if SLIDE_TAG in spots.metadata else spots,
         )
+
+    @staticmethod
+    def _slide(spots, image):
+        """The slide of the chosen layers: counts from the spots layer, spots and image joined
+        through their data-to-world transforms (napari-spatialdata's affines included)."""
+        if SLIDE_TAG not in spots.metadata:  # napari-spatialdata's layer
+            adata = spots_from_spatialdata_layer(
+                spots.data, spots.metadata, sizes=getattr(spots, "size", None)
+            )
+            spots_to_world = layer_to_world(spots)
+        else:
+            adata = spots.metadata["adata"]
+            own = spots.metadata[SLIDE_TAG].get("slide_id")
+            if image is None or image.metadata.get(SLIDE_TAG, {}).get("slide_id") == own:
+                return adata  # no image, or the slide's own one (already in uns['spatial'])
+            spots_to_world = layer_to_world(spots)
+            linear, shift = layer_to_world(image)[:2, :2], layer_to_world(image)[:2, 2]
+            if (
+                np.allclose(spots_to_world, np.eye(3))
+                and np.allclose(linear, np.diag(np.diag(linear)))
+                and np.allclose(shift, 0.0)
+            ):  # an image only scaled onto the spots' pixels: its scale factor is enough
+                data = image.data[0] if image.multiscale else image.data
+                return slide_for_deconvolution(
+                    adata, data, scale=image.scale, translate=image.translate
+                )
+        if image is None:
+            return slide_on_image(adata, spots_to_world)
+        data, image_to_world = image_for_features(
+            image.data,
+            layer_to_world(image),
+            multiscale=image.multiscale,
+            downsample_factors=getattr(image, "downsample_factors", None),
+        )
+        return slide_on_image(adata, spots_to_world, data, image_to_world)
 
     def start(self):
         """Start a run in a worker thread (returns at once; see :attr:`worker`)."""
@@ -415,6 +494,13 @@ class DeconvolveWidget(Container):
         if n_missing:
             msg += f" {n_missing} spots without estimate (NaN, see qc)."
             show_warning(f"{n_missing} spots have no estimate (no counts on the selected genes).")
+        if job.spatialdata_layer is not None:
+            try:
+                table = write_results_to_spatialdata_layer(job.spatialdata_layer.metadata, result)
+            except (StlnmfError, ImportError, ValueError) as err:
+                show_warning(f"The results could not be added to the SpatialData table: {err}")
+            else:
+                msg += f" Added to table {table!r} as obs['stlnmf_<type>'] (in memory)."
         self.status.value = msg
         self.legend.value = _legend_html(types)
         self.progress.value = self.progress.max

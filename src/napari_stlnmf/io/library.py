@@ -26,6 +26,7 @@ __all__ = [
     "get_image",
     "get_library",
     "spot_diameter",
+    "square_bin_size",
 ]
 
 # Visium spots are 55 µm wide on a 100 µm pitch.
@@ -171,6 +172,26 @@ def spot_diameter(
     if SPATIAL_KEY in adata.obsm:
         estimated = estimate_spot_diameter(adata.obsm[SPATIAL_KEY])
     return 1.0 if estimated is None else estimated
+
+
+def square_bin_size(adata: AnnData, library_id: str | None = None) -> float | None:
+    """Side of the slide's square bins in ``obsm['spatial']`` units (full-resolution pixels):
+    ``bin_size_um / microns_per_pixel`` of the library's scale factors, as Visium HD bins carry
+    them (:mod:`.visium_hd`); None for round spots, cells, or a slide without ``uns['spatial']``.
+
+    Raises
+    ------
+    StlnmfError
+        Several libraries and ``library_id=None``, or unknown ``library_id``.
+    """
+    if not adata.uns.get("spatial"):
+        return None
+    _, lib = get_library(adata, library_id)
+    scalefactors = lib.get("scalefactors") or {}
+    bin_um, mpp = scalefactors.get("bin_size_um"), scalefactors.get("microns_per_pixel")
+    if bin_um is None or mpp is None or float(mpp) <= 0 or float(bin_um) <= 0:
+        return None
+    return float(bin_um) / float(mpp)
 
 
 def check_image_covers_spots(

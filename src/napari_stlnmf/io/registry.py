@@ -45,7 +45,8 @@ class SlideFormat:
     read
         ``read(path, **options) -> AnnData``. ``options`` are every keyword of
         :func:`~napari_stlnmf.io.read_slide` (``coords``, ``image``, ``scalefactor``,
-        ``spot_diameter``, ``library_id``, ``sep``); a reader uses those that apply.
+        ``spot_diameter``, ``library_id``, ``sep``, ``bin_size``); a reader uses those that
+        apply.
     description
         What the format looks like, for error messages listing the supported inputs.
     has_positions

@@ -26,6 +26,7 @@ def read_slide(
     spot_diameter: float | None = None,
     library_id: str | None = None,
     sep: str | None = None,
+    bin_size: float | None = None,
 ) -> AnnData:
     """Read a spatial transcriptomics slide.
 
@@ -61,6 +62,10 @@ def read_slide(
         Ranger output, the file name without suffixes for a table.
     sep
         Delimiter of the counts and coords tables. Default: guessed from the header.
+    bin_size
+        Visium HD: the bins to read, in µm (a ``square_XXXum/`` folder must exist for it).
+        Default: 8 µm, or the bins of the ``square_XXXum/`` folder given as ``path``.
+        Other formats ignore it.
 
     Returns
     -------
@@ -97,6 +102,7 @@ def read_slide(
         spot_diameter=spot_diameter,
         library_id=library_id,
         sep=sep,
+        bin_size=bin_size,
     )
     if SPATIAL_KEY not in adata.obsm:
         raise CoordinateError(

@@ -1,8 +1,10 @@
 """10x Space Ranger (Visium) output: an ``outs/`` folder, or the sample folder holding it.
 
-Reads ``filtered_feature_bc_matrix.h5`` (gene-expression features only), the spot
-positions in ``spatial/tissue_positions[_list].csv`` (or ``.parquet``), the scale factors
-and the hires/lowres tissue images.
+Reads the filtered matrix (``filtered_feature_bc_matrix.h5``, or the MEX folder
+``filtered_feature_bc_matrix/``; gene-expression features only), the spot positions in
+``spatial/tissue_positions[_list].csv`` (or ``.parquet``), the scale factors and the
+hires/lowres tissue images. The matrix and position readers are shared with
+:mod:`.visium_hd`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from .registry import SlideFormat
 if TYPE_CHECKING:
     from anndata import AnnData
 
-MATRIX_H5 = "filtered_feature_bc_matrix.h5"
+MATRIX_STEM = "filtered_feature_bc_matrix"
+MATRIX_H5 = f"{MATRIX_STEM}.h5"
+# the files of a 10x MEX folder; Cell Ranger 2 wrote genes.tsv instead of features.tsv
+MEX_FILES = ("barcodes.tsv.gz", "features.tsv.gz", "matrix.mtx.gz")
 POSITION_COLUMNS = [
     "barcode",
     "in_tissue",
@@ -37,20 +42,55 @@ POSITION_COLUMNS = [
 def find_outs(path: Path) -> Path | None:
     """Return the Space Ranger 'outs' folder for ``path``, or None if it is not one."""
     for candidate in (path, path / "outs"):
-        if _find_matrix_h5(candidate) is not None:
+        if find_matrix(candidate) is not None:
             return candidate
     return None
 
 
-def _find_matrix_h5(folder: Path) -> Path | None:
+def _mex_file(folder: Path, name: str) -> Path | None:
+    """``name`` (e.g. 'matrix.mtx.gz') in a MEX folder, gzipped or not."""
+    for candidate in (folder / name, folder / name.removesuffix(".gz")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def is_mex_folder(folder: Path) -> bool:
+    """A 10x MEX folder: matrix.mtx and barcodes.tsv (gzipped or not)."""
+    return (
+        folder.is_dir()
+        and _mex_file(folder, "matrix.mtx.gz") is not None
+        and _mex_file(folder, "barcodes.tsv.gz") is not None
+    )
+
+
+def find_matrix(folder: Path, stem: str = MATRIX_STEM) -> Path | None:
+    """The 10x matrix ``<stem>.h5`` in ``folder`` (preferred: one file, fast to read), else
+    the MEX folder ``<stem>/``; None if neither is there."""
     if not folder.is_dir():
         return None
-    exact = folder / MATRIX_H5
+    exact = folder / f"{stem}.h5"
     if exact.is_file():
         return exact
     # 10x public datasets prefix the sample name, e.g. V1_Heart_filtered_feature_bc_matrix.h5
-    matches = sorted(folder.glob(f"*{MATRIX_H5}"))
-    return matches[0] if len(matches) == 1 else None
+    matches = sorted(folder.glob(f"*{stem}.h5"))
+    if len(matches) == 1:
+        return matches[0]
+    mex = folder / stem
+    return mex if is_mex_folder(mex) else None
+
+
+def missing_matrix_message(folder: Path, stem: str = MATRIX_STEM) -> str:
+    """What a Space Ranger folder without a matrix lacks, for error messages."""
+    return (
+        f"{str(folder)!r} has no count matrix: expected {stem}.h5 or the folder {stem}/ "
+        f"with {', '.join(MEX_FILES)} (as Space Ranger writes them)"
+    )
+
+
+def read_10x_matrix(path: Path) -> AnnData:
+    """Read a 10x matrix, ``.h5`` file or MEX folder, as spots x genes (float32 CSR)."""
+    return _read_10x_mex(path) if path.is_dir() else _read_10x_h5(path)
 
 
 def _decode(values: np.ndarray) -> list[str]:
@@ -60,38 +100,90 @@ def _decode(values: np.ndarray) -> list[str]:
 
 def _read_10x_h5(path: Path) -> AnnData:
     """Read a 10x feature-barcode HDF5 matrix (CSC over barcodes) as spots x genes."""
-    import anndata as ad
     import h5py
     from scipy import sparse
 
-    with h5py.File(path, "r") as f:
-        if "matrix" in f:
-            grp = f["matrix"]
-            feats = grp["features"]
-            names = _decode(feats["name"][:])
-            ids = _decode(feats["id"][:])
-            ftype = _decode(feats["feature_type"][:]) if "feature_type" in feats else None
-        else:
-            # Cell Ranger 2 layout: one group per genome with genes/gene_names.
-            groups = [k for k in f if isinstance(f[k], h5py.Group)]
-            if len(groups) != 1 or "gene_names" not in f[groups[0]]:
-                raise FileFormatError(
-                    f"{str(path)!r} is not a 10x feature-barcode matrix: no 'matrix' group."
-                )
-            grp = f[groups[0]]
-            names = _decode(grp["gene_names"][:])
-            ids = _decode(grp["genes"][:])
-            ftype = None
-        n_genes, n_barcodes = (int(v) for v in grp["shape"][:])
-        genes_by_barcodes = sparse.csc_matrix(
-            (grp["data"][:], grp["indices"][:], grp["indptr"][:]), shape=(n_genes, n_barcodes)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise FileFormatError(
+            f"Cannot open {str(path)!r} as a 10x HDF5 matrix ({err}); the file may be "
+            "truncated (an interrupted download or copy): copy it again from the Space Ranger "
+            "output, or use the MEX folder filtered_feature_bc_matrix/ instead."
+        ) from err
+    try:
+        with f:
+            if "matrix" in f:
+                grp = f["matrix"]
+                feats = grp["features"]
+                names = _decode(feats["name"][:])
+                ids = _decode(feats["id"][:])
+                ftype = _decode(feats["feature_type"][:]) if "feature_type" in feats else None
+            else:
+                # Cell Ranger 2 layout: one group per genome with genes/gene_names.
+                groups = [k for k in f if isinstance(f[k], h5py.Group)]
+                if len(groups) != 1 or "gene_names" not in f[groups[0]]:
+                    raise FileFormatError(
+                        f"{str(path)!r} is not a 10x feature-barcode matrix: no 'matrix' group."
+                    )
+                grp = f[groups[0]]
+                names = _decode(grp["gene_names"][:])
+                ids = _decode(grp["genes"][:])
+                ftype = None
+            n_genes, n_barcodes = (int(v) for v in grp["shape"][:])
+            genes_by_barcodes = sparse.csc_matrix(
+                (grp["data"][:], grp["indices"][:], grp["indptr"][:]), shape=(n_genes, n_barcodes)
+            )
+            barcodes = _decode(grp["barcodes"][:])
+            metadata = {
+                key: (val.decode() if isinstance(val, bytes) else str(val))
+                for key, val in f.attrs.items()
+                if key in ("chemistry_description", "software_version")
+            }
+    except KeyError as err:  # a dataset of the 10x layout is missing
+        raise FileFormatError(
+            f"{str(path)!r} is not a complete 10x feature-barcode matrix ({err}); copy it "
+            "again from the Space Ranger output."
+        ) from err
+    return _matrix_anndata(genes_by_barcodes, barcodes, names, ids, ftype, metadata)
+
+
+def _read_10x_mex(folder: Path) -> AnnData:
+    """Read a 10x MEX folder (matrix.mtx, features.tsv or genes.tsv, barcodes.tsv; each
+    optionally gzipped) as spots x genes."""
+    import scipy.io
+
+    matrix = _mex_file(folder, "matrix.mtx.gz")
+    barcodes_file = _mex_file(folder, "barcodes.tsv.gz")
+    features_file = _mex_file(folder, "features.tsv.gz") or _mex_file(folder, "genes.tsv.gz")
+    if matrix is None or barcodes_file is None or features_file is None:
+        raise FileFormatError(missing_matrix_message(folder.parent, folder.name) + ".")
+    try:
+        genes_by_barcodes = scipy.io.mmread(matrix)
+        barcodes = pd.read_csv(barcodes_file, sep="\t", header=None, dtype=str)[0].tolist()
+        features = pd.read_csv(features_file, sep="\t", header=None, dtype=str)
+    except (ValueError, OSError, EOFError, pd.errors.ParserError) as err:
+        raise FileFormatError(
+            f"Cannot read the 10x MEX folder {str(folder)!r}: {err}. Copy it again from the "
+            "Space Ranger output, or use the matching .h5 matrix instead."
+        ) from err
+    ids = features[0].tolist()
+    names = features[1].tolist() if features.shape[1] > 1 else ids
+    ftype = features[2].tolist() if features.shape[1] > 2 else None
+    if genes_by_barcodes.shape != (len(ids), len(barcodes)):
+        raise FileFormatError(
+            f"{str(matrix)!r} is {genes_by_barcodes.shape[0]} x {genes_by_barcodes.shape[1]} "
+            f"but the folder lists {len(ids)} features and {len(barcodes)} barcodes: the files "
+            "are not from the same matrix."
         )
-        barcodes = _decode(grp["barcodes"][:])
-        metadata = {
-            key: (val.decode() if isinstance(val, bytes) else str(val))
-            for key, val in f.attrs.items()
-            if key in ("chemistry_description", "software_version")
-        }
+    return _matrix_anndata(genes_by_barcodes, barcodes, names, ids, ftype, {})
+
+
+def _matrix_anndata(genes_by_barcodes, barcodes, names, ids, ftype, metadata) -> AnnData:
+    """Spots x genes AnnData of a 10x genes x barcodes matrix, gene-expression features only."""
+    import anndata as ad
+    from scipy import sparse
+
     X = sparse.csr_matrix(genes_by_barcodes.T, dtype=np.float32)
     var = pd.DataFrame({"gene_ids": ids}, index=pd.Index(names))
     if ftype is not None:
@@ -107,7 +199,7 @@ def _read_10x_h5(path: Path) -> AnnData:
     return adata
 
 
-def _read_tissue_positions(spatial_dir: Path) -> pd.DataFrame:
+def read_tissue_positions(spatial_dir: Path) -> pd.DataFrame:
     """Read Space Ranger spot positions, indexed by barcode."""
     csv_new = spatial_dir / "tissue_positions.csv"
     csv_old = spatial_dir / "tissue_positions_list.csv"
@@ -117,16 +209,21 @@ def _read_tissue_positions(spatial_dir: Path) -> pd.DataFrame:
     if parquet.is_file():
         try:
             pos = pd.read_parquet(parquet)
-        except ImportError as err:
+        except ImportError as err:  # pyarrow is a dependency; a broken install lands here
             raise FileFormatError(
-                f"Reading {str(parquet)!r} needs pyarrow or fastparquet "
-                "(`pip install pyarrow`), or convert it to tissue_positions.csv."
+                f"Reading {str(parquet)!r} needs pyarrow (`pip install pyarrow`), "
+                "a dependency of napari-stlnmf: reinstall napari-stlnmf."
+            ) from err
+        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+            raise FileFormatError(
+                f"Cannot read {str(parquet)!r} as a parquet table ({err}); the file may be "
+                "truncated: copy it again from the Space Ranger output."
             ) from err
         return _finish_positions(pos, parquet)
     raise CoordinateError(
         f"No spot positions in {str(spatial_dir)!r}: expected spatial/tissue_positions.csv "
         "(Space Ranger >= 2.0), spatial/tissue_positions_list.csv (older) or "
-        "spatial/tissue_positions.parquet."
+        "spatial/tissue_positions.parquet (Visium HD)."
     )
 
 
@@ -167,6 +264,49 @@ def _finish_positions(pos: pd.DataFrame, path: Path) -> pd.DataFrame:
     return pos
 
 
+def attach_positions(adata: AnnData, pos: pd.DataFrame, matrix: Path, where: Path) -> None:
+    """Put the positions ``pos`` (indexed by barcode) of the matrix's barcodes into
+    ``obs`` (in_tissue, array_row, array_col) and ``obsm['spatial']`` (x, y full-res px)."""
+    # get_indexer, not .loc: Visium HD lists millions of 2 µm bins
+    rows = pos.index.get_indexer(adata.obs_names)
+    missing = adata.obs_names[rows < 0]
+    if len(missing):
+        raise CoordinateError(
+            f"{len(missing)} of {adata.n_obs} barcodes of {matrix.name} have no position in "
+            f"{str(where)!r}, e.g. {examples(missing)}. Are the matrix and the "
+            "spatial/ folder from the same Space Ranger run?"
+        )
+    pos = pos.iloc[rows]  # matrix order, drops positions of spots not in the matrix
+    for col in ("in_tissue", "array_row", "array_col"):
+        adata.obs[col] = pos[col].to_numpy()
+    adata.obsm[SPATIAL_KEY] = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(
+        dtype=np.float64
+    )
+
+
+def read_scalefactors(spatial_dir: Path) -> dict[str, Any]:
+    """``spatial/scalefactors_json.json`` as a dict ({} when absent)."""
+    path = spatial_dir / "scalefactors_json.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise FileFormatError(f"{str(path)!r} is not valid JSON: {err}.") from err
+
+
+def read_tissue_images(*spatial_dirs: Path) -> dict[str, np.ndarray]:
+    """The hires and lowres tissue images, each from the first of ``spatial_dirs`` holding it."""
+    images = {}
+    for key in ("hires", "lowres"):
+        for spatial_dir in spatial_dirs:
+            img_path = spatial_dir / f"tissue_{key}_image.png"
+            if img_path.is_file():
+                images[key] = read_image(img_path)
+                break
+    return images
+
+
 def detect(path: Path) -> bool:
     """A folder with the filtered matrix, in it or in its ``outs/``."""
     return find_outs(path) is not None
@@ -175,42 +315,24 @@ def detect(path: Path) -> bool:
 def read(path: Path, *, library_id: str | None = None, **_other_options: Any) -> AnnData:
     """Read a Space Ranger ``outs/`` folder (or the folder containing it)."""
     outs = find_outs(path)
-    h5 = None if outs is None else _find_matrix_h5(outs)
-    if outs is None or h5 is None:
-        raise FileFormatError(f"{str(path)!r} has no {MATRIX_H5} in it or in outs/.")
-    adata = _read_10x_h5(h5)
+    matrix = None if outs is None else find_matrix(outs)
+    if outs is None or matrix is None:
+        raise FileFormatError(
+            missing_matrix_message(path) + ", in it or in outs/. For Visium HD output, open "
+            "the outs/ folder, binned_outputs/ or one square_XXXum/ folder."
+        )
+    adata = read_10x_matrix(matrix)
     metadata = adata.uns.pop("_10x_metadata")
     spatial_dir = outs / "spatial"
-    pos = _read_tissue_positions(spatial_dir)
-
-    barcodes = adata.obs_names
-    missing = barcodes[~barcodes.isin(pos.index)]
-    if len(missing):
-        raise CoordinateError(
-            f"{len(missing)} of {adata.n_obs} barcodes of {h5.name} have no position in "
-            f"{str(spatial_dir)!r}, e.g. {examples(missing)}. Are the matrix and the "
-            "spatial/ folder from the same Space Ranger run?"
-        )
-    pos = pos.loc[barcodes]  # matrix order, drops positions of spots not in the matrix
-    for col in ("in_tissue", "array_row", "array_col"):
-        adata.obs[col] = pos[col].to_numpy()
-    adata.obsm[SPATIAL_KEY] = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(
-        dtype=np.float64
-    )
-
+    attach_positions(adata, read_tissue_positions(spatial_dir), matrix, spatial_dir)
     if library_id is None:
         library_id = outs.parent.name if outs.name == "outs" else outs.name
-    scalefactors: dict[str, Any] = {}
-    sf_path = spatial_dir / "scalefactors_json.json"
-    if sf_path.is_file():
-        scalefactors = json.loads(sf_path.read_text())
-    images = {}
-    for key in ("hires", "lowres"):
-        img_path = spatial_dir / f"tissue_{key}_image.png"
-        if img_path.is_file():
-            images[key] = read_image(img_path)
     adata.uns["spatial"] = {
-        library_id: {"images": images, "scalefactors": scalefactors, "metadata": metadata}
+        library_id: {
+            "images": read_tissue_images(spatial_dir),
+            "scalefactors": read_scalefactors(spatial_dir),
+            "metadata": metadata,
+        }
     }
     return adata
 
@@ -221,6 +343,6 @@ FORMAT = SlideFormat(
     read=read,
     description=(
         "a 10x Space Ranger 'outs' folder (or the folder containing it) with "
-        f"{MATRIX_H5} and spatial/tissue_positions[_list].csv"
+        f"{MATRIX_H5} (or the MEX folder {MATRIX_STEM}/) and spatial/tissue_positions[_list].csv"
     ),
 )
