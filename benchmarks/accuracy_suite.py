@@ -277,7 +277,8 @@ def _dc(**fixed):
             cell_type_key=d["key"],
             fractions=d["fractions"],
             seed=SEED[0],
-            **fixed,
+            # ds_circle holds non-integer expression; nothing changes on whole counts
+            **{"allow_non_integer_slide": True, **fixed},
         )
         return res.proportions, res.info, res.mrna_fractions
 

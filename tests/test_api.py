@@ -16,6 +16,7 @@ from napari_stlnmf.errors import (
     EmptyCellTypeError,
     GeneMismatchError,
     InvalidCountsError,
+    NotRawCountsError,
     StlnmfError,
 )
 from napari_stlnmf.metrics import mean_jensen_shannon, rmse
@@ -562,7 +563,8 @@ def test_auto_threshold_reads_cells_per_spot_off_the_noise(demo, demo_reference)
 
 def test_auto_threshold_needs_single_cells_and_raw_counts(demo):
     """A signature table gives no single cells to compare the slide's noise with, and scaled
-    counts have no Poisson part to subtract: 0.05 in both cases."""
+    counts have no Poisson part to subtract: 0.05 in both cases. Scaled counts are refused
+    unless allow_non_integer_slide says they are meant."""
     slide, reference = demo
     from napari_stlnmf.preprocess import build_reference
 
@@ -571,7 +573,9 @@ def test_auto_threshold_needs_single_cells_and_raw_counts(demo):
     assert res.info["cells_per_spot"] is None and res.info["min_proportion"] == 0.05
     scaled = _copy_slide(slide)
     scaled.X = scaled.X * 6.6
-    res = deconvolve(scaled, reference, cell_type_key=KEY)
+    with pytest.raises(NotRawCountsError, match="allow_non_integer_slide"):
+        deconvolve(scaled, reference, cell_type_key=KEY)
+    res = deconvolve(scaled, reference, cell_type_key=KEY, allow_non_integer_slide=True)
     assert res.info["cells_per_spot"] is None and res.info["min_proportion"] == 0.05
     assert deconvolve(slide, reference, cell_type_key=KEY).info["cells_per_spot"] > 2
     with pytest.raises(StlnmfError, match="min_proportion"):

@@ -32,6 +32,7 @@ from .checks import (
 from .io._util import table_suffix
 from .model import EntryNoise, UnrolledNMF, pick_device
 from .pipeline import (
+    MAX_CELLS_PER_TYPE,
     DeconvolutionSettings,
     build_model,
     build_spot_graph,
@@ -124,6 +125,9 @@ def deconvolve(
     calibrate_noise: bool = True,
     fit_platform_effect: bool = True,
     device: str = "auto",
+    reference_is_means: bool = False,
+    allow_non_integer_slide: bool = False,
+    max_cells_per_type: int | None = MAX_CELLS_PER_TYPE,
     obs_prefix: str = "stlnmf_",
     progress=None,
     should_stop=None,
@@ -144,6 +148,27 @@ def deconvolve(
     reference
         Single-cell AnnData (with ``obs[cell_type_key]``), a signature DataFrame
         (genes x types), or a path to either.
+
+        Raw counts are found the same way on both sides: ``layers['counts']`` (or
+        ``'raw_counts'``, ``'umi_counts'``), else ``X`` if it holds whole numbers, else
+        ``.raw.X``; ``info['slide_counts_source']`` and ``info['reference_counts_source']``
+        say which. Log-transformed, fixed-total normalised (``normalize_total``, CPM) or
+        non-integer values with no raw counts elsewhere raise
+        :class:`~napari_stlnmf.errors.NotRawCountsError`. Genes are matched on the var names
+        and on var columns such as ``gene_ids`` or ``feature_name``, with Ensembl version
+        suffixes stripped, whichever pairs the most genes (``info['gene_matching']``).
+    reference_is_means
+        The AnnData reference's rows are mean expression (pseudo-bulks, metacells, expected
+        counts), not raw counts per cell: accept non-integer values. A signature DataFrame is
+        always taken as means.
+    allow_non_integer_slide
+        Accept slide counts that are not whole numbers but on a linear scale (expected counts
+        from Salmon/alevin, ambient-corrected counts). Never log-transformed or normalised
+        values. The noise-based cells-per-spot estimate needs whole counts and is skipped.
+    max_cells_per_type
+        A single-cell reference keeps at most this many cells per type, a seeded (``seed``)
+        sample taken before anything is copied; an .h5ad path is read for those cells only, so
+        an atlas of 10^6 cells costs memory for the cells kept. ``None`` keeps every cell.
     library_id
         The key of ``uns['spatial']`` whose image and scale factors to use (a slide of one
         sample whose ``uns['spatial']`` holds several).
@@ -251,10 +276,16 @@ def run_deconvolution(
     check_slide_arguments(slide, coords)
     report(progress, Stage.READING, 0, 1)
     adata = load_slide(slide, coords, bin_size)
-    io.validate_slide(adata)
+    io.validate_slide(adata, allow_non_integer=settings.allow_non_integer_slide)
     reference = _oriented_signature(reference, adata)
     _check_cell_type_column(reference, cell_type_key, adata)
-    ref = load_reference(reference, cell_type_key)
+    ref = load_reference(
+        reference,
+        cell_type_key,
+        is_means=settings.reference_is_means,
+        max_cells_per_type=settings.max_cells_per_type,
+        seed=int(settings.seed),
+    )
     check_stop(should_stop)
     fits = []
     for library in slide_libraries(adata, settings):
@@ -308,10 +339,11 @@ def _fit_library(adata, ref, s: DeconvolutionSettings, progress=None, should_sto
     """One sample's spots, from inputs to fractions: the method's steps, top to bottom."""
     torch.manual_seed(int(s.seed))
     device = pick_device(s.device)
+    counts = io.slide_counts(adata, allow_non_integer=s.allow_non_integer_slide)
 
     report(progress, Stage.PREPARING, 0, 1)
     requested = s.gene_weighting or default_gene_weighting(s.method, s.params, s.train)
-    prep, ref, subtypes = prepare_inputs(adata, ref, s, gene_weighting=requested)
+    prep, ref, subtypes = prepare_inputs(adata, ref, s, gene_weighting=requested, counts=counts)
     weighting, compact_gram = choose_gene_weighting(
         requested,
         explicit=s.gene_weighting is not None,
@@ -332,7 +364,7 @@ def _fit_library(adata, ref, s: DeconvolutionSettings, progress=None, should_sto
         report(progress, Stage.PLATFORM, 0, 1)
     calibration = calibrate(
         prep, ref,
-        slide_counts=adata.X, gene_weighting=weighting, min_proportion=s.min_proportion,
+        slide_counts=counts.matrix, gene_weighting=weighting, min_proportion=s.min_proportion,
         platform_effect=platform, refine_with=shipped_refinement_model(prep) if platform else None,
         refine_passes=s.platform_refine_passes, seed=int(s.seed), device=device,
     )  # fmt: skip

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ._constants import MAX_CELLS_PER_TYPE
 from .output_folder import check_output_folder, staged_results
 from .preprocess import GENE_WEIGHTINGS
 from .progress import Stage, stage_label
@@ -196,7 +197,10 @@ def _run(a) -> int:
     )
     if a.image is not None:
         io.check_image_covers_spots(slide)
-    reference = io.read_reference(a.reference, cell_type_key=a.cell_type_key)
+    cap = a.max_cells_per_type or None  # 0: every cell
+    reference = io.read_reference(
+        a.reference, cell_type_key=a.cell_type_key, max_cells_per_type=cap, seed=a.seed
+    )
     previous = check_output_folder(a.out, overwrite=a.overwrite)  # before the computation
     bar = _Progress(not a.quiet)
     try:
@@ -207,6 +211,9 @@ def _run(a) -> int:
             library_id=a.library_id,
             library_key=a.library_key,
             case_insensitive=a.case_insensitive,
+            reference_is_means=a.reference_is_means,
+            allow_non_integer_slide=a.allow_non_integer_slide,
+            max_cells_per_type=cap,
             progress=bar,
             **_model_kwargs(a),
         )
@@ -335,6 +342,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--case-insensitive", action="store_true", help="match gene names ignoring case"
+    )
+    run.add_argument(
+        "--reference-is-means",
+        action="store_true",
+        help="the .h5ad reference's rows are mean expression (pseudo-bulks, metacells), "
+        "not raw counts per cell: accept non-integer values",
+    )
+    run.add_argument(
+        "--allow-non-integer-slide",
+        action="store_true",
+        help="accept slide counts that are not whole numbers (expected or ambient-corrected "
+        "counts; never log-normalised ones)",
+    )
+    run.add_argument(
+        "--max-cells-per-type",
+        type=int,
+        default=MAX_CELLS_PER_TYPE,
+        help="keep a seeded sample of at most this many reference cells per type, read from "
+        f"the .h5ad alone (default {MAX_CELLS_PER_TYPE}; 0 keeps every cell)",
     )
     run.add_argument("--out", required=True, type=Path)
     _add_model_options(run)

@@ -23,6 +23,12 @@ class InvalidCountsError(StlnmfError):
     """Counts contain NaN, infinite or negative values, or no spot has counts."""
 
 
+class NotRawCountsError(InvalidCountsError):
+    """Values that are not raw counts (log-transformed, normalised to a fixed total, scaled or
+    not whole numbers) where raw counts are needed, and none were found elsewhere in the
+    AnnData (``layers['counts']``, ``.raw``)."""
+
+
 class CoordinateError(StlnmfError):
     """Spot coordinates are missing, non-finite or do not match the spots."""
 

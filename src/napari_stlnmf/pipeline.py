@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from . import io
-from ._constants import SPATIAL_KEY
+from ._constants import MAX_CELLS_PER_TYPE, SPATIAL_KEY
 from .calibration import (
     NOISE_SAMPLE_SPOTS,
     Calibration,
@@ -46,7 +46,7 @@ from .model import (
     gram_bytes,
     pick_device,
 )
-from .preprocess import Prepared, Reference, build_reference, prepare
+from .preprocess import Prepared, Reference, build_reference, match_gene_identifiers, prepare
 from .progress import Stage, check_stop, report
 from .solvers import CLASSIC_MAX_ITER, ClassicSolver, FitInputs, Solver, UnrolledSolver
 from .solvers import Fit as SolverFit
@@ -54,6 +54,7 @@ from .subtypes import Subtypes, choose_subtypes, merge_subtypes
 from .train import TrainReport, calibrated_noise_ranges, make_training_slides, train_unrolled
 
 __all__ = [
+    "MAX_CELLS_PER_TYPE",
     "MAX_GRAM_BYTES",
     "DeconvolutionSettings",
     "Fractions",
@@ -126,6 +127,9 @@ class DeconvolutionSettings:
     max_gram_bytes: int = MAX_GRAM_BYTES
     platform_refine_passes: int = 3
     cell_subtypes: bool | str = "auto"
+    reference_is_means: bool = False
+    allow_non_integer_slide: bool = False
+    max_cells_per_type: int | None = MAX_CELLS_PER_TYPE
 
     def __post_init__(self):
         check_settings_values(self)  # types and ranges of the numbers, the device
@@ -137,6 +141,9 @@ class DeconvolutionSettings:
             raise StlnmfError(
                 f"cell_subtypes must be 'auto', True or False, not {self.cell_subtypes!r}"
             )
+        cap = self.max_cells_per_type
+        if cap is not None and not (isinstance(cap, (int, np.integer)) and cap >= 1):
+            raise StlnmfError(f"max_cells_per_type must be None or at least 1, not {cap!r}")
         if self.library_key is not None and self.library_id is not None:
             raise StlnmfError(
                 "give library_key (one fit per library of a multi-sample slide) or library_id "
@@ -230,14 +237,49 @@ def slide_libraries(adata, settings: DeconvolutionSettings) -> list[SlideLibrary
     return out
 
 
-def load_reference(reference, cell_type_key: str | None) -> Reference:
-    """Per-type profiles (and single cells) from an AnnData, a signature table or a path."""
+def load_reference(
+    reference,
+    cell_type_key: str | None,
+    *,
+    is_means: bool = False,
+    max_cells_per_type: int | None = None,
+    seed: int = 0,
+) -> Reference:
+    """Per-type profiles (and single cells) from an AnnData, a signature table or a path.
+
+    A single-cell reference keeps at most ``max_cells_per_type`` cells per type (seeded by
+    ``seed``); an .h5ad path is read for those cells only. ``is_means``: its rows are mean
+    expression, not raw counts (:func:`~.preprocess.build_reference`)."""
+    import anndata as ad
+
     if isinstance(reference, Reference):
         return reference
     if isinstance(reference, (str, Path)):
-        reference = io.read_reference(reference, cell_type_key=cell_type_key)
-    io.validate_reference(reference, cell_type_key=cell_type_key)
-    return build_reference(reference, cell_type_key=cell_type_key)
+        reference = io.read_reference(
+            reference,
+            cell_type_key=cell_type_key,
+            max_cells_per_type=max_cells_per_type,
+            seed=seed,
+        )
+    # a reference read for a sample of its cells records how many the file holds
+    n_in_file = (
+        reference.uns.get(io.reference.N_CELLS_IN_FILE)
+        if isinstance(reference, ad.AnnData)
+        else None
+    )
+    # the user's whole reference (unused categories are named here, build_reference drops
+    # them); sparse values are scanned in place, not copied
+    io.validate_reference(reference, cell_type_key=cell_type_key, is_means=is_means)
+    built = build_reference(
+        reference,
+        cell_type_key=cell_type_key,
+        is_means=is_means,
+        max_cells_per_type=max_cells_per_type,
+        seed=seed,
+    )
+    if n_in_file is not None:
+        built.info["n_cells"] = int(n_in_file)
+    return built
 
 
 def select_subtypes(
@@ -269,22 +311,45 @@ def platform_effect_wanted(prepared: Prepared, settings: DeconvolutionSettings) 
 
 
 def prepare_inputs(
-    adata, reference: Reference, settings: DeconvolutionSettings, *, gene_weighting: str
+    adata,
+    reference: Reference,
+    settings: DeconvolutionSettings,
+    *,
+    gene_weighting: str,
+    counts: io.FoundCounts | None = None,
 ) -> tuple[Prepared, Reference, Subtypes | None]:
     """The model's inputs (:func:`~.preprocess.prepare`), on the reference's sub-profiles when
     :func:`select_subtypes` chose them (then the reference returned is the split one, and
-    :func:`finish` sums the sub-types back into the types)."""
+    :func:`finish` sums the sub-types back into the types).
+
+    ``counts``: the slide's raw counts (:func:`~.io.validate.validate_slide` returns them;
+    found again if not given). Genes are paired by :func:`~.preprocess.match_gene_identifiers`;
+    ``Prepared.info`` records the pairing and where both sides' counts came from."""
+    if counts is None:
+        counts = io.slide_counts(adata, allow_non_integer=settings.allow_non_integer_slide)
     options = {
         "n_markers": settings.n_markers,
         "case_insensitive": settings.case_insensitive,
         "gene_weighting": gene_weighting,
     }
-    prepared = prepare(adata.X, adata.var_names, reference, **options)
+    genes, matching = match_gene_identifiers(
+        counts.var, reference, case_insensitive=settings.case_insensitive
+    )
+    sources = {
+        "slide_counts_source": counts.source,
+        "reference_counts_source": reference.info.get("counts_source"),
+        "reference_cells": {k: v for k, v in reference.info.items() if k != "counts_source"},
+        "gene_matching": matching,
+    }
+    prepared = prepare(counts.matrix, genes, reference, **options)
+    prepared.info.update(sources)
     subtypes = select_subtypes(prepared, reference, settings)
     if subtypes is None:
         return prepared, reference, None
     split = subtypes.reference
-    return prepare(adata.X, adata.var_names, split, **options), split, subtypes
+    prepared = prepare(counts.matrix, genes, split, **options)
+    prepared.info.update(sources)
+    return prepared, split, subtypes
 
 
 def default_gene_weighting(method: str, params, train: bool) -> str:

@@ -22,6 +22,7 @@ from .errors import (
     InvalidCountsError,
     StlnmfError,
 )
+from .io.counts import subsample_per_type
 from .io.validate import (
     check_cell_type_key,
     check_cell_type_sizes,
@@ -35,6 +36,7 @@ __all__ = [
     "Prepared",
     "Reference",
     "build_reference",
+    "match_gene_identifiers",
     "match_genes",
     "prepare",
     "select_marker_genes",
@@ -46,6 +48,22 @@ MIN_SHARED_GENES = 10
 # genes one or two of its cells happen to express, which the slide's cells of that type do not
 # (seqFISH+ olfactory bulb, 12-49 cells in 4 of its 9 types: 0.1016 -> 0.0816 cell RMSE)
 MIN_MARKER_DETECTION = 0.25
+
+# var columns that name genes in files from Space Ranger / scanpy (gene_ids, feature_types),
+# CELLxGENE (feature_name, feature_id: var_names are Ensembl ids there) and others
+GENE_ID_COLUMNS = (
+    "gene_ids",
+    "gene_id",
+    "feature_id",
+    "ensembl_id",
+    "feature_name",
+    "gene_symbols",
+    "gene_symbol",
+    "gene_name",
+    "gene_names",
+    "symbol",
+)
+_ENSEMBL_VERSION = r"^(ENS[A-Z]*\d{6,})\.\d+$"  # ENSG00000123456.4 -> ENSG00000123456
 
 
 @dataclass
@@ -65,6 +83,12 @@ class Reference:
         Integer type index per cell (aligned with ``cell_counts``), or None.
     variance_to_mean
         Pooled within-type variance-to-mean ratio per gene (None without single cells).
+    gene_ids
+        Other names of the genes (the reference's ``var`` columns in :data:`GENE_ID_COLUMNS`),
+        indexed like ``profiles``; :func:`match_gene_identifiers` tries them on the slide.
+    info
+        Where the counts came from (``counts_source``) and how many cells were kept
+        (``n_cells``, ``n_cells_kept``, ``max_cells_per_type``).
     """
 
     profiles: pd.DataFrame
@@ -72,6 +96,8 @@ class Reference:
     cell_counts: sp.csr_matrix | None = None
     cell_labels: np.ndarray | None = None
     variance_to_mean: pd.Series | None = None
+    gene_ids: pd.DataFrame | None = None
+    info: dict = field(default_factory=dict)
 
     @property
     def cell_types(self) -> list[str]:
@@ -115,20 +141,44 @@ def _as_csr(x) -> sp.csr_matrix:
     )
 
 
+def gene_identifiers(var: pd.DataFrame) -> pd.DataFrame:
+    """The text columns of ``var`` named in :data:`GENE_ID_COLUMNS`, as strings (None where
+    missing), indexed by the var names."""
+    columns = {}
+    for name in GENE_ID_COLUMNS:
+        if name in var.columns and not pd.api.types.is_numeric_dtype(var[name]):
+            columns[name] = [None if pd.isna(v) else str(v) for v in var[name].astype(object)]
+    return pd.DataFrame(columns, index=pd.Index(var.index.astype(str)), dtype=object)
+
+
 def build_reference(
-    reference, *, cell_type_key: str | None = None, min_cells: int = 1
+    reference,
+    *,
+    cell_type_key: str | None = None,
+    min_cells: int = 1,
+    is_means: bool = False,
+    max_cells_per_type: int | None = None,
+    seed: int = 0,
 ) -> Reference:
     """Turn a single-cell AnnData or a signature table into a :class:`Reference`.
 
     Parameters
     ----------
     reference
-        AnnData (cells x genes, raw counts in ``X`` or ``layers['counts']``) with
-        ``obs[cell_type_key]``, or a DataFrame of mean expression (genes x cell types).
+        AnnData (cells x genes, raw counts in ``layers['counts']``, ``X`` or ``.raw``:
+        :func:`~napari_stlnmf.io.validate.reference_counts`) with ``obs[cell_type_key]``, or a
+        DataFrame of mean expression (genes x cell types).
     cell_type_key
         Column of ``reference.obs`` holding the cell-type labels (AnnData only).
     min_cells
         Types with fewer cells raise :class:`EmptyCellTypeError`.
+    is_means
+        The AnnData's rows are mean expression (pseudo-bulks, metacells), not raw counts per
+        cell: non-integer values are accepted. Without it they raise
+        :class:`~napari_stlnmf.errors.NotRawCountsError`.
+    max_cells_per_type
+        Keep at most this many cells of each type, drawn with ``seed`` before anything is
+        converted (atlases of 10^6 cells); None keeps every cell.
     """
     if isinstance(reference, pd.DataFrame):
         validate_signature(reference)
@@ -138,19 +188,29 @@ def build_reference(
         return Reference(
             profiles=sig / totals.to_numpy(),
             mrna_content=pd.Series(totals.to_numpy(), index=sig.columns),
+            info={"counts_source": "signature table"},
         )
 
     # AnnData single-cell reference
     obs = reference.obs
     check_cell_type_key(obs, cell_type_key)
+    if reference.n_obs == 0 or reference.n_vars == 0:
+        raise InvalidCountsError(
+            f"The reference is empty ({reference.n_obs} cells x {reference.n_vars} genes)."
+        )
+    found = reference_counts(reference, is_means=is_means)
     check_unique(
-        reference.var_names,
+        found.genes,
         "gene name(s)",
         "Gene names must be unique; run `reference.var_names_make_unique()`.",
     )
-    counts = _as_csr(reference_counts(reference))
-    check_counts(counts, reference.obs_names, reference.var_names, "reference", ("cell", "gene"))
-    labels = obs[cell_type_key]
+    # the cells kept are chosen before any conversion: only their rows are ever copied
+    rows = subsample_per_type(obs[cell_type_key], max_cells_per_type, seed)
+    kept = found.matrix if rows.size == reference.n_obs else found.matrix[rows]
+    counts = _as_csr(kept)
+    cell_names = reference.obs_names if rows.size == reference.n_obs else reference.obs_names[rows]
+    check_counts(counts, cell_names, found.genes, "reference", ("cell", "gene"))
+    labels = obs[cell_type_key].iloc[rows]
     if labels.isna().any():
         warnings.warn(
             f"{int(labels.isna().sum())} reference cells have no cell type and are ignored",
@@ -162,7 +222,11 @@ def build_reference(
     types = sorted(labels.unique().tolist())
     code = pd.Categorical(labels, categories=types).codes.astype(np.int64)
     n_cells = np.bincount(code, minlength=len(types))
-    check_cell_type_sizes(pd.Series(n_cells, index=types), cell_type_key, min_cells, obs)
+    if rows.size == reference.n_obs:
+        check_cell_type_sizes(pd.Series(n_cells, index=types), cell_type_key, min_cells, obs)
+    else:  # sizes before the subsampling: a type is only capped, never made too small
+        sizes = obs[cell_type_key].value_counts(dropna=True)
+        check_cell_type_sizes(sizes, cell_type_key, min_cells, obs)
     lib = np.asarray(counts.sum(1)).ravel()
     if (lib <= 0).any():
         warnings.warn(
@@ -190,13 +254,20 @@ def build_reference(
     pooled_mean = (profiles * w).sum(1)
     with np.errstate(divide="ignore", invalid="ignore"):
         vmr = np.where(pooled_mean > 0, pooled_var / pooled_mean, 0.0)
-    genes = pd.Index(reference.var_names.astype(str))
+    genes = found.genes
     return Reference(
         profiles=pd.DataFrame(profiles, index=genes, columns=types),
         mrna_content=pd.Series(content, index=types),
         cell_counts=counts,
         cell_labels=code,
         variance_to_mean=pd.Series(vmr, index=genes),
+        gene_ids=gene_identifiers(found.var),
+        info={
+            "counts_source": found.source,
+            "n_cells": int(reference.n_obs),
+            "n_cells_kept": int(code.size),
+            "max_cells_per_type": max_cells_per_type,
+        },
     )
 
 
@@ -228,11 +299,15 @@ def match_genes(
             )
         elif s.str.startswith("ENS").mean() > 0.5 and not r.str.startswith("ENS").mean() > 0.5:
             hint = (
-                " The slide uses Ensembl ids and the reference gene symbols: convert one of them."
+                " The slide uses Ensembl ids and the reference gene symbols: convert one of "
+                "them, or keep the other naming in a var column ('gene_ids', 'feature_name'): "
+                "those are matched too."
             )
         elif r.str.startswith("ENS").mean() > 0.5 and not s.str.startswith("ENS").mean() > 0.5:
             hint = (
-                " The reference uses Ensembl ids and the slide gene symbols: convert one of them."
+                " The reference uses Ensembl ids and the slide gene symbols: convert one of "
+                "them, or keep the other naming in a var column ('gene_ids', 'feature_name'): "
+                "those are matched too."
             )
         raise GeneMismatchError(
             f"slide and reference share {len(shared)} gene(s), at least {MIN_SHARED_GENES} are "
@@ -279,6 +354,79 @@ def profile_sampling_variance(reference: Reference, genes: np.ndarray) -> np.nda
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.where(mean > 0, var / (n_cells[:, None] * mean**2), 0.0)
     return rel.T
+
+
+def _identifier_keys(values, *, strip_versions: bool, case_insensitive: bool) -> pd.Series:
+    """Comparable keys of gene names; None for missing names and for names that occur more than
+    once (they cannot be paired one to one)."""
+    keys = pd.Series([None if v is None or pd.isna(v) else str(v) for v in values], dtype=object)
+    if strip_versions:
+        keys = keys.str.replace(_ENSEMBL_VERSION, r"\1", regex=True)
+    if case_insensitive:
+        keys = keys.str.upper()
+    return keys.where(~keys.duplicated(keep=False) & keys.notna(), None)
+
+
+def _name_columns(var_names, table: pd.DataFrame | None) -> dict[str, list]:
+    out = {"var_names": list(pd.Index(var_names).astype(str))}
+    if table is not None:
+        out.update({f"var[{c!r}]": list(table[c]) for c in table.columns})
+    return out
+
+
+def match_gene_identifiers(
+    slide_var: pd.DataFrame, reference: Reference, *, case_insensitive: bool = False
+) -> tuple[pd.Index, dict]:
+    """The slide's gene names to match on, translated to the reference's where another naming
+    pairs more genes, and a report of the pairing (``info['gene_matching']``).
+
+    Tried on either side: the var names and the var columns of :data:`GENE_ID_COLUMNS`
+    (``gene_ids``, ``feature_name``, ...), each as written and with Ensembl version suffixes
+    stripped (ENSG00000123456.4 -> ENSG00000123456) on both sides; the pairing sharing the most
+    genes wins, var names with var names on a tie. When it is not that one, the slide's
+    matched genes are renamed to the reference's var names (unmatched ones get a name that
+    matches nothing). Too few shared genes raise :class:`GeneMismatchError` naming what was
+    tried."""
+    slide_names = pd.Index(slide_var.index.astype(str))
+    slide_columns = _name_columns(slide_names, gene_identifiers(slide_var))
+    reference_columns = _name_columns(reference.genes, reference.gene_ids)
+    best = None
+    for strip in (False, True):
+        options = {"strip_versions": strip, "case_insensitive": case_insensitive}
+        slide_keys = {k: _identifier_keys(v, **options) for k, v in slide_columns.items()}
+        reference_keys = {k: _identifier_keys(v, **options) for k, v in reference_columns.items()}
+        for s_name, s_keys in slide_keys.items():
+            for r_name, r_keys in reference_keys.items():
+                shared = set(s_keys.dropna()) & set(r_keys.dropna())
+                if best is None or len(shared) > best[0]:
+                    best = (len(shared), s_name, r_name, strip, s_keys, r_keys, shared)
+    n_shared, s_name, r_name, strip, s_keys, r_keys, shared = best
+    report = {
+        "slide": s_name,
+        "reference": r_name,
+        "version_suffixes_stripped": bool(strip),
+        "n_shared_genes": int(n_shared),
+        "n_slide_genes": len(slide_names),
+        "n_reference_genes": len(reference.genes),
+    }
+    if n_shared < MIN_SHARED_GENES:
+        tried = (
+            f" Also tried slide {list(slide_columns)} against reference "
+            f"{list(reference_columns)}, with and without Ensembl version suffixes: at most "
+            f"{n_shared} shared ({s_name} with {r_name})."
+        )
+        try:
+            match_genes(slide_names, reference.genes, case_insensitive=case_insensitive)
+        except GeneMismatchError as err:
+            raise GeneMismatchError(f"{err}{tried}") from None
+    if (s_name, r_name, strip) == ("var_names", "var_names", False):
+        return slide_names, report
+    to_reference = dict(zip(r_keys, reference.genes.astype(str)))
+    renamed = [
+        to_reference[key] if key in shared else f"{name} (unmatched)"
+        for key, name in zip(s_keys, slide_names)
+    ]
+    return pd.Index(renamed), report
 
 
 def select_marker_genes(

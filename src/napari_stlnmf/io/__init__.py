@@ -28,6 +28,7 @@ return new objects and the ``validate_*`` / ``check_*`` functions only read.
 """
 
 from . import h5ad, spaceranger, spatialdata, table, visium_hd
+from .counts import FoundCounts, find_counts
 from .library import (
     SPOT_DIAMETER_PER_SPACING,
     check_image_covers_spots,
@@ -47,13 +48,15 @@ from .registry import (
 )
 from .slide import read_slide
 from .spatialdata import read_spatialdata, write_spatialdata_results
-from .validate import validate_reference, validate_slide
+from .validate import slide_counts, validate_reference, validate_slide
 
 __all__ = [
     "SPOT_DIAMETER_PER_SPACING",
+    "FoundCounts",
     "SlideFormat",
     "check_image_covers_spots",
     "estimate_spot_diameter",
+    "find_counts",
     "find_slide_format",
     "get_image",
     "get_library",
@@ -62,6 +65,7 @@ __all__ = [
     "read_spatialdata",
     "reference_columns",
     "register_slide_format",
+    "slide_counts",
     "slide_formats",
     "spot_diameter",
     "square_bin_size",

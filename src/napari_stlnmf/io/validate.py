@@ -25,6 +25,7 @@ from ..errors import (
     InvalidCountsError,
 )
 from ._util import examples
+from .counts import COUNT_LAYERS, FoundCounts, find_counts
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -36,6 +37,7 @@ __all__ = [
     "check_counts",
     "check_unique",
     "reference_counts",
+    "slide_counts",
     "validate_reference",
     "validate_signature",
     "validate_slide",
@@ -206,9 +208,34 @@ def check_cell_type_sizes(sizes: pd.Series, key: str, min_cells: int, obs: pd.Da
         )
 
 
-def reference_counts(reference: AnnData) -> Any:
-    """The counts of a single-cell reference: ``layers['counts']`` if present, else ``X``."""
-    return reference.layers.get("counts", reference.X)
+SLIDE_NON_INTEGER_WAY_OUT = {
+    "non_integer": "If they are counts on a linear scale that are not whole (expected counts "
+    "from Salmon/alevin, ambient-corrected counts), pass allow_non_integer_slide=True."
+}
+REFERENCE_MEANS_WAY_OUT = {
+    kind: "If the reference holds mean expression rather than counts per cell (pseudo-bulks, "
+    "metacells, expected or ambient-corrected counts), pass reference_is_means=True."
+    for kind in ("non_integer", "fixed_total")
+}
+
+
+def slide_counts(adata: AnnData, *, allow_non_integer: bool = False) -> FoundCounts:
+    """The raw counts of a slide (:func:`napari_stlnmf.io.counts.find_counts`'s rule)."""
+    return find_counts(
+        adata, "slide", allow_non_integer=allow_non_integer, way_out=SLIDE_NON_INTEGER_WAY_OUT
+    )
+
+
+def reference_counts(reference: AnnData, *, is_means: bool = False) -> FoundCounts:
+    """The counts of a single-cell reference, found as the slide's are
+    (:func:`napari_stlnmf.io.counts.find_counts`); with ``is_means`` (the rows are mean
+    expression, e.g. pseudo-bulks) a counts layer if there is one, else ``X``, as they are."""
+    if not is_means:
+        return find_counts(reference, "reference", way_out=REFERENCE_MEANS_WAY_OUT)
+    for name in COUNT_LAYERS:
+        if name in reference.layers:
+            return FoundCounts(reference.layers[name], reference.var, f"layers['{name}']", "means")
+    return FoundCounts(reference.X, reference.var, "X", "means")
 
 
 # --------------------------------------------------------------------------- #
@@ -216,11 +243,14 @@ def reference_counts(reference: AnnData) -> Any:
 # --------------------------------------------------------------------------- #
 
 
-def validate_slide(adata: AnnData, *, coords_key: str = SPATIAL_KEY) -> None:
+def validate_slide(
+    adata: AnnData, *, coords_key: str = SPATIAL_KEY, allow_non_integer: bool = False
+) -> FoundCounts:
     """Check that a slide can be deconvolved; raise an actionable error otherwise.
 
-    Checks unique spot and gene names, finite non-negative counts with at least
-    one non-zero entry, and finite (x, y) coordinates in ``obsm[coords_key]``.
+    Finds the raw counts (``layers['counts']``, else ``X``, else ``.raw.X``:
+    :func:`slide_counts`) and checks unique spot and gene names, finite non-negative counts
+    with at least one non-zero entry, and finite (x, y) coordinates in ``obsm[coords_key]``.
     Sparse counts are checked through their stored values only. ``adata`` is not
     modified.
 
@@ -230,13 +260,21 @@ def validate_slide(adata: AnnData, *, coords_key: str = SPATIAL_KEY) -> None:
         Spots x genes.
     coords_key
         ``obsm`` key of the spot coordinates.
+    allow_non_integer
+        Accept counts that are not whole numbers (but on a linear scale, not normalised).
+
+    Returns
+    -------
+    The counts found (:class:`~napari_stlnmf.io.counts.FoundCounts`: matrix, genes, source).
 
     Raises
     ------
     DuplicateNamesError
         Duplicate barcodes or gene names.
     InvalidCountsError
-        Non-numeric, NaN/infinite or negative counts, or no counts at all.
+        Non-numeric, NaN/infinite or negative counts, or no counts at all;
+        :class:`~napari_stlnmf.errors.NotRawCountsError` (a subclass) for log-transformed,
+        normalised or non-integer values with no raw counts elsewhere in the AnnData.
     CoordinateError
         Coordinates missing, of the wrong shape or non-finite.
     """
@@ -250,17 +288,18 @@ def validate_slide(adata: AnnData, *, coords_key: str = SPATIAL_KEY) -> None:
         "Spot names must be unique; run `adata.obs_names_make_unique()` "
         "(or check whether two slides were concatenated without a batch key).",
     )
+    found = slide_counts(adata, allow_non_integer=allow_non_integer)
     check_unique(
-        adata.var_names,
+        found.genes,
         "gene name(s)",
         "Gene names must be unique; run `adata.var_names_make_unique()` or sum the "
         "duplicated genes.",
     )
-    check_counts(adata.X, adata.obs_names, adata.var_names, "slide")
-    if not np.any(_values(adata.X)):
+    check_counts(found.matrix, adata.obs_names, found.genes, "slide")
+    if not np.any(_values(found.matrix)):
         raise InvalidCountsError(
-            f"All {adata.n_obs} spots have zero counts; X looks empty. Check that the "
-            "counts were loaded into X (not only into a layer)."
+            f"All {adata.n_obs} spots have zero counts in {found.source}; it looks empty. "
+            "Check that the counts were loaded (into X, layers['counts'] or .raw)."
         )
 
     if coords_key not in adata.obsm:
@@ -285,6 +324,7 @@ def validate_slide(adata: AnnData, *, coords_key: str = SPATIAL_KEY) -> None:
             f"obsm[{coords_key!r}], e.g. {examples(adata.obs_names[bad])}. "
             "Drop these spots or fix their positions."
         )
+    return found
 
 
 # --------------------------------------------------------------------------- #
@@ -297,6 +337,7 @@ def validate_reference(
     *,
     cell_type_key: str | None = None,
     min_cells: int = 1,
+    is_means: bool = False,
 ) -> None:
     """Check a single-cell reference or a signature table; raise an actionable error.
 
@@ -305,13 +346,17 @@ def validate_reference(
     Parameters
     ----------
     reference
-        Either an :class:`~anndata.AnnData` of cells x genes with counts in ``X``
-        (or ``layers['counts']``) and cell types in ``obs[cell_type_key]``, or a
-        :class:`~pandas.DataFrame` signature of genes x cell types.
+        Either an :class:`~anndata.AnnData` of cells x genes with raw counts in
+        ``layers['counts']``, ``X`` or ``.raw`` (:func:`reference_counts`) and cell types in
+        ``obs[cell_type_key]``, or a :class:`~pandas.DataFrame` signature of genes x cell
+        types.
     cell_type_key
         ``obs`` column with the cell types (AnnData only, required there).
     min_cells
         Minimum number of cells per type (AnnData only).
+    is_means
+        The AnnData's rows are mean expression, not raw counts per cell: non-integer and
+        normalised values are accepted (a signature table always is).
 
     Raises
     ------
@@ -327,7 +372,9 @@ def validate_reference(
     import anndata as ad
 
     if isinstance(reference, ad.AnnData):
-        _validate_sc_reference(reference, cell_type_key=cell_type_key, min_cells=min_cells)
+        _validate_sc_reference(
+            reference, cell_type_key=cell_type_key, min_cells=min_cells, is_means=is_means
+        )
     elif isinstance(reference, pd.DataFrame):
         validate_signature(reference)
     else:
@@ -336,23 +383,24 @@ def validate_reference(
         )
 
 
-def _validate_sc_reference(adata: AnnData, *, cell_type_key: str | None, min_cells: int) -> None:
+def _validate_sc_reference(
+    adata: AnnData, *, cell_type_key: str | None, min_cells: int, is_means: bool = False
+) -> None:
     check_cell_type_key(adata.obs, cell_type_key)
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise InvalidCountsError(
             f"The reference is empty ({adata.n_obs} cells x {adata.n_vars} genes)."
         )
+    found = reference_counts(adata, is_means=is_means)
     check_unique(
-        adata.var_names,
+        found.genes,
         "gene name(s)",
         "Gene names must be unique; run `reference.var_names_make_unique()`.",
     )
     # value_counts keeps unused categories (count 0), so the message can name them
     sizes = adata.obs[cell_type_key].value_counts(dropna=True)
     check_cell_type_sizes(sizes, cell_type_key, min_cells, adata.obs)
-    check_counts(
-        reference_counts(adata), adata.obs_names, adata.var_names, "reference", ("cell", "gene")
-    )
+    check_counts(found.matrix, adata.obs_names, found.genes, "reference", ("cell", "gene"))
 
 
 def validate_signature(sig: pd.DataFrame) -> None:
