@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/stlnmf demo --out results
+	$(BIN)/stlnmf demo --out results --overwrite
 
 # installs Xvfb and Qt's X11 libraries first where missing and possible (root or passwordless sudo);
 # without them the napari GUI tests are skipped with the reason
