@@ -61,7 +61,7 @@ def main(train: bool = False) -> int:
     overlay.color = "white"
     overlay.text = (
         f"{show}: share of cells per spot (viridis, 0 -> 1)\n"
-        "real H&E + spot layout, SIMULATED expression"
+        "real H&E + spot layout; SYNTHETIC expression and cell types"
     )
     _process(300)
     viewer.screenshot(str(OUT / "screenshot.png"), canvas_only=False)

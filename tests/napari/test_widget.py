@@ -91,8 +91,7 @@ def test_widget_docks_from_manifest(make_napari_viewer):
     ]
     for option in options:
         assert option.tooltip, f"{option.label or option.text!r} has no tooltip"
-    assert "0 =" not in widget.n_layers.label
-    assert widget.n_layers.native.specialValueText() == "default"  # shown for 0
+    assert "0 =" not in widget.n_layers.label and "as learned" in widget.n_layers.label
     assert not widget.export_button.enabled  # nothing to export yet
 
 
@@ -270,7 +269,7 @@ def test_closing_mid_run_cancels_cleanly(make_napari_viewer, qtbot, errors, clos
     stages = []
     widget._relay.progressed.connect(lambda s, i, n: stages.append(s))
     widget.start()
-    qtbot.waitUntil(lambda: "training" in stages, timeout=60_000)
+    qtbot.waitUntil(lambda: "training" in stages, timeout=180_000)  # slow on a busy machine
     if closing == "dock":
         viewer.window.remove_dock_widget(widget.native)  # what the dock's close button does
     else:

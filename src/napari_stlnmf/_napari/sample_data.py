@@ -29,7 +29,7 @@ def make_histology_sample() -> list[tuple]:
     slide, _ = make_histology_slide(seed=0)
     return slide_layers(
         slide,
-        name="real H&E, synthetic cells",
+        name="H&E (synthetic)",  # short: result layers are "<slide> · <type>"
         reference=DEMO_REFERENCE,
         cell_type_key=DEMO_CELL_TYPE_KEY,
     )

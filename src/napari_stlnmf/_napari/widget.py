@@ -144,8 +144,10 @@ def _ramp_html(colormap: str, low: str, high: str) -> str:
 def _legend_html(cell_types, fit_error_max: float | None = None) -> str:
     """The maps' colour scales (napari has no legend): proportions, dominant type, fit error."""
     colors = dominant_colors(cell_types)
-    swatches = "<br>".join(
-        f'<span style="color:{colors[t]}; font-size:14px">&#9632;</span> {t}' for t in cell_types
+    # swatches flow several to a line: a tall dock would stretch napari's window
+    swatches = " &nbsp; ".join(
+        f'<span style="color:{colors[t]}; font-size:14px">&#9632;</span>&nbsp;{t}'
+        for t in cell_types
     )
     fit_scale = (
         _ramp_html(FIT_ERROR_COLORMAP, "0", f"{fit_error_max:.2g}")
@@ -236,7 +238,7 @@ class DeconvolveWidget(Container):
             "more gives smoother maps, fewer keeps sharper boundaries",
         )
         self.use_image = CheckBox(
-            text="compare the tissue image between neighbours",
+            text="follow the tissue image",
             value=True,
             tooltip="Smooth less between neighbouring spots whose tissue looks different in the "
             "image, so maps follow tissue boundaries; off: by distance only",
@@ -257,14 +259,13 @@ class DeconvolveWidget(Container):
             "earlier when the validation error no longer improves",
         )
         self.n_layers = SpinBox(
-            label="solver steps",
+            label="solver steps (0: as learned)",
             value=0,
             min=0,
             max=500,
-            tooltip="Update steps of the solver (layers of the learned network); 'default': "
-            "as many as the parameters were learned with",
+            tooltip="Update steps of the solver (layers of the learned network); 0: as many "
+            "as the parameters were learned with",
         )
-        self.n_layers.native.setSpecialValueText("default")  # shown for 0
         self.seed = SpinBox(
             label="random seed",
             value=0,
@@ -275,14 +276,14 @@ class DeconvolveWidget(Container):
         )
         self.run_button = PushButton(text="Deconvolve")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
-        buttons = Container(
-            layout="horizontal", widgets=[self.run_button, self.cancel_button], labels=False
-        )
         self.export_button = PushButton(
             text="Export results…",
             enabled=False,
             tooltip="Save the proportions of the selected result layer's slide (else the last "
             "run's): a CSV table by barcode, or an .h5ad this plugin opens again with the maps",
+        )
+        buttons = Container(
+            layout="horizontal", widgets=[self.run_button, self.cancel_button], labels=False
         )
         self.progress = ProgressBar(label="progress", value=0, min=0, max=1, visible=True)
         self.status = Label(label="", value="Open a sample or a slide, then Deconvolve.")
