@@ -265,7 +265,7 @@ def slide_for_deconvolution(adata, image=None, *, scale=None, translate=None, li
     if not np.isclose(sy, sx, rtol=1e-3) or sx <= 0:
         raise ImageMismatchError(
             f"The image layer's scale is {sy:g} x {sx:g} (row x col); the graph features need "
-            "square pixels. Pick another image layer or untick 'use the image for the graph'."
+            "square pixels. Pick another image layer or untick 'follow the tissue image'."
         )
     if abs(ty) > 0.5 * sy or abs(tx) > 0.5 * sx:
         raise ImageMismatchError(

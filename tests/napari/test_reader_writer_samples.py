@@ -282,3 +282,12 @@ def test_slide_layers_without_image():
     layers = slide_layers(slide, name="x")
     assert [kind for _, _, kind in layers] == ["points"]
     assert layers[0][1]["size"] > 0
+
+
+def test_legend_gives_the_fit_error_scale():
+    from napari_stlnmf._napari.legend import legend_html
+
+    html = legend_html(["Astro", "Neuron"], fit_error_max=0.563)
+    assert "fit error" in html and ">0&nbsp;<" in html and "0.56" in html
+    assert "Astro" in html and "Neuron" in html
+    assert "0.56" not in legend_html(["Astro"])  # no fit error: no scale

@@ -34,13 +34,8 @@ from qtpy.QtWidgets import QComboBox, QFileDialog, QWidget
 
 from ..errors import StlnmfError
 from ..layers import (
-    DOMINANT_LAYER,
-    FIT_ERROR_COLORMAP,
-    FIT_ERROR_LAYER,
-    PROPORTION_COLORMAP,
     RESULT_TAG,
     SLIDE_TAG,
-    dominant_colors,
     fine_tuning_note,
     image_for_features,
     is_spatialdata_layer,
@@ -53,6 +48,7 @@ from ..layers import (
     write_results_to_spatialdata_layer,
 )
 from ..progress import stage_label
+from .legend import legend_html
 from .writer import NoResultsToExport, write_proportions
 
 __all__ = ["DeconvolveWidget", "run_deconvolution"]
@@ -127,44 +123,8 @@ class _CloseWatcher(QObject):
             self._watched.append(window)
 
 
-def _ramp_html(colormap: str, low: str, high: str) -> str:
-    import matplotlib
-    from matplotlib.colors import to_hex
-
-    cmap = matplotlib.colormaps[colormap]
-    cells = "".join(
-        f'<td bgcolor="{to_hex(cmap(i / 15))}" width="9">&nbsp;</td>' for i in range(16)
-    )
-    return (
-        f'<table cellspacing="0" cellpadding="0"><tr><td>{low}&nbsp;</td>{cells}'
-        f"<td>&nbsp;{high}</td></tr></table>"
-    )
-
-
-def _legend_html(cell_types, fit_error_max: float | None = None) -> str:
-    """The maps' colour scales (napari has no legend): proportions, dominant type, fit error."""
-    colors = dominant_colors(cell_types)
-    # swatches flow several to a line: a tall dock would stretch napari's window
-    swatches = " &nbsp; ".join(
-        f'<span style="color:{colors[t]}; font-size:14px">&#9632;</span>&nbsp;{t}'
-        for t in cell_types
-    )
-    fit_scale = (
-        _ramp_html(FIT_ERROR_COLORMAP, "0", f"{fit_error_max:.2g}")
-        if fit_error_max is not None
-        else ""
-    )
-    return (
-        "<b>Cell-type maps</b> (share of cells per spot; 0 = transparent)<br>"
-        f"{_ramp_html(PROPORTION_COLORMAP, '0', '1')}"
-        f"<b>{DOMINANT_LAYER}</b><br>{swatches}<br>"
-        f"<b>{FIT_ERROR_LAYER}</b>: relative residual per spot, high where the reference misses "
-        f"a type (brightest: the top 1% of spots){fit_scale}"
-    )
-
-
 class DeconvolveWidget(Container):
-    """Deconvolve (STL NMF): pick spots, image and reference, run, get one map per cell type."""
+    """Deconvolve cell types: pick spots, image and reference, run, get one map per cell type."""
 
     def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(labels=True)
@@ -670,7 +630,7 @@ class DeconvolveWidget(Container):
             else:
                 msg += f" Added to table {table!r} as obs['stlnmf_<type>'] (in memory)."
         self.status.value = msg
-        self.legend.value = _legend_html(types, fit_error_max)
+        self.legend.value = legend_html(types, fit_error_max)
         self.progress.value = self.progress.max
 
     # ------------------------------------------------------------------ export
