@@ -188,7 +188,6 @@ def test_writer_is_offered_for_several_layers_and_its_refusal_reaches_the_user(
     assert not (tmp_path / "plain.csv").exists()
 
 
-@pytest.mark.gui  # starts Python in a subprocess: keep it with the GUI tests' budget
 def test_get_reader_imports_neither_torch_nor_the_core(tmp_path):
     """napari asks the reader about every file it opens: that must stay cheap."""
     import subprocess
