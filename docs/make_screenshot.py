@@ -26,7 +26,7 @@ def _process(ms: int = 300) -> None:
 def main(train: bool = False) -> int:
     viewer = napari.Viewer(title="napari-stlnmf")
     viewer.window.resize(1380, 860)
-    _, widget = viewer.window.add_plugin_dock_widget("napari-stlnmf", "Deconvolve (STL NMF)")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-stlnmf", "Deconvolve cell types")
     viewer.open_sample("napari-stlnmf", "histology")
     widget.train.value = train
     widget.train_epochs.value = 40
@@ -38,13 +38,18 @@ def main(train: bool = False) -> int:
     if result is None:
         print(widget.status.value, file=sys.stderr)
         return 1
-    # the most abundant type on top, over the H&E
+    # the most abundant type on top, over the H&E (layers found by tag: named "<slide> · <type>")
     show = str(result.proportions.mean().idxmax())
-    for layer in viewer.layers:
-        if "stlnmf_result" in layer.metadata:
-            layer.visible = layer.name == show
-    viewer.layers.selection.active = viewer.layers[show]
-    viewer.layers.move(viewer.layers.index(show), len(viewer.layers))
+    results = {
+        layer.metadata["stlnmf_result"].get("cell_type")
+        or layer.metadata["stlnmf_result"]["role"]: layer
+        for layer in viewer.layers
+        if "stlnmf_result" in layer.metadata
+    }
+    for layer in results.values():
+        layer.visible = layer is results[show]
+    viewer.layers.selection.active = results[show]
+    viewer.layers.move(viewer.layers.index(results[show]), len(viewer.layers))
     viewer.reset_view()
     # zoom on the tissue so spots are visible
     viewer.camera.zoom *= 1.35
@@ -56,14 +61,12 @@ def main(train: bool = False) -> int:
     overlay.color = "white"
     overlay.text = (
         f"{show}: share of cells per spot (viridis, 0 -> 1)\n"
-        "real H&E + spot layout, SIMULATED expression"
+        "real H&E + spot layout; SYNTHETIC expression and cell types"
     )
     _process(300)
     viewer.screenshot(str(OUT / "screenshot.png"), canvas_only=False)
-    dom = viewer.layers["dominant cell type"]
-    for layer in viewer.layers:
-        if "stlnmf_result" in layer.metadata:
-            layer.visible = layer is dom
+    for layer in results.values():
+        layer.visible = layer is results["dominant"]
     overlay.text = "dominant cell type (legend in the dock widget)"
     _process(300)
     viewer.screenshot(str(OUT / "screenshot_dominant.png"), canvas_only=True)

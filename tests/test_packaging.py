@@ -31,7 +31,7 @@ DATA_FILES = [
     "histology_README.md",
     "LICENSE_scanpy.txt",
 ]
-WIDGET = "Deconvolve (STL NMF)"
+WIDGET = "Deconvolve cell types"
 
 
 def _run(cmd, **kwargs):

@@ -23,7 +23,8 @@ Layers made here are tagged in ``metadata``:
 - ``metadata['stlnmf_result']``: ``{'source': slide_id, 'role': 'cell_type'|'dominant'|
   'fit_error', 'cell_type': name|None}``; ``metadata['adata']`` is the annotated copy with
   ``obsm['stlnmf_proportions']`` (what the writer exports). Re-running replaces layers by
-  this tag.
+  this tag (not by name: result layers are named ``"<slide> · <type>"``, so two slides'
+  maps never collide).
 """
 
 from __future__ import annotations
@@ -46,18 +47,22 @@ __all__ = [
     "RESULT_TAG",
     "SLIDE_TAG",
     "dominant_colors",
+    "fine_tuning_note",
     "image_for_features",
     "is_spatialdata_layer",
     "layer_to_world",
+    "result_layer_name",
     "result_layers",
     "result_layers_from_adata",
     "results_table",
+    "sample_columns",
     "slide_for_deconvolution",
     "slide_layers",
     "slide_on_image",
     "spot_diameter",
     "spot_symbol",
     "spots_from_spatialdata_layer",
+    "top_types",
     "write_results_to_spatialdata_layer",
     "zero_transparent_colormap",
 ]
@@ -69,6 +74,11 @@ FIT_ERROR_LAYER = "fit error"
 NO_ESTIMATE = "no estimate"
 FIT_ERROR_COLUMN = "fit_error"  # feature/CSV column names (short: shown on hover)
 QC_COLUMN = "qc"
+# the result layers' first feature column: napari's status bar lists the features in order on
+# one line, so the spot's largest types come first (the full table follows, cut off by the bar)
+TOP_TYPES_COLUMN = "top"
+TOP_TYPES_SHOWN = 3
+LAYER_NAME_SEPARATOR = " · "
 PROPORTION_COLORMAP = "viridis"
 FIT_ERROR_COLORMAP = "magma"
 
@@ -255,7 +265,7 @@ def slide_for_deconvolution(adata, image=None, *, scale=None, translate=None, li
     if not np.isclose(sy, sx, rtol=1e-3) or sx <= 0:
         raise ImageMismatchError(
             f"The image layer's scale is {sy:g} x {sx:g} (row x col); the graph features need "
-            "square pixels. Pick another image layer or untick 'use the image for the graph'."
+            "square pixels. Pick another image layer or untick 'follow the tissue image'."
         )
     if abs(ty) > 0.5 * sy or abs(tx) > 0.5 * sx:
         raise ImageMismatchError(
@@ -487,6 +497,66 @@ def slide_on_image(adata, spots_to_world, image=None, image_to_world=None, *, li
 # --------------------------------------------------------------------------- #
 
 
+def result_layer_name(slide_name: str | None, what: str) -> str:
+    """``"<slide> · <what>"`` (a cell type, 'dominant cell type', 'fit error'), or ``what``."""
+    return f"{slide_name}{LAYER_NAME_SEPARATOR}{what}" if slide_name else what
+
+
+def top_types(proportions: pd.DataFrame, n: int = TOP_TYPES_SHOWN) -> np.ndarray:
+    """Per spot, its ``n`` largest non-zero types with values: ``"Astro 0.52 · Neuron 0.31"``
+    (``NO_ESTIMATE`` for spots without one)."""
+    values = proportions.to_numpy(dtype=np.float64)
+    types = np.asarray([str(c) for c in proportions.columns], dtype=object)
+    order = np.argsort(-np.nan_to_num(values, nan=-1.0), axis=1)[:, :n]
+    out = np.empty(len(values), dtype=object)
+    for i, (row, best) in enumerate(zip(values, order)):
+        parts = [f"{types[j]} {row[j]:.2f}" for j in best if np.isfinite(row[j]) and row[j] > 0]
+        out[i] = LAYER_NAME_SEPARATOR.join(parts) if parts else NO_ESTIMATE
+    return out
+
+
+def sample_columns(adata) -> list[str]:
+    """obs columns that can split a slide into samples (``library_key``): categorical (or
+    string) columns with 2 to 100 values, those whose values are all libraries of
+    ``uns['spatial']`` first."""
+    libraries = set(map(str, (adata.uns.get("spatial") or {}).keys()))
+    matching, other = [], []
+    for col in adata.obs.columns:
+        s = adata.obs[col]
+        if not (isinstance(s.dtype, pd.CategoricalDtype) or pd.api.types.is_object_dtype(s.dtype)):
+            continue
+        values = set(map(str, pd.unique(s.dropna())))
+        if not 2 <= len(values) <= 100:
+            continue
+        (matching if values <= libraries else other).append(str(col))
+    return matching + other
+
+
+def fine_tuning_note(train_info: dict | None, epochs_asked: int | None) -> str:
+    """One sentence on how fine-tuning went, from ``result.info['train']`` ('' without it):
+    whether it stopped before ``epochs_asked`` and why, or kept the shipped parameters."""
+    if not train_info or not train_info.get("epochs"):
+        return ""
+    ran, best = int(train_info["epochs"]), int(train_info.get("best_epoch", 0))
+    before = train_info.get("val_rmse_initial")
+    after = train_info.get("val_rmse")
+    gain = ""
+    if before and after is not None and np.isfinite(before) and np.isfinite(after):
+        gain = f" (validation error {before:.3g} → {after:.3g})"
+    if best == 0:
+        return (
+            f"Fine-tuning ran {ran} epochs without improving on the shipped parameters{gain}; "
+            "the shipped parameters were kept."
+        )
+    if epochs_asked and ran < int(epochs_asked):
+        return (
+            f"Fine-tuning stopped early, after {ran} of {int(epochs_asked)} epochs: the "
+            f"validation error had not improved since epoch {best}, whose parameters are "
+            f"used{gain}."
+        )
+    return f"Fine-tuned for {ran} epochs; the parameters of epoch {best} are used{gain}."
+
+
 def results_table(proportions: pd.DataFrame, fit_error=None, qc=None) -> pd.DataFrame:
     """One row per spot: barcode, every type's proportion, dominant type, fit error, QC."""
     prop = proportions.astype(np.float64)
@@ -522,16 +592,19 @@ def result_layers(
     annotated=None,
     visible: str = "first",
     library_id=None,
+    slide_name: str | None = None,
 ) -> list[tuple]:
     """Per-type maps, dominant type and fit error as Points layer-data tuples.
 
     ``slide`` gives the spot positions and diameter (its ``obs_names`` must match
     ``proportions.index``). ``annotated`` (the result's AnnData copy) is kept in each layer's
     ``metadata['adata']`` for export. ``visible='first'`` shows only the first type's map.
+    ``slide_name`` prefixes the layer names (:func:`result_layer_name`).
     """
     if list(map(str, slide.obs_names)) != list(map(str, proportions.index)):
         proportions = proportions.reindex(slide.obs_names.astype(str))
     table = results_table(proportions, fit_error, qc)
+    table.insert(0, TOP_TYPES_COLUMN, top_types(proportions))
     types = [str(c) for c in proportions.columns]
     yx = _spots_yx(slide)
     size = spot_diameter(slide, library_id)
@@ -557,7 +630,7 @@ def result_layers(
                 {
                     **common,
                     "features": table.copy(),
-                    "name": t,
+                    "name": result_layer_name(slide_name, t),
                     "face_color": t,
                     "face_colormap": cmap,
                     "face_contrast_limits": (0.0, 1.0),
@@ -573,7 +646,7 @@ def result_layers(
             {
                 **common,
                 "features": table.copy(),
-                "name": DOMINANT_LAYER,
+                "name": result_layer_name(slide_name, DOMINANT_LAYER),
                 "face_color": "dominant",
                 "face_color_cycle": dominant_colors(types),
                 "visible": visible == "all",
@@ -590,7 +663,7 @@ def result_layers(
             {
                 **common,
                 "features": table.copy(),
-                "name": FIT_ERROR_LAYER,
+                "name": result_layer_name(slide_name, FIT_ERROR_LAYER),
                 "face_color": FIT_ERROR_COLUMN,
                 "face_colormap": FIT_ERROR_COLORMAP,
                 "face_contrast_limits": (0.0, max(hi, 1e-6)),
@@ -604,7 +677,9 @@ def result_layers(
     return layers[len(types) :][::-1] + layers[: len(types)][::-1]
 
 
-def result_layers_from_adata(adata, *, source=None, library_id=None) -> list[tuple]:
+def result_layers_from_adata(
+    adata, *, source=None, library_id=None, slide_name=None
+) -> list[tuple]:
     """Result layers of an AnnData that holds ``obsm['stlnmf_proportions']`` ([] otherwise)."""
     if PROPORTIONS_KEY not in adata.obsm:
         return []
@@ -624,5 +699,12 @@ def result_layers_from_adata(adata, *, source=None, library_id=None) -> list[tup
     if qc is not None:
         qc = qc.set_axis(prop.index)
     return result_layers(
-        prop, fit, qc, adata, source=source, annotated=adata, library_id=library_id
+        prop,
+        fit,
+        qc,
+        adata,
+        source=source,
+        annotated=adata,
+        library_id=library_id,
+        slide_name=slide_name,
     )

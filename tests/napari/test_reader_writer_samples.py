@@ -12,7 +12,7 @@ napari = pytest.importorskip("napari")
 from napari_stlnmf import deconvolve
 from napari_stlnmf._napari.reader import napari_get_reader
 from napari_stlnmf._napari.sample_data import make_demo_sample, make_histology_sample
-from napari_stlnmf._napari.writer import write_proportions
+from napari_stlnmf._napari.writer import NoResultsToExport, write_proportions
 from napari_stlnmf.datasets import DEMO_REFERENCE, load_demo
 from napari_stlnmf.errors import StlnmfError
 from napari_stlnmf.layers import (
@@ -140,8 +140,9 @@ def test_writer_round_trip(make_napari_viewer, demo_result, tmp_path):
     assert callable(reader)
     layers = reader(str(h5))
     names = [kw["name"] for _, kw, _ in layers]
-    assert first in names and "dominant cell type" in names and "fit error" in names
-    back = next(kw for _, kw, _ in layers if kw["name"] == first)
+    # named by the file, as the slide it came from
+    assert {f"result · {n}" for n in (first, "dominant cell type", "fit error")} <= set(names)
+    back = next(kw for _, kw, _ in layers if kw["name"] == f"result · {first}")
     np.testing.assert_allclose(
         back["features"][first].to_numpy(), result.proportions[first].to_numpy(), equal_nan=True
     )
@@ -149,12 +150,87 @@ def test_writer_round_trip(make_napari_viewer, demo_result, tmp_path):
 
 
 def test_writer_refuses_plain_layers(tmp_path):
-    with pytest.raises(StlnmfError, match="no STL NMF results"):
+    with pytest.raises(NoResultsToExport, match="no STL NMF results"):
         write_proportions(
             str(tmp_path / "x.csv"),
             np.zeros((2, 2)),
             {"name": "spots", "features": pd.DataFrame(), "metadata": {}},
         )
+    # not a ValueError: napari's save drops those silently
+    assert not issubclass(NoResultsToExport, ValueError)
+
+
+def test_writer_is_offered_for_several_layers_and_its_refusal_reaches_the_user(
+    make_napari_viewer, demo_result, tmp_path
+):
+    from napari.plugins._npe2 import file_extensions_string_for_layers
+
+    slide, result = demo_result
+    viewer = make_napari_viewer()
+    spots = viewer.add_points(slide.obsm["spatial"][:, ::-1], name="spots")
+    for data, kwargs, kind in result_layers(
+        result.proportions, result.fit_error, result.qc, result.adata, annotated=result.adata
+    ):
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    first = str(result.proportions.columns[0])
+    both = [spots, viewer.layers[first]]
+    _, writers = file_extensions_string_for_layers(both)
+    assert "napari-stlnmf" in [w.plugin_name for w in writers]
+    viewer.layers.selection = set(both)
+    csv = tmp_path / "several.csv"
+    assert viewer.layers.save(str(csv), selected=True, plugin="napari-stlnmf") == [str(csv)]
+    table = pd.read_csv(csv, index_col="barcode")
+    assert list(table.index) == list(slide.obs_names) and first in table.columns
+    # only plain layers: the plugin's own message, not napari's "no writer found" warning
+    viewer.layers.selection = {spots}
+    with pytest.raises(NoResultsToExport, match="'spots' holds no STL NMF results"):
+        viewer.layers.save(str(tmp_path / "plain.csv"), selected=True, plugin="napari-stlnmf")
+    assert not (tmp_path / "plain.csv").exists()
+
+
+def test_get_reader_imports_neither_torch_nor_the_core(tmp_path):
+    """napari asks the reader about every file it opens: that must stay cheap."""
+    import subprocess
+    import sys
+
+    slide, _ = load_demo()
+    slide.write_h5ad(tmp_path / "slide.h5ad")
+    code = (
+        "import sys\n"
+        "from napari_stlnmf._napari.reader import napari_get_reader\n"
+        f"assert napari_get_reader({str(tmp_path / 'slide.h5ad')!r}) is not None\n"
+        f"assert napari_get_reader({str(DEMO_REFERENCE)!r}) is None\n"
+        "heavy = [m for m in ('torch', 'napari_stlnmf.api', 'anndata') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "", f"imported: {out.stdout.strip()}"
+
+
+def test_readme_menu_paths_match_the_manifest():
+    """napari 0.9 names a plugin's only widget '<widget> (<plugin display name>)' in Plugins,
+    and puts several samples in File > Open Sample > <plugin display name>."""
+    from pathlib import Path
+
+    import yaml
+    from napari.plugins import menu_item_template
+
+    root = Path(__file__).resolve().parents[2]
+    manifest = yaml.safe_load((root / "napari.yaml").read_text())
+    readme = " ".join((root / "README.md").read_text().split())
+    contributions = manifest["contributions"]
+    (widget,) = contributions["widgets"]
+    plugin = manifest["display_name"]
+    title = menu_item_template.format(plugin, widget["display_name"])
+    assert f"*Plugins → {title}*" in readme
+    assert len(contributions["sample_data"]) > 1
+    assert f"File → Open Sample → {plugin}" in readme
+    for sample in contributions["sample_data"]:
+        if sample["key"] == "histology":  # real tissue, synthetic expression and types
+            assert "synthetic" in sample["display_name"].lower()
+            assert f"{plugin} → {sample['display_name']}" in readme
 
 
 @pytest.mark.parametrize("make", [make_demo_sample, make_histology_sample])
@@ -205,3 +281,12 @@ def test_slide_layers_without_image():
     layers = slide_layers(slide, name="x")
     assert [kind for _, _, kind in layers] == ["points"]
     assert layers[0][1]["size"] > 0
+
+
+def test_legend_gives_the_fit_error_scale():
+    from napari_stlnmf._napari.legend import legend_html
+
+    html = legend_html(["Astro", "Neuron"], fit_error_max=0.563)
+    assert "fit error" in html and ">0&nbsp;<" in html and "0.56" in html
+    assert "Astro" in html and "Neuron" in html
+    assert "0.56" not in legend_html(["Astro"])  # no fit error: no scale

@@ -188,7 +188,7 @@ def test_widget_deconvolves_napari_spatialdata_layers(
     image = viewer.add_layer(image_layer(sdata))
     viewer.add_layer(napari.layers.Image(np.zeros((5, 5))))  # an unrelated image
     spots = viewer.add_layer(circles_layer(sdata))
-    _, widget = viewer.window.add_plugin_dock_widget("napari-stlnmf", "Deconvolve (STL NMF)")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-stlnmf", "Deconvolve cell types")
     assert widget.spots.value is spots
     assert widget.image.value is image  # the image of the same SpatialData
     widget.reference.value = str(DEMO_REFERENCE)
@@ -204,7 +204,12 @@ def test_widget_deconvolves_napari_spatialdata_layers(
     types = [str(t) for t in widget.last_result.proportions.columns]
     assert f"stlnmf_{types[0]}" in sdata.tables["table"].obs  # napari-spatialdata can colour
     assert "Added to table 'table'" in widget.status.value
-    first = viewer.layers[types[0]]
+    first = next(  # result layers are named "<spots layer> · <type>"
+        layer
+        for layer in viewer.layers
+        if layer.metadata.get("stlnmf_result", {}).get("cell_type") == types[0]
+    )
+    assert first.name == f"{spots.name} · {types[0]}"
     k = 3  # a result spot lands on its circle in world coordinates
     instance = widget.last_result.proportions.index[k]
     row = [str(i) for i in spots.metadata["indices"]].index(instance)

@@ -11,9 +11,15 @@ import pytest
 napari = pytest.importorskip("napari")
 
 from napari_stlnmf.datasets import DEMO_REFERENCE
-from napari_stlnmf.layers import DOMINANT_LAYER, FIT_ERROR_LAYER, RESULT_TAG
+from napari_stlnmf.layers import (
+    DOMINANT_LAYER,
+    FIT_ERROR_LAYER,
+    RESULT_TAG,
+    result_layer_name,
+    slide_layers,
+)
 
-WIDGET = "Deconvolve (STL NMF)"
+WIDGET = "Deconvolve cell types"
 
 
 def _dock(viewer):
@@ -40,6 +46,15 @@ def _result_layers(viewer):
     return [layer for layer in viewer.layers if RESULT_TAG in layer.metadata]
 
 
+def _map(viewer, cell_type):
+    """The result map of ``cell_type`` (found by its tag: names carry the slide's name)."""
+    return next(
+        layer
+        for layer in _result_layers(viewer)
+        if layer.metadata[RESULT_TAG].get("cell_type") == cell_type
+    )
+
+
 @pytest.fixture
 def errors(monkeypatch):
     """Collect the messages the widget shows with show_error."""
@@ -59,6 +74,25 @@ def test_widget_docks_from_manifest(make_napari_viewer):
     assert widget.train.value is False and not widget.train_epochs.enabled
     widget.train.value = True
     assert widget.train_epochs.enabled
+    # every option explains itself: a plain name and a tooltip
+    options = [
+        widget.spots,
+        widget.image,
+        widget.reference,
+        widget.cell_type_key,
+        widget.library_key,
+        widget.n_neighbors,
+        widget.use_image,
+        widget.train,
+        widget.train_epochs,
+        widget.n_layers,
+        widget.seed,
+        widget.export_button,
+    ]
+    for option in options:
+        assert option.tooltip, f"{option.label or option.text!r} has no tooltip"
+    assert "0 =" not in widget.n_layers.label and "as learned" in widget.n_layers.label
+    assert not widget.export_button.enabled  # nothing to export yet
 
 
 @pytest.mark.parametrize("key", ["demo", "histology"])
@@ -87,7 +121,7 @@ def test_histology_sample_is_real_image_with_simulated_expression(make_napari_vi
     spots = next(layer for layer in viewer.layers if isinstance(layer, napari.layers.Points))
     adata = spots.metadata["adata"]
     assert adata.n_obs == 4235
-    assert "simulated" in spots.name.lower()
+    assert "synthetic" in spots.name.lower()  # the cell types are not the tissue's
     truth = adata.obsm["true_proportions"]
     # proportions follow the image regions: region means differ clearly
     by_region = truth.groupby(adata.obs["image_region"].to_numpy()).mean()
@@ -116,11 +150,13 @@ def test_deconvolve_runs_and_makes_layers(make_napari_viewer, qtbot, errors):
     result = widget.last_result
     types = [str(t) for t in result.proportions.columns]
     names = [layer.name for layer in _result_layers(viewer)]
-    assert set(types) <= set(names)
-    assert DOMINANT_LAYER in names and FIT_ERROR_LAYER in names
+    slide = "demo (synthetic)"
+    assert {result_layer_name(slide, t) for t in types} <= set(names)
+    assert result_layer_name(slide, DOMINANT_LAYER) in names
+    assert result_layer_name(slide, FIT_ERROR_LAYER) in names
     spots_size = viewer.layers[widget.spots.value.name].size[0]
     for t in types:
-        layer = viewer.layers[t]
+        layer = _map(viewer, t)
         vals = layer.features[t].to_numpy()
         ok = np.isfinite(vals)
         assert ok.mean() > 0.9
@@ -130,16 +166,27 @@ def test_deconvolve_runs_and_makes_layers(make_napari_viewer, qtbot, errors):
         # zero proportion -> transparent, nonzero -> opaque
         alpha = layer.face_color[:, 3]
         assert np.all(alpha[vals == 0] == 0) and np.all(alpha[vals > 0.01] > 0.9)
-    feats = viewer.layers[types[0]].features
+    feats = _map(viewer, types[0]).features
     sums = feats[types].sum(1).to_numpy()
     assert np.allclose(sums[np.isfinite(sums) & (sums > 0)], 1.0, atol=1e-6)
     assert {"barcode", "dominant", "fit_error", "qc"} <= set(feats.columns)
-    # hovering a spot shows its values in the status bar
-    first_map = viewer.layers[types[0]]
-    status = first_map.get_status(first_map.data[0], world=True)
+    # hovering a spot shows its values in the status bar, its largest three types first
+    first_map = _map(viewer, types[0])
+    status = first_map.get_status(first_map.data[1], world=True)
     assert "barcode" in status["value"] and "dominant" in status["value"]
+    shown = status["value"].split("; ", 1)[1]
+    assert shown.startswith("top: ")
+    row = result.proportions.iloc[1]
+    best = row[row > 0].sort_values(ascending=False).index[:3]
+    top = shown.split(", ")[0]
+    assert [part.split(" ")[0] for part in top.removeprefix("top: ").split(" · ")] == list(best)
     # the maps lie on the spots (same world coordinates as the input)
-    np.testing.assert_allclose(viewer.layers[types[0]].data, widget.spots.value.data)
+    np.testing.assert_allclose(first_map.data, widget.spots.value.data)
+    # the legend gives the fit error's scale
+    fit_layer = next(
+        layer for layer in _result_layers(viewer) if layer.name.endswith(FIT_ERROR_LAYER)
+    )
+    assert f"{fit_layer.face_contrast_limits[1]:.2g}" in widget.legend.value
 
     # re-running replaces the previous result layers
     n_before = len(viewer.layers)
@@ -181,6 +228,9 @@ def test_bad_reference_shows_error_and_widget_recovers(make_napari_viewer, qtbot
         _wait_done(qtbot, widget)
     assert errors, "a bad reference must show an error notification"
     assert "signature" in errors[-1].lower() or "numeric" in errors[-1].lower()
+    # the dock shows the whole message, not only the toast's first ~40 characters
+    assert len(errors[-1]) > 40 and errors[-1] in widget.status.value
+    assert widget.status.native.wordWrap()
     assert not _result_layers(viewer)
     assert widget.run_button.enabled
 
@@ -201,6 +251,83 @@ def test_bad_reference_shows_error_and_widget_recovers(make_napari_viewer, qtbot
     _wait_done(qtbot, widget)
     assert not errors, errors
     assert _result_layers(viewer)
+    assert widget.status.value.startswith("Done in")
+
+    # an error before the run starts replaces the last run's "Done in …"
+    widget.reference.value = ""
+    widget.start()
+    assert errors and "reference" in errors[-1].lower()
+    assert "Done" not in widget.status.value and errors[-1] in widget.status.value
+
+
+@pytest.mark.parametrize("closing", ["dock", "viewer"])
+def test_closing_mid_run_cancels_cleanly(make_napari_viewer, qtbot, errors, closing):
+    viewer = make_napari_viewer()
+    widget = _dock(viewer)
+    _open_sample(viewer, "demo")
+    _configure(widget, train=True, epochs=500)
+    stages = []
+    widget._relay.progressed.connect(lambda s, i, n: stages.append(s))
+    widget.start()
+    qtbot.waitUntil(lambda: "training" in stages, timeout=180_000)  # slow on a busy machine
+    if closing == "dock":
+        viewer.window.remove_dock_widget(widget.native)  # what the dock's close button does
+    else:
+        viewer.close()
+    assert widget.closed
+    # the worker stops at its next checkpoint; its late signals touch no deleted Qt object
+    # (pytest-qt fails the test on any exception raised in a Qt callback)
+    qtbot.waitUntil(lambda: not widget.running, timeout=30_000)
+    qtbot.wait(200)
+    assert stages.count("training") < 500
+    assert not _result_layers(viewer)
+    assert not errors
+    if closing == "dock":  # the viewer lives on: adding layers no longer calls the widget
+        viewer.add_points(np.zeros((1, 2)))
+
+
+def test_export_button_writes_the_table_by_barcode(make_napari_viewer, qtbot, errors, tmp_path):
+    viewer = make_napari_viewer()
+    widget = _dock(viewer)
+    _open_sample(viewer, "demo")
+    _configure(widget)
+    widget.start()
+    _wait_done(qtbot, widget)
+    assert widget.export_button.enabled
+    viewer.layers.selection.active = widget.spots.value  # not a result layer: the last run's
+    written = widget.export_results(tmp_path / "proportions.csv")
+    assert written == [str(tmp_path / "proportions.csv")]
+    table = pd.read_csv(written[0], index_col="barcode")
+    result = widget.last_result
+    assert list(table.index) == list(result.proportions.index)
+    np.testing.assert_allclose(
+        table[result.proportions.columns].to_numpy(), result.proportions.to_numpy(), atol=1e-5
+    )
+    assert "top" not in table.columns  # the hover text is not data
+    assert [p.name for p in tmp_path.iterdir()] == ["proportions.csv"]  # no partial file left
+    h5 = widget.export_results(tmp_path / "result.h5ad")
+    assert h5 and (tmp_path / "result.h5ad").is_file()
+    assert "Exported" in widget.status.value and not errors
+
+
+def test_sample_column_is_offered_and_passed_as_library_key(make_napari_viewer, errors):
+    from napari_stlnmf.datasets import load_demo
+
+    slide, _ = load_demo()
+    lib = next(iter(slide.uns["spatial"].values()))
+    slide.uns["spatial"] = {"sec1": lib, "sec2": lib}
+    half = np.arange(slide.n_obs) < slide.n_obs // 2
+    slide.obs["section"] = pd.Categorical(np.where(half, "sec1", "sec2"))
+    viewer = make_napari_viewer()
+    widget = _dock(viewer)
+    assert widget.library_key.choices == ("",)  # no slide: only 'none'
+    for data, kwargs, kind in slide_layers(slide, name="two sections", reference=DEMO_REFERENCE):
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    assert "section" in widget.library_key.choices
+    assert widget.library_key.value == ""  # default: one fit for all spots
+    assert widget._job().kwargs["library_key"] is None
+    widget.library_key.value = "section"
+    assert widget._job().kwargs["library_key"] == "section"
 
 
 def test_no_spots_layer_is_a_clear_error(make_napari_viewer, errors):
@@ -227,7 +354,7 @@ def test_screenshot_shows_map_over_image(make_napari_viewer, qtbot, tmp_path):
     viewer.reset_view()
     qtbot.wait(100)
     before = viewer.screenshot(canvas_only=True)
-    viewer.layers[first].visible = True
+    _map(viewer, first).visible = True
     qtbot.wait(100)
     after = viewer.screenshot(canvas_only=True)
     from PIL import Image
@@ -236,9 +363,12 @@ def test_screenshot_shows_map_over_image(make_napari_viewer, qtbot, tmp_path):
     assert after.ndim == 3 and after.shape[-1] in (3, 4)
     rgb = after[..., :3].astype(float)
     assert rgb.std() > 10, "screenshot looks blank"
-    # the map changes the picture where the spots are, and adds colours the H&E lacks
+    # the map changes the picture where the spots are, and adds colours the H&E lacks;
+    # measured on the image's footprint (the canvas' black margins depend on the window's
+    # shape, which the dock's height changes)
     diff = np.abs(rgb - before[..., :3].astype(float)).sum(-1)
-    assert (diff > 30).mean() > 0.05
+    on_image = before[..., :3].astype(float).sum(-1) > 0
+    assert (diff[on_image] > 30).mean() > 0.05
     # viridis (green/teal/yellow: G well above R) where the map is; H&E is pink/purple/grey
     base = before[..., :3].astype(float)
     viridis_like = (rgb[..., 1] > rgb[..., 0] + 30) & (diff > 30)

@@ -52,7 +52,7 @@ def read_slide_layers(path, bin_size: float | None = None) -> list[tuple]:
         name = f"{next(iter(adata.uns['spatial']))} {bin_um:g} µm"
     layers = slide_layers(adata, name=name, path=p)
     source = layers[-1][1]["metadata"]["stlnmf_slide"]["slide_id"]
-    results = result_layers_from_adata(adata, source=source)
+    results = result_layers_from_adata(adata, source=source, slide_name=name)
     if results:  # saved results: hide the plain spots so the maps show
         layers[-1][1]["visible"] = False
     return layers + results

@@ -3,7 +3,8 @@
 UI only. The compute is :func:`napari_stlnmf.deconvolve`, run in a napari ``thread_worker``;
 its ``progress(stage, i, n)`` callback is relayed to the GUI thread by a Qt signal (queued
 across threads) and Cancel sets a flag read by ``should_stop``. Results become layers via
-:mod:`napari_stlnmf._layers`.
+:mod:`napari_stlnmf.layers`. Closing the dock or the viewer cancels the run the same way, and
+the widget then ignores the worker's late signals (its Qt objects may be gone).
 """
 
 from __future__ import annotations
@@ -28,25 +29,27 @@ from magicgui.widgets import (
 )
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QObject, Signal
-from qtpy.QtWidgets import QComboBox
+from qtpy.QtCore import QEvent, QObject, Qt, Signal
+from qtpy.QtWidgets import QComboBox, QFileDialog, QWidget
 
 from ..errors import StlnmfError
 from ..layers import (
-    DOMINANT_LAYER,
     RESULT_TAG,
     SLIDE_TAG,
-    dominant_colors,
+    fine_tuning_note,
     image_for_features,
     is_spatialdata_layer,
     layer_to_world,
     result_layers,
+    sample_columns,
     slide_for_deconvolution,
     slide_on_image,
     spots_from_spatialdata_layer,
     write_results_to_spatialdata_layer,
 )
 from ..progress import stage_label
+from .legend import legend_html
+from .writer import NoResultsToExport, write_proportions
 
 __all__ = ["DeconvolveWidget", "run_deconvolution"]
 
@@ -62,6 +65,7 @@ class Job:
     kwargs: dict = field(default_factory=dict)
     source: str = ""
     spots_name: str = ""
+    slide_name: str = ""  # prefix of the result layers' names
     spatialdata_layer: object = None  # napari-spatialdata's spots: results go into its table
 
 
@@ -90,30 +94,37 @@ class _ProgressRelay(QObject):
     progressed = Signal(str, int, int)
 
 
-def _legend_html(cell_types) -> str:
-    import matplotlib
-    from matplotlib.colors import to_hex
+class _CloseWatcher(QObject):
+    """Emits ``closed`` when the dock is closed (napari takes the widget out of it: its parent
+    becomes None) or a window holding it (the dock, the viewer) gets a close event."""
 
-    cmap = matplotlib.colormaps["viridis"]
-    ramp = "".join(
-        f'<td bgcolor="{to_hex(cmap(v))}" width="9">&nbsp;</td>'
-        for v in [i / 15 for i in range(16)]
-    )
-    colors = dominant_colors(cell_types)
-    swatches = "<br>".join(
-        f'<span style="color:{colors[t]}; font-size:14px">&#9632;</span> {t}' for t in cell_types
-    )
-    return (
-        "<b>Cell-type maps</b> (share of cells per spot; 0 = transparent)<br>"
-        f'<table cellspacing="0" cellpadding="0"><tr><td>0&nbsp;</td>{ramp}<td>&nbsp;1</td></tr>'
-        "</table>"
-        f"<b>{DOMINANT_LAYER}</b><br>{swatches}<br>"
-        "<b>fit error</b>: relative residual (magma); high where the reference misses a type"
-    )
+    closed = Signal()
+
+    def __init__(self, widget: QWidget):
+        super().__init__()
+        self._widget = widget
+        self._watched: list[QObject] = []
+        widget.installEventFilter(self)
+
+    def eventFilter(self, obj, event):
+        kind = event.type()
+        if obj is self._widget:
+            if kind == QEvent.Type.ParentChange and obj.parent() is None and self._watched:
+                self.closed.emit()
+            elif kind in (QEvent.Type.ParentChange, QEvent.Type.Show):
+                self._watch(obj.window())
+        elif kind == QEvent.Type.Close:
+            self.closed.emit()
+        return False
+
+    def _watch(self, window):
+        if window is not self._widget and not any(window is w for w in self._watched):
+            window.installEventFilter(self)
+            self._watched.append(window)
 
 
 class DeconvolveWidget(Container):
-    """Deconvolve (STL NMF): pick spots, image and reference, run, get one map per cell type."""
+    """Deconvolve cell types: pick spots, image and reference, run, get one map per cell type."""
 
     def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(labels=True)
@@ -123,7 +134,9 @@ class DeconvolveWidget(Container):
         self._relay.progressed.connect(self._on_progress)
         self.worker = None
         self.running = False  # True from start() until the worker's ``finished`` arrives
+        self.closed = False  # the dock or the viewer was closed: late signals are ignored
         self.last_result = None
+        self._last_source = None  # the slide id of the last run's result layers
 
         self.slide_file = FileEdit(
             label="open slide",
@@ -169,19 +182,66 @@ class DeconvolveWidget(Container):
             choices=self._column_choices,
             tooltip="obs column of the reference with the cell types",
         )
-        self.n_neighbors = SpinBox(label="neighbours", value=6, min=1, max=30)
-        self.use_image = CheckBox(text="use the image for the graph", value=True)
+        self.library_key = ComboBox(
+            label="sample column",
+            choices=self._sample_column_choices,
+            tooltip="Several tissue sections in one slide: the obs column naming each spot's "
+            "section. Each section is fitted on its own (results for every spot); 'none': "
+            "one fit for all spots",
+        )
+        self.n_neighbors = SpinBox(
+            label="neighbours per spot",
+            value=6,
+            min=1,
+            max=30,
+            tooltip="How many nearest spots each spot is smoothed with (the spatial graph): "
+            "more gives smoother maps, fewer keeps sharper boundaries",
+        )
+        self.use_image = CheckBox(
+            text="follow the tissue image",
+            value=True,
+            tooltip="Smooth less between neighbouring spots whose tissue looks different in the "
+            "image, so maps follow tissue boundaries; off: by distance only",
+        )
         self.train = CheckBox(
             text="fine-tune on this slide (~1 min)",
             value=False,
             tooltip="Learn the parameters again on slides simulated on this layout and reference; "
             "off: the shipped parameters (learned the same way on many references)",
         )
-        self.train_epochs = SpinBox(label="epochs", value=60, min=1, max=1000, enabled=False)
-        self.n_layers = SpinBox(label="layers (0 = default)", value=0, min=0, max=500)
-        self.seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1)
+        self.train_epochs = SpinBox(
+            label="fine-tuning epochs",
+            value=60,
+            min=1,
+            max=1000,
+            enabled=False,
+            tooltip="At most this many passes over the simulated slides; fine-tuning stops "
+            "earlier when the validation error no longer improves",
+        )
+        self.n_layers = SpinBox(
+            label="solver steps (0: as learned)",
+            value=0,
+            min=0,
+            max=500,
+            tooltip="Update steps of the solver (layers of the learned network); 0: as many "
+            "as the parameters were learned with",
+        )
+        self.seed = SpinBox(
+            label="random seed",
+            value=0,
+            min=0,
+            max=2**31 - 1,
+            tooltip="Seed of the simulated training slides and of any random step: the same "
+            "seed on the same inputs gives the same result",
+        )
         self.run_button = PushButton(text="Deconvolve")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.export_button = PushButton(
+            text="Export results…",
+            enabled=False,
+            tooltip="Save the proportions of the selected result layer's slide (else the last "
+            "run's): a CSV table by barcode, or an .h5ad this plugin opens again with the maps",
+        )
         buttons = Container(
             layout="horizontal", widgets=[self.run_button, self.cancel_button], labels=False
         )
@@ -191,7 +251,11 @@ class DeconvolveWidget(Container):
         for label in (self.legend, self.status):
             label.native.setWordWrap(True)
             label.native.setMinimumWidth(200)
-        for combo in (self.spots, self.image, self.cell_type_key):
+        # messages are shown whole, as plain text (a "<type>" must not vanish as a tag),
+        # and can be selected to copy them
+        self.status.native.setTextFormat(Qt.TextFormat.PlainText)
+        self.status.native.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        for combo in (self.spots, self.image, self.cell_type_key, self.library_key):
             # long layer names must not widen the dock (and squeeze the canvas)
             combo.native.setSizeAdjustPolicy(
                 QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
@@ -206,6 +270,7 @@ class DeconvolveWidget(Container):
                 self.image,
                 self.reference,
                 self.cell_type_key,
+                self.library_key,
                 self.n_neighbors,
                 self.use_image,
                 self.train,
@@ -213,6 +278,7 @@ class DeconvolveWidget(Container):
                 self.n_layers,
                 self.seed,
                 buttons,
+                self.export_button,
                 self.progress,
                 self.status,
                 self.legend,
@@ -226,8 +292,14 @@ class DeconvolveWidget(Container):
         self.train.changed.connect(lambda v: setattr(self.train_epochs, "enabled", bool(v)))
         self.run_button.changed.connect(lambda _=None: self.start())
         self.cancel_button.changed.connect(lambda _=None: self.cancel())
+        self.export_button.changed.connect(lambda _=None: self._export_dialog())
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
             event.connect(self._refresh)
+        self._close_watcher = _CloseWatcher(self.native)
+        self._close_watcher.closed.connect(self._on_closed)
+        # backstop: the native widget deleted with the viewer's window (no Qt object is
+        # touched by this callback: they are being deleted)
+        self.native.destroyed.connect(lambda _=None: self._on_closed())
         self._refresh()
 
     # ------------------------------------------------------------------ choices
@@ -257,7 +329,16 @@ class DeconvolveWidget(Container):
     def _column_choices(self, _widget=None):
         return list(self._columns)
 
+    def _sample_column_choices(self, _widget=None):
+        """'none', then the spots' obs columns that can name sections (library_key)."""
+        layer = self.spots.value if hasattr(self, "spots") else None
+        adata = None if layer is None else layer.metadata.get("adata")
+        columns = [] if adata is None or not hasattr(adata, "obs") else sample_columns(adata)
+        return [("none", "")] + [(c, c) for c in columns]
+
     def _refresh(self, _event=None):
+        if self.closed:
+            return
         before = self.spots.value
         self.reset_choices()
         choices = self._spot_choices()
@@ -265,9 +346,19 @@ class DeconvolveWidget(Container):
             self.spots.value = choices[-1][1]  # the newest slide
         if self.spots.value is not before:
             self._on_spots()
+        self.export_button.enabled = bool(self._result_layers())
+
+    def _result_layers(self, source=None) -> list:
+        return [
+            layer
+            for layer in self._viewer.layers
+            if RESULT_TAG in layer.metadata
+            and (source is None or layer.metadata[RESULT_TAG].get("source") == source)
+        ]
 
     def _on_spots(self):
         """Pre-select the spots' own image and (for samples) the bundled reference."""
+        self.library_key.reset_choices()
         layer = self.spots.value
         if layer is None:
             return
@@ -287,7 +378,8 @@ class DeconvolveWidget(Container):
 
     def _reference_path(self) -> Path | None:
         value = self.reference.value
-        if value is None or str(value) in ("", "."):
+        # an empty FileEdit reads as the working directory: no reference chosen
+        if value is None or str(value) in ("", ".") or Path(value).is_dir():
             return None
         return Path(value)
 
@@ -357,6 +449,7 @@ class DeconvolveWidget(Container):
         key = self.cell_type_key.value if self._columns else None
         kwargs = {
             "cell_type_key": key,
+            "library_key": self.library_key.value or None,
             "train": bool(self.train.value),
             "train_epochs": int(self.train_epochs.value),
             "n_layers": int(self.n_layers.value) or None,
@@ -370,6 +463,7 @@ class DeconvolveWidget(Container):
             kwargs=kwargs,
             source=spots.metadata.get(SLIDE_TAG, {}).get("slide_id") or f"layer-{id(spots)}",
             spots_name=spots.name,
+            slide_name=spots.name.removesuffix(" spots"),
             spatialdata_layer=None if SLIDE_TAG in spots.metadata else spots,
         )
 
@@ -410,11 +504,15 @@ class DeconvolveWidget(Container):
 
     def start(self):
         """Start a run in a worker thread (returns at once; see :attr:`worker`)."""
-        if self.running:
+        if self.running or self.closed:
             return
+        # a new attempt: nothing of the previous run's status may stay on screen
+        self.progress.max, self.progress.value = 1, 0
+        self.status.value = "Checking the inputs…"
         try:
             job = self._job()
         except (StlnmfError, OSError) as err:
+            self.status.value = f"Not started: {err}"
             show_error(str(err))
             return
         self._stop.clear()
@@ -427,12 +525,12 @@ class DeconvolveWidget(Container):
             _start_thread=False,
         )
         worker.returned.connect(self._on_returned)
+        worker.errored.connect(self._on_errored)
         worker.finished.connect(self._on_finished)
         self.worker = worker
         self.running = True
         self.run_button.enabled = False
         self.cancel_button.enabled = True
-        self.progress.max, self.progress.value = 1, 0
         self.status.value = "Starting…"
         worker.start()
 
@@ -442,7 +540,18 @@ class DeconvolveWidget(Container):
             self._stop.set()
             self.status.value = "Cancelling…"
 
+    def _on_closed(self):
+        """The dock or the viewer closed: stop the worker, let go of the viewer's events."""
+        if self.closed:
+            return
+        self.closed = True
+        self._stop.set()
+        for event in (self._viewer.layers.events.inserted, self._viewer.layers.events.removed):
+            event.disconnect(self._refresh)
+
     def _on_progress(self, stage: str, i: int, n: int):
+        if self.closed:
+            return
         self.progress.max = max(int(n), 1)
         self.progress.value = min(max(int(i), 0), self.progress.max)
         text = stage_label(stage)
@@ -450,10 +559,21 @@ class DeconvolveWidget(Container):
 
     def _on_finished(self):
         self.running = False
+        if self.closed:
+            return
         self.run_button.enabled = True
         self.cancel_button.enabled = False
 
+    def _on_errored(self, err):
+        """An unexpected exception (napari reports it too, with its traceback)."""
+        if self.closed:
+            return
+        self.status.value = f"Failed with an unexpected error: {type(err).__name__}: {err}"
+        self.progress.value = 0
+
     def _on_returned(self, outcome):
+        if self.closed:
+            return
         status, payload = outcome
         job = self._job_running
         if status == "cancelled":
@@ -462,7 +582,7 @@ class DeconvolveWidget(Container):
             show_info("Deconvolution cancelled.")
             return
         if status == "error":
-            self.status.value = "Failed: see the message."
+            self.status.value = f"Failed: {payload}"
             self.progress.value = 0
             show_error(payload)
             return
@@ -470,10 +590,8 @@ class DeconvolveWidget(Container):
         self._show_result(payload, job)
 
     def _show_result(self, result, job: Job):
-        for layer in list(self._viewer.layers):
-            tag = layer.metadata.get(RESULT_TAG)
-            if tag is not None and tag.get("source") == job.source:
-                self._viewer.layers.remove(layer)
+        for layer in self._result_layers(job.source):
+            self._viewer.layers.remove(layer)
         slide = result.adata if result.adata is not None else job.slide
         layers = result_layers(
             result.proportions,
@@ -482,15 +600,25 @@ class DeconvolveWidget(Container):
             slide,
             source=job.source,
             annotated=result.adata,
+            slide_name=job.slide_name,
         )
         for data, kwargs, kind in layers:
             getattr(self._viewer, f"add_{kind}")(data, **kwargs)
+        self._last_source = job.source
+        fit_error_max = next(
+            kw["face_contrast_limits"][1]
+            for _, kw, _ in layers
+            if kw["metadata"][RESULT_TAG]["role"] == "fit_error"
+        )
         if job.spots_name in self._viewer.layers:
             self._viewer.layers[job.spots_name].visible = False
         types = [str(t) for t in result.proportions.columns]
         n_missing = int(result.proportions.isna().any(axis=1).sum())
         secs = result.info.get("seconds", float("nan"))
         msg = f"Done in {secs:.1f} s: {len(types)} cell types, {len(result.proportions)} spots."
+        if job.kwargs.get("train"):
+            note = fine_tuning_note(result.info.get("train"), job.kwargs.get("train_epochs"))
+            msg += f" {note}" if note else ""
         if n_missing:
             msg += f" {n_missing} spots without estimate (NaN, see qc)."
             show_warning(f"{n_missing} spots have no estimate (no counts on the selected genes).")
@@ -502,5 +630,43 @@ class DeconvolveWidget(Container):
             else:
                 msg += f" Added to table {table!r} as obs['stlnmf_<type>'] (in memory)."
         self.status.value = msg
-        self.legend.value = _legend_html(types)
+        self.legend.value = legend_html(types, fit_error_max)
         self.progress.value = self.progress.max
+
+    # ------------------------------------------------------------------ export
+    def _export_layer(self):
+        """The selected result layer, else one of the last run's."""
+        active = self._viewer.layers.selection.active
+        if active is not None and RESULT_TAG in active.metadata:
+            return active
+        layers = self._result_layers(self._last_source) or self._result_layers()
+        return layers[0] if layers else None
+
+    def _export_dialog(self):
+        layer = self._export_layer()
+        start = "" if layer is None else layer.name.split(" · ")[0]
+        path, _ = QFileDialog.getSaveFileName(
+            self.native,
+            "Export STL NMF results",
+            f"{start or 'proportions'}.csv",
+            "CSV table by barcode (*.csv);;AnnData with the maps (*.h5ad)",
+        )
+        if path:
+            self.export_results(path)
+
+    def export_results(self, path) -> list[str]:
+        """Write the proportions (:func:`~napari_stlnmf._napari.writer.write_proportions`):
+        ``.h5ad`` or CSV by barcode; the message says where, or why not."""
+        layer = self._export_layer()
+        try:
+            if layer is None:
+                raise NoResultsToExport("No results to export yet: run Deconvolve first.")
+            meta = {"name": layer.name, "features": layer.features, "metadata": layer.metadata}
+            written = write_proportions(str(path), layer.data, meta)
+        except (NoResultsToExport, StlnmfError, OSError) as err:
+            self.status.value = f"Export failed: {err}"
+            show_error(str(err))
+            return []
+        self.status.value = f"Exported the proportions to {written[0]}"
+        show_info(f"Exported to {written[0]}")
+        return written

@@ -1,54 +1,98 @@
-"""napari writer: export deconvolution results of a result (or slide) Points layer.
+"""napari writer: export deconvolution results of result (or slide) Points layers.
 
 - ``.csv``: one row per barcode with every cell type's proportion, the dominant type,
   its proportion, the per-spot fit error and the QC flag.
 - ``.h5ad``: the annotated slide (counts, ``obsm['spatial']``,
   ``obsm['stlnmf_proportions']``, ``obs['stlnmf_fit_error']``, ``uns['stlnmf']``), which
   this plugin's reader opens again with the maps.
+
+The manifest declares the writer for ``points+`` (one or more Points layers), so it is offered
+whatever the selection (napari's own points CSV only takes one layer); it exports the first
+selected result layer (all layers of one run hold the same table). Files are written under a
+temporary name and renamed, so a failed export never leaves a half-written file.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from .._constants import PROPORTIONS_KEY, SPATIAL_KEY
-from ..errors import StlnmfError
-from ..layers import RESULT_TAG
+from ..layers import RESULT_TAG, TOP_TYPES_COLUMN
+
+__all__ = ["NoResultsToExport", "write_proportions", "write_result_layers"]
+
+
+class NoResultsToExport(RuntimeError):
+    """No selected layer holds results. Not a ValueError (like :class:`StlnmfError`): napari's
+    save silently drops a writer's ValueError, and the user would never see the message."""
+
+
+def _no_results(names) -> NoResultsToExport:
+    shown = ", ".join(repr(n) for n in names) or "no layer"
+    return NoResultsToExport(
+        f"{shown} holds no STL NMF results. Select a result layer (a cell-type map, "
+        "'dominant cell type' or 'fit error'), or use 'Export results…' in the Deconvolve dock."
+    )
+
+
+def _is_result(meta: dict) -> bool:
+    metadata = meta.get("metadata") or {}
+    features = meta.get("features")
+    return (
+        RESULT_TAG in metadata
+        and bool(metadata.get("cell_types"))
+        and features is not None
+        and len(features) > 0
+    )
 
 
 def _result_table(meta: dict) -> pd.DataFrame:
-    metadata = meta.get("metadata") or {}
-    features = meta.get("features")
-    types = metadata.get("cell_types")
-    if RESULT_TAG not in metadata or not types or features is None or len(features) == 0:
-        raise StlnmfError(
-            f"Layer {meta.get('name')!r} holds no STL NMF results. Select a result layer "
-            "(a cell-type map, 'dominant cell type' or 'fit error') to export proportions."
-        )
-    return pd.DataFrame(features).copy()
+    if not _is_result(meta):
+        raise _no_results([meta.get("name")])
+    table = pd.DataFrame(meta["features"]).copy()
+    return table.drop(columns=[TOP_TYPES_COLUMN], errors="ignore")  # hover text only
+
+
+def _partial_path(path: Path) -> Path:
+    """A sibling of ``path`` with the same suffix (anndata and pandas go by it)."""
+    return path.with_name(f".{path.stem}.partial{path.suffix}")
 
 
 def write_proportions(path: str, data, meta: dict) -> list[str]:
-    """Write a result layer's proportions to ``.csv`` (by barcode) or ``.h5ad``."""
+    """Write one result layer's proportions to ``.csv`` (by barcode) or ``.h5ad``."""
     p = Path(path)
     table = _result_table(meta)
     metadata = meta["metadata"]
-    if p.suffix.lower() == ".h5ad":
-        adata = metadata.get("adata")
-        if adata is None:  # no annotated copy kept: rebuild a minimal one from the table
-            import anndata as ad
+    if p.suffix.lower() != ".h5ad" and p.suffix.lower() != ".csv":
+        p = p.with_suffix(".csv")
+    partial = _partial_path(p)
+    try:
+        if p.suffix.lower() == ".h5ad":
+            adata = metadata.get("adata")
+            if adata is None:  # no annotated copy kept: rebuild a minimal one from the table
+                import anndata as ad
 
-            types = list(metadata["cell_types"])
-            obs = table.drop(columns=types).set_index("barcode")
-            adata = ad.AnnData(obs=obs)
-            adata.obsm[SPATIAL_KEY] = np.asarray(data, dtype=np.float64)[:, ::-1]
-            adata.obsm[PROPORTIONS_KEY] = table.set_index("barcode")[types]
-        adata.write_h5ad(p, compression="gzip")
-    else:
-        if p.suffix.lower() != ".csv":
-            p = p.with_suffix(".csv")
-        table.to_csv(p, index=False, float_format="%.6g")
+                types = list(metadata["cell_types"])
+                obs = table.drop(columns=types).set_index("barcode")
+                adata = ad.AnnData(obs=obs)
+                adata.obsm[SPATIAL_KEY] = np.asarray(data, dtype=np.float64)[:, ::-1]
+                adata.obsm[PROPORTIONS_KEY] = table.set_index("barcode")[types]
+            adata.write_h5ad(partial, compression="gzip")
+        else:
+            table.to_csv(partial, index=False, float_format="%.6g")
+        os.replace(partial, p)
+    finally:
+        partial.unlink(missing_ok=True)
     return [str(p)]
+
+
+def write_result_layers(path: str, layer_data: list[tuple]) -> list[str]:
+    """napari's multi-layer writer: export the first result layer among ``layer_data``."""
+    for data, meta, _kind in layer_data:
+        if _is_result(meta):
+            return write_proportions(path, data, meta)
+    raise _no_results([meta.get("name") for _, meta, _ in layer_data])
