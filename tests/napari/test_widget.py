@@ -196,8 +196,8 @@ def test_deconvolve_runs_and_makes_layers(make_napari_viewer, qtbot, errors):
     assert len(_result_layers(viewer)) == len(types) + 2
 
 
-def test_cancel_stops_worker(make_napari_viewer, qtbot, errors):
-    viewer = make_napari_viewer()
+def _start_long_fine_tuning(viewer, qtbot):
+    """A run that fine-tunes for 500 epochs, once it is training: (widget, stages seen)."""
     widget = _dock(viewer)
     _open_sample(viewer, "demo")
     _configure(widget, train=True, epochs=500)
@@ -205,7 +205,13 @@ def test_cancel_stops_worker(make_napari_viewer, qtbot, errors):
     widget._relay.progressed.connect(lambda s, i, n: stages.append(s))
     widget.start()
     assert widget.cancel_button.enabled
-    qtbot.waitUntil(lambda: "training" in stages, timeout=180_000)
+    qtbot.waitUntil(lambda: "training" in stages, timeout=180_000)  # slow on a busy machine
+    return widget, stages
+
+
+def test_cancel_stops_worker(make_napari_viewer, qtbot, errors):
+    viewer = make_napari_viewer()
+    widget, stages = _start_long_fine_tuning(viewer, qtbot)
     widget.cancel()
     _wait_done(qtbot, widget, timeout=120_000)
     assert stages.count("training") < 500
@@ -263,13 +269,7 @@ def test_bad_reference_shows_error_and_widget_recovers(make_napari_viewer, qtbot
 @pytest.mark.parametrize("closing", ["dock", "viewer"])
 def test_closing_mid_run_cancels_cleanly(make_napari_viewer, qtbot, errors, closing):
     viewer = make_napari_viewer()
-    widget = _dock(viewer)
-    _open_sample(viewer, "demo")
-    _configure(widget, train=True, epochs=500)
-    stages = []
-    widget._relay.progressed.connect(lambda s, i, n: stages.append(s))
-    widget.start()
-    qtbot.waitUntil(lambda: "training" in stages, timeout=180_000)  # slow on a busy machine
+    widget, stages = _start_long_fine_tuning(viewer, qtbot)
     if closing == "dock":
         viewer.window.remove_dock_widget(widget.native)  # what the dock's close button does
     else:
