@@ -332,3 +332,31 @@ def test_cli_refuses_another_runs_folder_then_overwrites(demo_files, tmp_path, c
     assert _run(demo_files, out, "--layers", "5", "--overwrite") == 0
     assert not (out / "map_Gone.png").exists() and (out / "proportions.csv").is_file()
     assert pd.read_csv(out / "proportions.csv", index_col=0).shape[0] > 0
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--scalefactor", "2"), ("--spot-diameter", "50"), ("--bin-size", "8")],
+)
+def test_cli_table_and_hd_options_with_h5ad_slide_are_refused(
+    demo_files, tmp_path, capsys, option, value
+):
+    # an .h5ad slide carries its own scale, spot size and bins: these would be dropped silently
+    assert _run(demo_files, tmp_path / "o", option, value) == 2
+    name = option.lstrip("-").replace("-", "_")
+    assert f"{name}= gives" in _one_error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_ctrl_c_exits_130_without_a_result(demo_files, tmp_path, capsys, monkeypatch):
+    import napari_stlnmf
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # the user's Ctrl-C in the middle of the fit
+
+    monkeypatch.setattr(napari_stlnmf, "deconvolve", interrupted)
+    out = tmp_path / "o"
+    assert _run(demo_files, out) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("interrupted")
+    assert not out.exists() or not any(out.iterdir())

@@ -11,7 +11,7 @@ import pytest
 from io_testdata import make_outs, small_slide
 
 from napari_stlnmf import io
-from napari_stlnmf.errors import CoordinateError, FileFormatError
+from napari_stlnmf.errors import CoordinateError, FileFormatError, ImageMismatchError
 
 GENES = ["g1", "g2", "g3"]
 SPOTS = ["s1", "s2", "s3", "s4"]
@@ -130,3 +130,42 @@ def test_missing_scalefactors_json_is_named_and_its_images_left_out(tmp_path):
     # nothing downstream (graph features, PNG maps, napari layers) meets an unplaceable image
     assert io.get_image(slide) is None
     assert io.spot_diameter(slide) > 0
+
+
+def test_hdf5_file_that_is_not_anndata_is_named(tmp_path):
+    import h5py
+
+    path = tmp_path / "matrix.h5ad"  # e.g. a 10x filtered_feature_bc_matrix.h5 renamed
+    with h5py.File(path, "w") as f:
+        f.create_group("matrix").create_dataset("data", data=np.arange(3))
+    with pytest.raises(FileFormatError, match="HDF5 but not an AnnData"):
+        io.read_slide(path)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"scalefactor": 0}, "scalefactor must be a positive number"),
+        ({"scalefactor": "2"}, "scalefactor must be a positive number"),
+        ({"spot_diameter": -3.0}, "spot_diameter must be a positive number"),
+        ({"spot_diameter": float("inf")}, "spot_diameter must be a positive number"),
+        ({"bin_size": 8}, "bin_size= gives the Visium HD bins to read"),
+    ],
+)
+def test_counts_table_scale_options_are_checked(tmp_path, options, message):
+    counts = tmp_path / "counts.csv"
+    counts.write_text("spot,g1\n" + "".join(f"{s},1\n" for s in SPOTS))
+    coords = _coords_file(
+        tmp_path, "spot,x,y\n" + "".join(f"{s},{i},{i}\n" for i, s in enumerate(SPOTS))
+    )
+    with pytest.raises((FileFormatError, ImageMismatchError), match=message):
+        io.read_slide(counts, coords=coords, **options)
+
+
+@pytest.mark.parametrize("option", [{"coords": "xy"}, {"spot_diameter": 40.0}, {"sep": ";"}])
+def test_options_a_space_ranger_folder_would_drop_are_refused(tmp_path, option):
+    outs = make_outs(tmp_path, header=True)
+    if "coords" in option:
+        option = {"coords": np.zeros((4, 2))}
+    with pytest.raises(FileFormatError, match="would ignore it"):
+        io.read_slide(outs, **option)

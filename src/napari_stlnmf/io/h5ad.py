@@ -35,8 +35,8 @@ def require_hdf5(path: Path, what: str) -> None:
     import h5py
 
     try:
-        with h5py.File(path, "r"):
-            pass
+        with h5py.File(path, "r") as f:
+            keys = sorted(f.keys())
     except OSError as err:
         raise FileFormatError(
             f"Cannot read {str(path)!r} as the {what}: it is not a readable .h5ad (HDF5) file "
@@ -44,6 +44,13 @@ def require_hdf5(path: Path, what: str) -> None:
             "another format renamed to .h5ad: copy it again, or re-save it with "
             "`adata.write_h5ad(path)`."
         ) from err
+    if not {"obs", "var"} <= set(keys):  # every AnnData has both; a 10x .h5 has 'matrix'
+        raise FileFormatError(
+            f"Cannot read {str(path)!r} as the {what}: it is HDF5 but not an AnnData .h5ad "
+            f"(no obs and var groups; it holds {', '.join(keys[:10]) or 'nothing'}). A 10x "
+            "matrix .h5 is read from its Space Ranger outs/ folder; another HDF5 file must be "
+            "converted to AnnData first (anndata.AnnData(X=..., obs=..., var=...).write_h5ad)."
+        )
 
 
 def read_h5ad_file(path: Path, what: str) -> AnnData:
@@ -53,7 +60,7 @@ def read_h5ad_file(path: Path, what: str) -> AnnData:
     require_hdf5(path, what)
     try:
         return ad.read_h5ad(path)
-    except (OSError, KeyError) as err:  # HDF5 but not AnnData's layout (e.g. a 10x .h5)
+    except (OSError, KeyError, TypeError, ValueError) as err:  # AnnData groups, but broken
         raise FileFormatError(
             f"Cannot read {str(path)!r} as the {what}: it is HDF5 but not an AnnData .h5ad "
             f"({type(err).__name__}: {err}). A 10x matrix .h5 is read from its Space Ranger "
@@ -77,4 +84,5 @@ FORMAT = SlideFormat(
     read=read,
     description="an .h5ad file with obsm['spatial']",
     has_positions=has_positions,
+    options=frozenset({"coords", "sep"}),
 )

@@ -53,6 +53,10 @@ class SlideFormat:
         ``has_positions(path) -> bool``: whether the file itself places the spots, so that
         it can be read without ``coords=``. The napari reader opens only such files.
         Cheap like ``detect``; default: always.
+    options
+        The keywords of ``read_slide`` besides ``library_id`` that this format honours;
+        :func:`~napari_stlnmf.io.read_slide` refuses the others when they are given instead of
+        letting the reader drop them. ``None`` (the default): every keyword.
     """
 
     name: str
@@ -60,6 +64,7 @@ class SlideFormat:
     read: Callable[..., AnnData]
     description: str
     has_positions: Callable[[Path], bool] = _always
+    options: frozenset[str] | None = None
 
 
 _FORMATS: dict[str, SlideFormat] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -9,9 +10,10 @@ import numpy as np
 import pandas as pd
 
 from .._constants import SPATIAL_KEY
-from ..errors import CoordinateError, FileFormatError
+from ..checks import is_number
+from ..errors import CoordinateError, FileFormatError, ImageMismatchError
 from ._util import examples
-from .registry import find_slide_format, supported_slides
+from .registry import find_slide_format, slide_formats, supported_slides
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -65,7 +67,10 @@ def read_slide(
     bin_size
         Visium HD: the bins to read, in µm (a ``square_XXXum/`` folder must exist for it).
         Default: 8 µm, or the bins of the ``square_XXXum/`` folder given as ``path``.
-        Other formats ignore it.
+
+    A keyword the file's format does not use (``image``, ``scalefactor`` or ``bin_size`` for an
+    ``.h5ad``, ``coords`` for a Space Ranger folder, …) raises FileFormatError rather than being
+    dropped.
 
     Returns
     -------
@@ -94,23 +99,17 @@ def read_slide(
             f"Cannot read {str(path)!r} as a slide: it {what}. "
             f"Supported inputs: {supported_slides()}."
         )
-    if image is not None and fmt.name != "table":
-        # only a counts table takes its image from the caller; the others would ignore it
-        raise FileFormatError(
-            f"image= gives a tissue image to a counts table; {path.name} is {fmt.description}, "
-            "which would ignore it. Drop image= (the file's own images in "
-            "uns['spatial'] are used) or add the image to the AnnData's uns['spatial']."
-        )
-    adata = fmt.read(
-        path,
-        coords=coords,
-        image=image,
-        scalefactor=scalefactor,
-        spot_diameter=spot_diameter,
-        library_id=library_id,
-        sep=sep,
-        bin_size=bin_size,
-    )
+    options = {
+        "coords": coords,
+        "image": image,
+        "scalefactor": scalefactor,
+        "spot_diameter": spot_diameter,
+        "sep": sep,
+        "bin_size": bin_size,
+    }
+    _refuse_ignored_options(path, fmt, options)
+    check_table_scales(scalefactor, spot_diameter)
+    adata = fmt.read(path, library_id=library_id, **options)
     if SPATIAL_KEY not in adata.obsm:
         raise CoordinateError(
             f"{path.name} has no obsm[{SPATIAL_KEY!r}]; it must hold an (n_spots, 2) array "
@@ -119,3 +118,63 @@ def read_slide(
             "`adata.obsm['spatial'] = adata.obs[['x', 'y']].to_numpy()` or pass coords=."
         )
     return adata
+
+
+# what each keyword is for, to say so when a format would drop it
+_OPTION_PURPOSE = {
+    "coords": "spot positions",
+    "image": "a tissue image",
+    "scalefactor": "the image's pixels per coordinate unit",
+    "spot_diameter": "the spot size",
+    "sep": "the delimiter",
+    "bin_size": "the Visium HD bins to read",
+}
+_OPTION_DEFAULTS = {"scalefactor": 1.0}
+
+
+def _refuse_ignored_options(path: Path, fmt, options: dict) -> None:
+    """A keyword the file's format does not use is an error, never silently dropped."""
+    if fmt.options is None:
+        return
+    given = [
+        name
+        for name, value in options.items()
+        if value is not None and not _is_default(name, value) and name not in fmt.options
+    ]
+    if not given:
+        return
+    takers = " or ".join(
+        f.description.split(" (")[0] for f in slide_formats() if f.options and given[0] in f.options
+    )
+    what = "; ".join(f"{name}= gives {_OPTION_PURPOSE.get(name, 'an option')}" for name in given)
+    hint = (
+        " (the file's own images in uns['spatial'] are used) or add the image to the "
+        "AnnData's uns['spatial']"
+        if "image" in given
+        else ""
+    )
+    raise FileFormatError(
+        f"{what} to {takers or 'another format'}; {path.name} is {fmt.description}, which "
+        f"would ignore {'it' if len(given) == 1 else 'them'}. Drop "
+        f"{', '.join(name + '=' for name in given)}{hint}."
+    )
+
+
+def _is_default(name: str, value) -> bool:
+    default = _OPTION_DEFAULTS.get(name)
+    try:
+        return default is not None and bool(value == default)
+    except (TypeError, ValueError):  # arrays compare elementwise
+        return False
+
+
+def check_table_scales(scalefactor, spot_diameter) -> None:
+    """``scalefactor`` and ``spot_diameter`` must be positive finite numbers."""
+    for name, value, unit in (
+        ("scalefactor", scalefactor, "image pixels per coordinate unit"),
+        ("spot_diameter", spot_diameter, "coordinate units"),
+    ):
+        if value is None and name == "spot_diameter":
+            continue
+        if not (is_number(value) and math.isfinite(value) and value > 0):
+            raise ImageMismatchError(f"{name} must be a positive number of {unit}, got {value!r}.")

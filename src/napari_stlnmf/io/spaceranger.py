@@ -367,4 +367,5 @@ FORMAT = SlideFormat(
         "a 10x Space Ranger 'outs' folder (or the folder containing it) with "
         f"{MATRIX_H5} (or the MEX folder {MATRIX_STEM}/) and spatial/tissue_positions[_list].csv"
     ),
+    options=frozenset(),
 )

@@ -461,6 +461,7 @@ FORMAT = SlideFormat(
         f"a SpatialData .zarr store with a table annotating circles, polygons or points "
         f"(needs {INSTALL_HINT})"
     ),
+    options=frozenset(),
 )
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import SPATIAL_KEY
-from ..errors import CoordinateError, ImageMismatchError
+from ..errors import CoordinateError
 from ._util import examples, read_table, require_numeric, stem, table_suffix
 from .coords import read_coords
 from .images import read_image, to_uint8_rgb
@@ -91,11 +91,6 @@ def read(
             f"A counts table ({path.name}) has no spot positions: pass coords= (a CSV with the "
             "spot id first and columns x, y; a DataFrame; or an (n_spots, 2) array)."
         )
-    if not (np.isfinite(scalefactor) and scalefactor > 0):
-        raise ImageMismatchError(
-            f"scalefactor must be a positive number of image pixels per coordinate unit, "
-            f"got {scalefactor!r}."
-        )
     counts = read_table(path, sep)
     xy = read_coords(coords, sep)
     counts, xy = _align_counts(counts, xy, path)
@@ -141,4 +136,5 @@ FORMAT = SlideFormat(
         "in the first column) together with coords="
     ),
     has_positions=lambda path: False,  # the positions come from coords=
+    options=frozenset({"coords", "image", "scalefactor", "spot_diameter", "sep"}),
 )

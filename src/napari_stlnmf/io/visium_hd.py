@@ -357,4 +357,5 @@ FORMAT = SlideFormat(
         "square_XXXum/ folder; bin_size chooses the bins, 8 µm by default; or "
         "segmented_outputs/ for segmented cells)"
     ),
+    options=frozenset({"bin_size"}),
 )
