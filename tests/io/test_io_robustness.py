@@ -169,3 +169,12 @@ def test_options_a_space_ranger_folder_would_drop_are_refused(tmp_path, option):
         option = {"coords": np.zeros((4, 2))}
     with pytest.raises(FileFormatError, match="would ignore it"):
         io.read_slide(outs, **option)
+
+
+def test_barcodes_without_a_position_are_named(tmp_path):
+    outs = make_outs(tmp_path, header=True)
+    positions = outs / "spatial" / "tissue_positions.csv"
+    lines = positions.read_text().splitlines()
+    positions.write_text("\n".join(lines[:-1]) + "\n")  # one barcode's position lost
+    with pytest.raises(CoordinateError, match="1 of .* have no position in .*same Space Ranger"):
+        io.read_slide(outs)

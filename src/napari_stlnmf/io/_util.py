@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..errors import FileFormatError
+from ..errors import CoordinateError, FileFormatError
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".txt")
 _N_EXAMPLES = 5
@@ -106,3 +106,16 @@ def require_numeric(df: pd.DataFrame, path: Path, what: str) -> None:
             "Expected the ids in the first column and only numbers elsewhere; "
             "remove annotation columns (e.g. a trailing gene-name column) first."
         )
+
+
+def rows_in_order(table: pd.DataFrame, names: pd.Index, what: str, hint: str) -> pd.DataFrame:
+    """``table``'s rows for ``names``, in their order; names without a row are a
+    CoordinateError (``what``: e.g. "barcodes of x.h5 have no position in '…'", then
+    ``hint``). ``get_indexer``, not ``.loc``: Visium HD lists millions of 2 µm bins."""
+    rows = table.index.get_indexer(names)
+    missing = names[rows < 0]
+    if len(missing):
+        raise CoordinateError(
+            f"{len(missing)} of {len(names)} {what}, e.g. {examples(missing)}. {hint}"
+        )
+    return table.iloc[rows]

@@ -19,7 +19,7 @@ import pandas as pd
 
 from .._constants import SPATIAL_KEY
 from ..errors import CoordinateError, DuplicateNamesError, FileFormatError
-from ._util import examples
+from ._util import examples, rows_in_order
 from .images import read_image
 from .registry import SlideFormat
 
@@ -268,16 +268,12 @@ def _finish_positions(pos: pd.DataFrame, path: Path) -> pd.DataFrame:
 def attach_positions(adata: AnnData, pos: pd.DataFrame, matrix: Path, where: Path) -> None:
     """Put the positions ``pos`` (indexed by barcode) of the matrix's barcodes into
     ``obs`` (in_tissue, array_row, array_col) and ``obsm['spatial']`` (x, y full-res px)."""
-    # get_indexer, not .loc: Visium HD lists millions of 2 µm bins
-    rows = pos.index.get_indexer(adata.obs_names)
-    missing = adata.obs_names[rows < 0]
-    if len(missing):
-        raise CoordinateError(
-            f"{len(missing)} of {adata.n_obs} barcodes of {matrix.name} have no position in "
-            f"{str(where)!r}, e.g. {examples(missing)}. Are the matrix and the "
-            "spatial/ folder from the same Space Ranger run?"
-        )
-    pos = pos.iloc[rows]  # matrix order, drops positions of spots not in the matrix
+    pos = rows_in_order(  # matrix order, drops positions of spots not in the matrix
+        pos,
+        adata.obs_names,
+        f"barcodes of {matrix.name} have no position in {str(where)!r}",
+        "Are the matrix and the spatial/ folder from the same Space Ranger run?",
+    )
     for col in ("in_tissue", "array_row", "array_col"):
         adata.obs[col] = pos[col].to_numpy()
     adata.obsm[SPATIAL_KEY] = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(

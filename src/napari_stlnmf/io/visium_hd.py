@@ -29,7 +29,7 @@ import pandas as pd
 
 from .._constants import SPATIAL_KEY
 from ..errors import CoordinateError, FileFormatError
-from ._util import examples
+from ._util import rows_in_order
 from .registry import SlideFormat
 from .spaceranger import (
     attach_positions,
@@ -293,14 +293,12 @@ def _read_cells(segmented: Path, library_id: str | None) -> AnnData:
     adata = read_10x_matrix(matrix)
     metadata = adata.uns.pop("_10x_metadata")
     cells = read_cell_segmentations(outlines)
-    rows = cells.index.get_indexer(adata.obs_names)
-    missing = adata.obs_names[rows < 0]
-    if len(missing):
-        raise CoordinateError(
-            f"{len(missing)} of {adata.n_obs} cells of {matrix.name} have no outline in "
-            f"{outlines.name}, e.g. {examples(missing)}. Are both from the same Space Ranger run?"
-        )
-    cells = cells.iloc[rows]
+    cells = rows_in_order(
+        cells,
+        adata.obs_names,
+        f"cells of {matrix.name} have no outline in {outlines.name}",
+        "Are both from the same Space Ranger run?",
+    )
     adata.obs["cell_area"] = cells["cell_area"].to_numpy()
     adata.obs["cell_diameter"] = cells["cell_diameter"].to_numpy()
     adata.obsm[SPATIAL_KEY] = cells[["x", "y"]].to_numpy(dtype=np.float64)
