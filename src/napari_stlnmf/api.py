@@ -343,7 +343,8 @@ def _fit_library(adata, ref, s: DeconvolutionSettings, progress=None, should_sto
 
     report(progress, Stage.PREPARING, 0, 1)
     requested = s.gene_weighting or default_gene_weighting(s.method, s.params, s.train)
-    prep, ref, subtypes = prepare_inputs(adata, ref, s, gene_weighting=requested, counts=counts)
+    inputs = prepare_inputs(adata, ref, s, gene_weighting=requested, counts=counts, device=device)
+    prep, ref, subtypes = inputs.prepared, inputs.reference, inputs.subtypes
     weighting, compact_gram = choose_gene_weighting(
         requested,
         explicit=s.gene_weighting is not None,
@@ -367,6 +368,7 @@ def _fit_library(adata, ref, s: DeconvolutionSettings, progress=None, should_sto
         slide_counts=counts.matrix, gene_weighting=weighting, min_proportion=s.min_proportion,
         platform_effect=platform, refine_with=shipped_refinement_model(prep) if platform else None,
         refine_passes=s.platform_refine_passes, seed=int(s.seed), device=device,
+        quick_platform=inputs.quick_platform,
     )  # fmt: skip
     prep = calibration.prepared
     check_stop(should_stop)

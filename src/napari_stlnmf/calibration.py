@@ -32,6 +32,7 @@ __all__ = [
     "fit_platform_effect",
     "integer_valued",
     "quick_fit",
+    "quick_platform_effect",
     "reference_overdispersion",
     "sample_rows",
 ]
@@ -307,24 +308,11 @@ def platform_effect_identifiable(n_genes: int, n_profiles: int) -> bool:
     return n_genes >= MIN_GENES_PER_PROFILE_FOR_PLATFORM * n_profiles
 
 
-def fit_platform_effect(
-    prepared: Prepared,
-    *,
-    seed: int,
-    refine_with: UnrolledNMF | None,
-    refine_passes: int = PLATFORM_REFINE_PASSES,
-    device=None,
+def quick_platform_effect(
+    prepared: Prepared, *, seed: int, device=None
 ) -> tuple[Prepared, np.ndarray]:
-    """Per-gene platform factors from the slide totals (on a seeded sample of spots); returns
-    the corrected inputs and the log factors.
-
-    First from quick non-spatial fits, then (when ``refine_with`` is given: the shipped
-    parameters) refined on that model's per-entry fit with small proportions zeroed: the quick
-    fit leaves a little of every absent type in each spot, and summed over the slide that excess
-    reads as a platform effect on the genes of those types.
-
-    The fits use fixed parameters, not the ones being fine-tuned, so a saved model reused on
-    the same slide sees the same corrected inputs as when it was trained."""
+    """The platform effect's first estimate (:data:`PLATFORM_PASSES` quick non-spatial fits on
+    a seeded sample of spots, no refinement): the corrected inputs and the log factors."""
     rows = sample_rows(prepared.X.shape[0], PLATFORM_SAMPLE_SPOTS, seed)
     X, lib = prepared.X[rows], prepared.library_size[rows]
     log_factor = np.zeros(prepared.B.shape[0])
@@ -335,6 +323,32 @@ def fit_platform_effect(
             X, lib, current.B, V, profile_variance=prepared.profile_variance
         )
         current = with_platform_effect(prepared, log_factor)
+    return current, log_factor
+
+
+def fit_platform_effect(
+    prepared: Prepared,
+    *,
+    seed: int,
+    refine_with: UnrolledNMF | None,
+    refine_passes: int = PLATFORM_REFINE_PASSES,
+    device=None,
+    quick: tuple[Prepared, np.ndarray] | None = None,
+) -> tuple[Prepared, np.ndarray]:
+    """Per-gene platform factors from the slide totals (on a seeded sample of spots); returns
+    the corrected inputs and the log factors. ``quick``: :func:`quick_platform_effect` of the
+    same inputs, seed and device when already computed (it is the first step here).
+
+    First from quick non-spatial fits, then (when ``refine_with`` is given: the shipped
+    parameters) refined on that model's per-entry fit with small proportions zeroed: the quick
+    fit leaves a little of every absent type in each spot, and summed over the slide that excess
+    reads as a platform effect on the genes of those types.
+
+    The fits use fixed parameters, not the ones being fine-tuned, so a saved model reused on
+    the same slide sees the same corrected inputs as when it was trained."""
+    if quick is None:
+        quick = quick_platform_effect(prepared, seed=seed, device=device)
+    current, log_factor = quick
     if refine_with is None or refine_passes == 0:
         return current, log_factor
     rows = sample_rows(prepared.X.shape[0], PLATFORM_REFINE_SPOTS, seed)
@@ -386,17 +400,25 @@ def calibrate(
     refine_passes: int = PLATFORM_REFINE_PASSES,
     seed: int = 0,
     device=None,
+    quick_platform: tuple[Prepared, np.ndarray] | None = None,
 ) -> Calibration:
     """The platform effect (if ``platform_effect``), then ONE quick fit on the corrected inputs
     from which the noise, the fitted gene weights (``gene_weighting='fitted'``) and the effective
     cells per spot (``min_proportion='auto'``) are read.
 
     ``slide_counts``: the slide's stored values (φ's Poisson part assumes raw counts on both
-    sides: scaled or normalised values would fake noise, so then the threshold stays 0.05)."""
+    sides: scaled or normalised values would fake noise, so then the threshold stays 0.05).
+    ``quick_platform``: :func:`quick_platform_effect` of these inputs, seed and device, when the
+    caller has it already (the sub-profile test computes it)."""
     log_factor = None
     if platform_effect:
         prepared, log_factor = fit_platform_effect(
-            prepared, seed=seed, refine_with=refine_with, refine_passes=refine_passes, device=device
+            prepared,
+            seed=seed,
+            refine_with=refine_with,
+            refine_passes=refine_passes,
+            device=device,
+            quick=quick_platform,
         )
     counts_both = (
         reference.cell_counts is not None

@@ -23,8 +23,8 @@ from .calibration import (
     NOISE_SAMPLE_SPOTS,
     Calibration,
     estimate_noise,
-    fit_platform_effect,
     platform_effect_identifiable,
+    quick_platform_effect,
     refinement_model,
     sample_rows,
 )
@@ -58,6 +58,7 @@ __all__ = [
     "MAX_GRAM_BYTES",
     "DeconvolutionSettings",
     "Fractions",
+    "PreparedInputs",
     "SlideLibrary",
     "SpotGraph",
     "build_model",
@@ -283,17 +284,26 @@ def load_reference(
 
 
 def select_subtypes(
-    prepared: Prepared, reference: Reference, settings: DeconvolutionSettings
+    prepared: Prepared,
+    reference: Reference,
+    settings: DeconvolutionSettings,
+    *,
+    quick_platform: tuple[Prepared, np.ndarray] | None = None,
+    device=None,
 ) -> Subtypes | None:
     """Sub-profiles of the reference's types to fit with (``settings.cell_subtypes``: 'auto'
     when the slide's held-out genes say so, True always), or None. With the platform effect on,
-    the choice is made on profiles corrected by a quick estimate of it (no refinement)."""
+    the choice is made on profiles corrected by a quick estimate of it (no refinement;
+    ``quick_platform``: :func:`~.calibration.quick_platform_effect` of ``prepared``, computed
+    here when not given)."""
     if not settings.cell_subtypes or reference.cell_counts is None:
         return None
     kwargs = {"min_t": -np.inf, "max_ratio": np.inf} if settings.cell_subtypes is True else {}
     log_factor = None
     if platform_effect_wanted(prepared, settings):
-        _, log_factor = fit_platform_effect(prepared, seed=int(settings.seed), refine_with=None)
+        if quick_platform is None:
+            quick_platform = quick_platform_effect(prepared, seed=int(settings.seed), device=device)
+        log_factor = quick_platform[1]
     return choose_subtypes(
         prepared, reference, log_platform_factor=log_factor, seed=int(settings.seed), **kwargs
     )
@@ -310,6 +320,19 @@ def platform_effect_wanted(prepared: Prepared, settings: DeconvolutionSettings) 
     )
 
 
+@dataclass
+class PreparedInputs:
+    """What :func:`prepare_inputs` returns: the model's inputs, the reference they were made
+    from (the split one when sub-profiles were chosen), the sub-profiles or None, and the
+    platform effect's quick estimate on these inputs when the sub-profile test made one (for
+    :func:`~.calibration.calibrate`, which starts from it)."""
+
+    prepared: Prepared
+    reference: Reference
+    subtypes: Subtypes | None
+    quick_platform: tuple[Prepared, np.ndarray] | None = None
+
+
 def prepare_inputs(
     adata,
     reference: Reference,
@@ -317,7 +340,8 @@ def prepare_inputs(
     *,
     gene_weighting: str,
     counts: io.FoundCounts | None = None,
-) -> tuple[Prepared, Reference, Subtypes | None]:
+    device=None,
+) -> PreparedInputs:
     """The model's inputs (:func:`~.preprocess.prepare`), on the reference's sub-profiles when
     :func:`select_subtypes` chose them (then the reference returned is the split one, and
     :func:`finish` sums the sub-types back into the types).
@@ -343,13 +367,17 @@ def prepare_inputs(
     }
     prepared = prepare(counts.matrix, genes, reference, **options)
     prepared.info.update(sources)
-    subtypes = select_subtypes(prepared, reference, settings)
+    quick = None
+    testing_subtypes = settings.cell_subtypes and reference.cell_counts is not None
+    if testing_subtypes and platform_effect_wanted(prepared, settings):
+        quick = quick_platform_effect(prepared, seed=int(settings.seed), device=device)
+    subtypes = select_subtypes(prepared, reference, settings, quick_platform=quick, device=device)
     if subtypes is None:
-        return prepared, reference, None
+        return PreparedInputs(prepared, reference, None, quick)
     split = subtypes.reference
     prepared = prepare(counts.matrix, genes, split, **options)
     prepared.info.update(sources)
-    return prepared, split, subtypes
+    return PreparedInputs(prepared, split, subtypes)
 
 
 def default_gene_weighting(method: str, params, train: bool) -> str:

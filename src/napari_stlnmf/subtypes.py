@@ -23,9 +23,11 @@ from .preprocess import Prepared, Reference, gene_weights_for
 
 __all__ = [
     "SUBTYPE_MARK",
+    "HeldoutFolds",
     "Subtypes",
     "choose_subtypes",
     "heldout_deviance",
+    "heldout_folds",
     "merge_subtypes",
     "split_cell_types",
 ]
@@ -159,34 +161,66 @@ def split_cell_types(
     return split, np.asarray(parent, dtype=np.int64)
 
 
-def heldout_deviance(prepared: Prepared, B: np.ndarray, *, folds: int = 2, seed: int = 0):
-    """Per-spot Poisson deviance of genes held out of the fit: for each fold of ``prepared``'s
-    genes, mRNA shares are fitted on the other genes' counts (the quick fit, 'sqrt' weights) and
-    predict the held-out genes' counts (scaled to the spot's total on them). ``B`` genes x
-    profiles on ``prepared.genes`` (columns need not sum to one)."""
-    from .calibration import quick_fit, sample_rows
+@dataclass(frozen=True)
+class HeldoutFolds:
+    """The slide's sampled spots split by gene folds once, for several :func:`heldout_deviance`
+    calls (slicing a CSR matrix by columns costs more than the fits on it)."""
+
+    genes: tuple  # per fold: (training genes, held-out genes)
+    fit_inputs: tuple  # per fold: the training genes' counts as the quick fit takes them
+    libraries: tuple  # per fold: each spot's total on the training genes (>= 1)
+    held_out: tuple  # per fold: dense counts of the held-out genes
+
+
+def heldout_folds(prepared: Prepared, *, folds: int = 2, seed: int = 0) -> HeldoutFolds:
+    """:class:`HeldoutFolds` of ``prepared`` (:data:`CV_SPOTS` seeded spots, genes dealt into
+    ``folds`` folds at random)."""
+    from .calibration import sample_rows
 
     rows = sample_rows(prepared.X.shape[0], CV_SPOTS, seed)
     X = prepared.X[rows].multiply(prepared.library_size[rows][:, None]).tocsr()
-    B = np.asarray(B, dtype=np.float64)
-    fold = np.random.default_rng(seed).permutation(B.shape[0]) % folds
-    deviance = np.zeros(X.shape[0])
+    fold = np.random.default_rng(seed).permutation(X.shape[1]) % folds
+    genes, fit_inputs, libraries, held_out = [], [], [], []
     for f in range(folds):
         train, test = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
         Xt = X[:, train]
         lib = np.asarray(Xt.sum(1)).ravel()
+        genes.append((train, test))
+        fit_inputs.append(sp.csr_matrix(Xt.multiply(1.0 / np.maximum(lib, 1.0)[:, None])))
+        libraries.append(np.maximum(lib, 1.0))
+        held_out.append(np.asarray(X[:, test].todense(), dtype=np.float64))
+    return HeldoutFolds(tuple(genes), tuple(fit_inputs), tuple(libraries), tuple(held_out))
+
+
+def heldout_deviance(
+    prepared: Prepared,
+    B: np.ndarray,
+    *,
+    folds: int = 2,
+    seed: int = 0,
+    split: HeldoutFolds | None = None,
+):
+    """Per-spot Poisson deviance of genes held out of the fit: for each fold of ``prepared``'s
+    genes, mRNA shares are fitted on the other genes' counts (the quick fit, 'sqrt' weights) and
+    predict the held-out genes' counts (scaled to the spot's total on them). ``B`` genes x
+    profiles on ``prepared.genes`` (columns need not sum to one). ``split``: the folds
+    (:func:`heldout_folds` with ``folds`` and ``seed``), made here when not given."""
+    from .calibration import quick_fit
+
+    if split is None:
+        split = heldout_folds(prepared, folds=folds, seed=seed)
+    B = np.asarray(B, dtype=np.float64)
+    deviance = np.zeros(split.held_out[0].shape[0])
+    for (train, test), Xt, lib, Y in zip(
+        split.genes, split.fit_inputs, split.libraries, split.held_out, strict=True
+    ):
         total = np.maximum(B[train].sum(0), 1e-300)
         Bt = (B[train] / total).astype(np.float32)
         part = replace(
-            prepared,
-            X=sp.csr_matrix(Xt.multiply(1.0 / np.maximum(lib, 1.0)[:, None])),
-            B=Bt,
-            gene_weights=gene_weights_for(Bt, "sqrt"),
-            library_size=np.maximum(lib, 1.0),
+            prepared, X=Xt, B=Bt, gene_weights=gene_weights_for(Bt, "sqrt"), library_size=lib
         )
         V = quick_fit(part, np.arange(Xt.shape[0]))
         pred = (V / total[None, :]) @ B[test].T
-        Y = np.asarray(X[:, test].todense(), dtype=np.float64)
         mu = Y.sum(1, keepdims=True) * pred / np.maximum(pred.sum(1, keepdims=True), 1e-300)
         mu = np.maximum(mu, 1e-9)
         ylogy = np.where(Y > 0, Y * np.log(np.where(Y > 0, Y, 1.0) / mu), 0.0)
@@ -217,7 +251,8 @@ def choose_subtypes(
         return None
     coarse = reference.profiles.loc[prepared.genes, prepared.cell_types].to_numpy(np.float64)
     coarse = coarse * factor
-    d_coarse = heldout_deviance(prepared, coarse, seed=seed)
+    folds = heldout_folds(prepared, seed=seed)
+    d_coarse = heldout_deviance(prepared, coarse, split=folds)
     best = None
     for candidate in range(CANDIDATE_SPLITS):
         split, parent = split_cell_types(
@@ -226,7 +261,7 @@ def choose_subtypes(
         if len(split.cell_types) == len(reference.cell_types):
             return None  # no type is large enough to split
         fine = split.profiles.loc[prepared.genes].to_numpy(np.float64) * factor
-        d_fine = heldout_deviance(prepared, fine, seed=seed)
+        d_fine = heldout_deviance(prepared, fine, split=folds)
         if best is None or d_fine.sum() < best[2].sum():
             best = (split, parent, d_fine)
     split, parent, d_fine = best
