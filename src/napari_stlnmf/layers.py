@@ -14,6 +14,8 @@ as their napari ``affine`` and lie over napari-spatialdata's layers of the same 
 opened by napari-spatialdata (``metadata['sdata']``, ``['adata']``, ``['region_key']``,
 ``['instance_key']``) become a slide with :func:`spots_from_spatialdata_layer` and
 :func:`slide_on_image`, through each layer's data-to-world transform (:func:`layer_to_world`).
+The frame helpers live in :mod:`napari_stlnmf.layer_frames`, napari-spatialdata's layers in
+:mod:`napari_stlnmf.spatialdata_layers`; both are re-exported here.
 
 Layers made here are tagged in ``metadata``:
 
@@ -37,15 +39,37 @@ import pandas as pd
 
 from . import io
 from ._constants import FIT_ERROR_KEY, PROPORTIONS_KEY, QC_KEY, SPATIAL_KEY
-from .errors import ImageMismatchError, StlnmfError
-from .io._util import examples
-from .io.spatialdata import SOURCE_KEY, WORLD_AFFINE_KEY, pick_level
+from .errors import ImageMismatchError
+
+# re-exported: the frames and napari-spatialdata's layers live in their own modules
+from .layer_frames import (
+    LAYER_DIAMETER_KEY,
+    SWAP_XY,
+    display_library,
+    image_for_features,
+    layer_to_world,
+    slide_on_image,
+    spot_diameter,
+    spot_symbol,
+    spots_yx,
+    world_affine,
+)
+from .spatialdata_layers import (
+    SPATIALDATA_LAYER_KEYS,
+    is_spatialdata_layer,
+    spots_from_spatialdata_layer,
+    write_results_to_spatialdata_layer,
+)
 
 __all__ = [
     "DOMINANT_LAYER",
     "FIT_ERROR_LAYER",
+    "LAYER_DIAMETER_KEY",
     "RESULT_TAG",
     "SLIDE_TAG",
+    "SPATIALDATA_LAYER_KEYS",
+    "SWAP_XY",
+    "display_library",
     "dominant_colors",
     "fine_tuning_note",
     "image_for_features",
@@ -62,7 +86,9 @@ __all__ = [
     "spot_diameter",
     "spot_symbol",
     "spots_from_spatialdata_layer",
+    "spots_yx",
     "top_types",
+    "world_affine",
     "write_results_to_spatialdata_layer",
     "zero_transparent_colormap",
 ]
@@ -125,51 +151,6 @@ def dominant_colors(cell_types) -> dict[str, str]:
 # --------------------------------------------------------------------------- #
 
 
-def _display_library(adata, library_id=None) -> str | None:
-    """The library to show: ``library_id``, the only one, or (several libraries) the first."""
-    if not adata.uns.get("spatial"):
-        return None
-    try:
-        return io.get_library(adata, library_id)[0]
-    except StlnmfError:
-        return next(iter(adata.uns["spatial"]))  # several libraries: show the first
-
-
-def spot_diameter(adata, library_id=None) -> float:
-    """Spot size of the layers, in full-resolution pixels, for the library shown (the first one
-    when there are several and ``library_id`` is None): the side of Visium HD bins
-    (:func:`napari_stlnmf.io.square_bin_size`), else :func:`napari_stlnmf.io.spot_diameter`."""
-    lib = _display_library(adata, library_id)
-    side = None if lib is None else io.square_bin_size(adata, lib)
-    return side if side is not None else io.spot_diameter(adata, lib)
-
-
-def spot_symbol(adata, library_id=None) -> str:
-    """The napari Points symbol of the spots: ``'square'`` for Visium HD bins, else ``'disc'``."""
-    lib = _display_library(adata, library_id)
-    return "disc" if lib is None or io.square_bin_size(adata, lib) is None else "square"
-
-
-def _spots_yx(adata) -> np.ndarray:
-    return np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64)[:, 1::-1].copy()
-
-
-# (x, y) homogeneous <-> napari's (row, col): swap the two axes
-_SWAP_XY = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
-
-
-def _world_affine(adata, library_id=None) -> np.ndarray | None:
-    """napari (row, col) affine from ``obsm['spatial']`` to world, or None (world = those)."""
-    lib = _display_library(adata, library_id)
-    if lib is None:
-        return None
-    affine = (adata.uns["spatial"][lib].get("metadata") or {}).get(WORLD_AFFINE_KEY)
-    if affine is None:
-        return None
-    affine = np.asarray(affine, dtype=np.float64)
-    return None if np.allclose(affine, np.eye(3)) else _SWAP_XY @ affine @ _SWAP_XY
-
-
 def _obs_features(adata) -> pd.DataFrame:
     feats = pd.DataFrame({"barcode": adata.obs_names.astype(str).to_numpy()})
     for col in adata.obs.columns:
@@ -193,12 +174,12 @@ def slide_layers(
     cell_type_key: str | None = None,
 ) -> list[tuple]:
     """Tissue image (if any) + spots as napari layer-data tuples, in shared world coordinates."""
-    lib = _display_library(adata, library_id)
+    lib = display_library(adata, library_id)
     found = io.get_image(adata, lib)
     image, scalef, _ = found if found is not None else (None, None, None)
     name = name or (Path(path).name if path is not None else (lib or "slide"))
     slide_id = uuid.uuid4().hex
-    world = {} if (affine := _world_affine(adata, lib)) is None else {"affine": affine}
+    world = {} if (affine := world_affine(adata, lib)) is None else {"affine": affine}
     layers = []
     if image is not None:
         s = 1.0 / float(scalef)
@@ -229,7 +210,7 @@ def slide_layers(
         metadata["cell_type_key"] = cell_type_key
     layers.append(
         (
-            _spots_yx(adata),
+            spots_yx(adata),
             {
                 "name": f"{name} spots",
                 "features": _obs_features(adata),
@@ -272,7 +253,7 @@ def slide_for_deconvolution(adata, image=None, *, scale=None, translate=None, li
             f"The image layer is translated by ({ty:g}, {tx:g}); spots and image must share "
             "full-resolution pixel coordinates with the origin at (0, 0)."
         )
-    lib = _display_library(adata, library_id)
+    lib = display_library(adata, library_id)
     # only a stored diameter is carried over: an estimate would change the image features
     diameter = None if lib is None else io.spot_diameter(adata, lib, estimate=False)
     scalefactors = {"tissue_hires_scalef": 1.0 / sx}
@@ -294,201 +275,6 @@ def slide_for_deconvolution(adata, image=None, *, scale=None, translate=None, li
         lib: {"images": {"hires": np.asarray(image)}, "scalefactors": scalefactors, "metadata": {}}
     }
     io.check_image_covers_spots(out, library_id=lib)
-    return out
-
-
-# --------------------------------------------------------------------------- #
-# layers of napari-spatialdata, and images in any world frame
-# --------------------------------------------------------------------------- #
-
-SPATIALDATA_LAYER_KEYS = ("sdata", "adata", "region_key", "instance_key")
-_LAYER_DIAMETER = "stlnmf_layer_diameter"  # uns: spot diameter in the layer's data units
-
-
-def image_for_features(data, image_to_world, *, multiscale=False, downsample_factors=None):
-    """An image layer's data as one array for the graph features, and that array's (row, col)
-    affine to world: the finest pyramid level at most ``MAX_IMAGE_SIDE`` wide; channel-first
-    images (napari-spatialdata's non-RGB ones) keep their first channel."""
-    levels = list(data) if multiscale else [data]
-    shapes = [tuple(int(n) for n in np.shape(level)) for level in levels]
-    rgb_last = [len(sh) == 3 and sh[-1] in (3, 4) for sh in shapes]
-    planes = [sh[-3:-1] if last else sh[-2:] for sh, last in zip(shapes, rgb_last)]
-    i = pick_level(planes)
-    array = np.asarray(levels[i])
-    if array.ndim == 3 and not rgb_last[i] and array.shape[0] not in (1, 3, 4):
-        array = array[0]  # fluorescence channels: the first
-    affine = np.asarray(image_to_world, dtype=np.float64).copy()
-    if i and downsample_factors is not None:
-        rows, cols = np.asarray(downsample_factors, dtype=np.float64)[i][-2:]
-        affine = affine @ np.diag([rows, cols, 1.0])
-    return array, affine
-
-
-def is_spatialdata_layer(metadata) -> bool:
-    """Whether a layer's ``metadata`` is napari-spatialdata's for spots with a table."""
-    return all(metadata.get(k) is not None for k in SPATIALDATA_LAYER_KEYS)
-
-
-def layer_to_world(layer) -> np.ndarray:
-    """The 3 x 3 (row, col) affine of a napari layer's last two data axes to world coordinates
-    (scale, translate, rotate, shear and ``affine`` together), read off ``layer.data_to_world``."""
-    ndim = int(layer.ndim)
-    origin = np.zeros(ndim)
-    at_origin = np.asarray(layer.data_to_world(origin), dtype=np.float64)[-2:]
-    matrix = np.eye(3)
-    matrix[:2, 2] = at_origin
-    for j, axis in enumerate((ndim - 2, ndim - 1)):
-        unit = origin.copy()
-        unit[axis] = 1.0
-        matrix[:2, j] = np.asarray(layer.data_to_world(unit), dtype=np.float64)[-2:] - at_origin
-    return matrix
-
-
-def _polygon_centre_and_area(vertices: np.ndarray) -> tuple[np.ndarray, float]:
-    """Area centroid and area of a (row, col) polygon; the vertex mean for degenerate ones and
-    ellipses (napari stores an ellipse as its 4 bounding-box corners, whose mean is its centre;
-    the area is then the box's, 4/pi of the ellipse's, which only sizes the drawing)."""
-    v = np.asarray(vertices, dtype=np.float64)[:, -2:]
-    if len(v) < 3:
-        return v.mean(axis=0), 0.0
-    r, c = v[:, 0], v[:, 1]
-    cross = r * np.roll(c, -1) - np.roll(r, -1) * c
-    area = cross.sum() / 2
-    if abs(area) < 1e-12:
-        return v.mean(axis=0), 0.0
-    centre = np.array([((r + np.roll(r, -1)) * cross).sum(), ((c + np.roll(c, -1)) * cross).sum()])
-    return centre / (6 * area), abs(float(area))
-
-
-def spots_from_spatialdata_layer(data, metadata, *, sizes=None):
-    """A slide from a Points or Shapes layer opened by napari-spatialdata.
-
-    ``metadata['adata']`` (the table rows joined to the element) gives the counts,
-    ``metadata['indices']`` the element's instance id of each shape/point of ``data``. Spots
-    are matched by ``obs[instance_key]``; shapes/points without a table row are left out.
-    ``obsm['spatial']`` is in the layer's *data* (x, y): map it with :func:`slide_on_image`.
-    The spot diameter is the element's ``radius`` x 2 when it has one, that of a circle of the
-    polygons' median area for shapes, else the median ``sizes`` (a Points layer's).
-    """
-    import anndata as ad
-
-    from .errors import CoordinateError
-
-    table = metadata["adata"]
-    instance_key, region_key = metadata["instance_key"], metadata["region_key"]
-    areas = None
-    if isinstance(data, np.ndarray):
-        yx = np.asarray(data, dtype=np.float64)[:, -2:]
-    else:  # Shapes: one vertex array per shape
-        centres, areas = zip(*(_polygon_centre_and_area(v) for v in data)) if data else ((), ())
-        yx = np.array(centres, dtype=np.float64).reshape(-1, 2)
-    indices = metadata.get("indices")
-    ids = pd.Index(
-        np.asarray(indices if indices is not None else range(len(yx))).astype(str)[: len(yx)]
-    )
-    table_ids = pd.Index(table.obs[instance_key].astype(str).to_numpy())
-    if table_ids.has_duplicates:  # several regions: keep the layer's element's rows
-        keep = table.obs[region_key].astype(str).to_numpy() == str(metadata.get("name"))
-        table, table_ids = table[keep], table_ids[keep]
-    where = ids.get_indexer(table_ids)
-    if (where < 0).all():
-        raise CoordinateError(
-            f"No row of the layer's table has an instance id of its shapes (obs[{instance_key!r}]"
-            f" vs the element's index, e.g. {examples(ids)}); re-open the layer."
-        )
-    rows = np.flatnonzero(where >= 0)
-    obs = table.obs.iloc[rows].copy()
-    obs.index = table_ids[rows]
-    out = ad.AnnData(X=table.X[rows], obs=obs, var=table.var.copy())
-    out.obsm[SPATIAL_KEY] = yx[where[rows]][:, ::-1].copy()
-    element = _element_or_none(metadata)
-    if element is not None and "radius" in getattr(element, "columns", ()):
-        diameter = 2.0 * float(np.nanmedian(element["radius"].to_numpy(dtype=np.float64)))
-    elif areas:  # polygons: a circle of the same area
-        diameter = 2.0 * float(np.sqrt(np.median(areas) / np.pi))
-    elif sizes is not None and np.size(sizes):
-        diameter = float(np.nanmedian(np.asarray(sizes, dtype=np.float64)))
-    else:
-        diameter = None
-    out.uns[_LAYER_DIAMETER] = diameter
-    out.uns[SOURCE_KEY] = {
-        "table": str((metadata.get("table_names") or [""])[0] or ""),
-        "region": str(metadata.get("name") or ""),
-        "region_key": str(region_key),
-        "instance_key": str(instance_key),
-        "coordinate_system": str(metadata.get("_current_cs") or ""),
-        "image": "",
-        "path": "",
-    }
-    return out
-
-
-def write_results_to_spatialdata_layer(metadata, result) -> str:
-    """Write ``result`` into the table of a napari-spatialdata layer's SpatialData (in memory;
-    :func:`~napari_stlnmf.io.write_spatialdata_results`) and refresh the layer's
-    ``metadata['adata']`` so napari-spatialdata colours the layer by the new columns. Returns
-    the table's name."""
-    import spatialdata as sd
-
-    sdata = metadata["sdata"]
-    io.write_spatialdata_results(sdata, result, save=False)
-    table = result.adata.uns[SOURCE_KEY]["table"] or next(iter(sdata.tables))
-    _, joined = sd.join_spatialelement_table(
-        sdata=sdata, spatial_element_names=metadata["name"], table_name=table,
-        how="left", match_rows="left",
-    )  # fmt: skip
-    metadata["adata"] = joined
-    return table
-
-
-def _element_or_none(metadata):
-    try:
-        return metadata["sdata"][metadata["name"]]
-    except (KeyError, TypeError):
-        return None
-
-
-def slide_on_image(adata, spots_to_world, image=None, image_to_world=None, *, library_id=None):
-    """The slide with its spots moved into ``image``'s pixel frame through world coordinates.
-
-    ``spots_to_world`` maps ``obsm['spatial']`` (as napari (row, col)) to world and
-    ``image_to_world`` the image's pixels to world (3 x 3 (row, col) affines, e.g. from
-    :func:`layer_to_world`; napari-spatialdata's layers hold the elements' affines). The result
-    has ``obsm['spatial']`` in image pixels (scale factor 1), the image, the spot diameter in
-    those pixels and, as ``world_affine``, the image-to-world map, so the result layers lie
-    where the input layers are. Without an image, positions are the world's.
-    """
-    import anndata as ad
-
-    from .io.images import to_uint8_rgb
-
-    spots_to_world = np.asarray(spots_to_world, dtype=np.float64)
-    image_to_world = np.eye(3) if image is None else np.asarray(image_to_world, dtype=np.float64)
-    frame = np.linalg.inv(image_to_world) @ spots_to_world  # (row, col) spots -> image pixels
-    yx = _spots_yx(adata)
-    xy = (yx @ frame[:2, :2].T + frame[:2, 2])[:, ::-1]
-    diameter = adata.uns.get(_LAYER_DIAMETER)
-    if diameter is None:
-        lib = _display_library(adata, library_id)
-        diameter = None if lib is None else io.spot_diameter(adata, lib, estimate=False)
-    scalefactors = {}
-    if diameter:
-        scalefactors["spot_diameter_fullres"] = float(diameter) * float(
-            np.sqrt(abs(np.linalg.det(frame[:2, :2])))
-        )
-    images = {}
-    if image is not None:
-        images["hires"] = to_uint8_rgb(np.asarray(image))
-        scalefactors["tissue_hires_scalef"] = 1.0
-    uns = {k: v for k, v in adata.uns.items() if k in (SOURCE_KEY,)}
-    out = ad.AnnData(X=adata.X, obs=adata.obs, var=adata.var, obsm={SPATIAL_KEY: xy}, uns=uns)
-    world = _SWAP_XY @ image_to_world @ _SWAP_XY  # back to (x, y)
-    lib = library_id or "napari"
-    out.uns["spatial"] = {
-        lib: {"images": images, "scalefactors": scalefactors, "metadata": {WORLD_AFFINE_KEY: world}}
-    }
-    if image is not None:
-        io.check_image_covers_spots(out, library_id=lib)
     return out
 
 
@@ -606,7 +392,7 @@ def result_layers(
     table = results_table(proportions, fit_error, qc)
     table.insert(0, TOP_TYPES_COLUMN, top_types(proportions))
     types = [str(c) for c in proportions.columns]
-    yx = _spots_yx(slide)
+    yx = spots_yx(slide)
     size = spot_diameter(slide, library_id)
     source = source or uuid.uuid4().hex
 
@@ -619,7 +405,7 @@ def result_layers(
 
     symbol = spot_symbol(slide, library_id)
     common = {"size": size, "symbol": symbol, "border_width": 0.0, "opacity": 0.95}
-    if (affine := _world_affine(slide, library_id)) is not None:
+    if (affine := world_affine(slide, library_id)) is not None:
         common["affine"] = affine
     cmap = zero_transparent_colormap()
     layers = []
