@@ -52,6 +52,7 @@ from .pipeline import (
     slide_libraries,
 )
 from .progress import Cancelled, Stage, check_stop, report
+from .reference_check import check_before_fit
 
 __all__ = [
     "Cancelled",
@@ -243,6 +244,14 @@ def deconvolve(
         fit error and ``obs['stlnmf_qc']`` (``'ok'``, ``'no counts'``, or ``'outside
         tissue'`` for spots with ``obs['in_tissue'] == 0``, which are left out of the fit and
         get NaN), and ``uns['stlnmf']``; the input is never modified.
+
+    Warns
+    -----
+    ReferenceWarning
+        Before the fit, for each problem of the reference
+        (:func:`napari_stlnmf.reference_check.check_reference`: nearly collinear types, types
+        with fewer than 25 cells, placeholder labels, another species' gene names, most genes
+        missing from the slide), saying what to do; also in ``info['reference_check']``.
     """
     options = {k: v for k, v in locals().items() if k in _SETTINGS}
     return run_deconvolution(
@@ -343,7 +352,11 @@ def _fit_library(adata, ref, s: DeconvolutionSettings, progress=None, should_sto
 
     report(progress, Stage.PREPARING, 0, 1)
     requested = s.gene_weighting or default_gene_weighting(s.method, s.params, s.train)
+    as_read = ref
     prep, ref, subtypes = prepare_inputs(adata, ref, s, gene_weighting=requested, counts=counts)
+    reference_check = check_before_fit(
+        as_read, counts.var.index, prep, case_insensitive=s.case_insensitive
+    )
     weighting, compact_gram = choose_gene_weighting(
         requested,
         explicit=s.gene_weighting is not None,
@@ -397,6 +410,7 @@ def _fit_library(adata, ref, s: DeconvolutionSettings, progress=None, should_sto
         overdispersion=None if entry_noise is None else entry_noise.overdispersion,
         gram_storage=_gram_storage(entry_noise),
         platform_effect_fitted=platform,
+        reference_check=reference_check,
     )
     return _LibraryFit(prep, fractions, info, model, types)
 
