@@ -29,6 +29,7 @@ from .checks import (
     check_signature_orientation,
     check_slide_arguments,
 )
+from .diagnostics import combined_diagnostics, diagnose_library, diagnostics_obs
 from .io._util import table_suffix
 from .model import EntryNoise, UnrolledNMF, pick_device
 from .pipeline import (
@@ -84,6 +85,11 @@ class DeconvolutionResult:
         ``"ok"`` or why a spot has no estimate.
     adata
         For AnnData input: a copy of the slide with the results in ``obsm``/``obs``/``uns``.
+    diagnostics, unexplained_regions
+        With ``diagnose=True``: per spot ``deviance_z``, ``poorly_explained``, ``region``
+        (NaN / False / -1 for spots without an estimate), and per region of poorly explained
+        spots its genes and the population they mark
+        (:mod:`napari_stlnmf.diagnostics`); else None.
     """
 
     proportions: pd.DataFrame
@@ -94,6 +100,8 @@ class DeconvolutionResult:
     info: dict = field(default_factory=dict)
     adata: object | None = None
     model: UnrolledNMF | None = None
+    diagnostics: pd.DataFrame | None = None
+    unexplained_regions: pd.DataFrame | None = None
 
 
 def deconvolve(
@@ -130,6 +138,8 @@ def deconvolve(
     allow_non_integer_slide: bool = False,
     max_cells_per_type: int | None = MAX_CELLS_PER_TYPE,
     obs_prefix: str = "stlnmf_",
+    diagnose: bool = False,
+    marker_gene_sets: dict[str, list[str]] | None = None,
     progress=None,
     should_stop=None,
 ) -> DeconvolutionResult:
@@ -232,6 +242,19 @@ def deconvolve(
     obs_prefix
         Prefix of the per-type ``obs`` columns of ``result.adata`` (``'stlnmf_<type>'``, and
         ``'stlnmf_dominant_type'``).
+    diagnose
+        After the fit, flag the spots the reference cannot explain: each spot's
+        negative-binomial deviance over the genes used (and the slide's most variable genes,
+        up to 2000) against its expectation under the fitted noise, re-centred on the slide's
+        median spot (``deviance_z``; ``poorly_explained`` above 3), connected flagged regions
+        and the genes carrying their residual (:mod:`napari_stlnmf.diagnostics`). In
+        ``result.diagnostics``, ``result.unexplained_regions``, ``obs['<prefix>deviance_z']``,
+        ``obs['<prefix>poorly_explained']``, ``obs['<prefix>unexplained_region']`` and
+        ``info['diagnostics']``.
+    marker_gene_sets
+        With ``diagnose``: population name -> marker genes, to name what a poorly explained
+        region holds (hypergeometric test of its residual genes); default: the reference's
+        own types' markers.
     progress, should_stop
         ``progress(stage, i, n)`` callback; ``should_stop()`` returning True cancels with
         :class:`Cancelled`.
@@ -342,6 +365,7 @@ class _LibraryFit:
     info: dict
     model: UnrolledNMF | None
     types: list[str]
+    diagnostics: object = None
 
 
 def _fit_library(adata, ref, s: DeconvolutionSettings, progress=None, should_stop=None):
@@ -404,6 +428,11 @@ def _fit_library(adata, ref, s: DeconvolutionSettings, progress=None, should_sto
         solved, prep, spots, solver, min_proportion=calibration.min_proportion, subtypes=subtypes
     )
     types = prep.cell_types if subtypes is None else subtypes.cell_types
+    diagnostics = None
+    if s.diagnose:
+        diagnostics = diagnose_library(
+            counts, ref, as_read, prep, solved.V.cpu().numpy(), spots.graph, calibration, s
+        )
     info = _run_info(s, prep, spots, solver, calibration, train_report, subtypes, weighting)
     info.update(
         cell_types=types,
@@ -412,7 +441,9 @@ def _fit_library(adata, ref, s: DeconvolutionSettings, progress=None, should_sto
         platform_effect_fitted=platform,
         reference_check=reference_check,
     )
-    return _LibraryFit(prep, fractions, info, model, types)
+    if diagnostics is not None:
+        info["diagnostics"] = diagnostics.info
+    return _LibraryFit(prep, fractions, info, model, types, diagnostics)
 
 
 def _gram_storage(entry_noise: EntryNoise | None) -> str | None:
@@ -484,6 +515,8 @@ def _result(adata, fits, settings: DeconvolutionSettings, *, seconds: float):
         info=info,
         model=fits[0][1].model if len(fits) == 1 else None,
     )
+    if settings.diagnose:
+        result.diagnostics, result.unexplained_regions = combined_diagnostics(fits, obs_names)
     result.adata = _annotated_copy(adata, result, obs_prefix=settings.obs_prefix)
     return result
 
@@ -545,6 +578,9 @@ def _annotated_copy(adata, result: DeconvolutionResult, *, obs_prefix: str = "st
     out.obs[obs_prefix + DOMINANT_TYPE_SUFFIX] = _dominant_type(result.proportions)
     out.obs[FIT_ERROR_KEY] = result.fit_error.to_numpy()
     out.obs[QC_KEY] = pd.Categorical(result.qc.to_numpy())
+    if result.diagnostics is not None:
+        for column, values in diagnostics_obs(result.diagnostics, obs_prefix).items():
+            out.obs[column] = values
     out.uns[UNS_KEY] = _h5ad_safe(dict(result.info))
     out.uns[UNS_KEY]["stored_type_names"] = list(stored.values())
     return out
