@@ -8,9 +8,17 @@ The compute core (``io``, ``graph``, ``model``, ``simulate``, ``train``, ``metri
 __version__ = "0.1.0"
 
 from . import io
-from .errors import StlnmfError
+from .errors import ReferenceWarning, StlnmfError
 
-__all__ = ["Cancelled", "DeconvolutionResult", "StlnmfError", "__version__", "deconvolve", "io"]
+__all__ = [
+    "Cancelled",
+    "DeconvolutionResult",
+    "ReferenceWarning",
+    "StlnmfError",
+    "__version__",
+    "deconvolve",
+    "io",
+]
 
 # Imported on first use (PEP 562): the api pulls in torch, which `import napari_stlnmf.io`
 # (and the napari reader, asked about every file napari opens) must not pay for.

@@ -29,6 +29,7 @@ from .checks import (
     check_signature_orientation,
     check_slide_arguments,
 )
+from .diagnostics import combined_diagnostics, diagnose_library, diagnostics_obs
 from .io._util import table_suffix
 from .model import EntryNoise, UnrolledNMF, pick_device
 from .pipeline import (
@@ -52,6 +53,7 @@ from .pipeline import (
     slide_libraries,
 )
 from .progress import Cancelled, Stage, check_stop, report
+from .reference_check import check_before_fit
 
 __all__ = [
     "Cancelled",
@@ -83,6 +85,11 @@ class DeconvolutionResult:
         ``"ok"`` or why a spot has no estimate.
     adata
         For AnnData input: a copy of the slide with the results in ``obsm``/``obs``/``uns``.
+    diagnostics, unexplained_regions
+        With ``diagnose=True``: per spot ``deviance_z``, ``poorly_explained``, ``region``
+        (NaN / False / -1 for spots without an estimate), and per region of poorly explained
+        spots its genes and the population they mark
+        (:mod:`napari_stlnmf.diagnostics`); else None.
     """
 
     proportions: pd.DataFrame
@@ -93,6 +100,8 @@ class DeconvolutionResult:
     info: dict = field(default_factory=dict)
     adata: object | None = None
     model: UnrolledNMF | None = None
+    diagnostics: pd.DataFrame | None = None
+    unexplained_regions: pd.DataFrame | None = None
 
 
 def deconvolve(
@@ -129,6 +138,8 @@ def deconvolve(
     allow_non_integer_slide: bool = False,
     max_cells_per_type: int | None = MAX_CELLS_PER_TYPE,
     obs_prefix: str = "stlnmf_",
+    diagnose: bool = False,
+    marker_gene_sets: dict[str, list[str]] | None = None,
     progress=None,
     should_stop=None,
 ) -> DeconvolutionResult:
@@ -231,6 +242,19 @@ def deconvolve(
     obs_prefix
         Prefix of the per-type ``obs`` columns of ``result.adata`` (``'stlnmf_<type>'``, and
         ``'stlnmf_dominant_type'``).
+    diagnose
+        After the fit, flag the spots the reference cannot explain: each spot's
+        negative-binomial deviance over the genes used (and the slide's most variable genes,
+        up to 2000) against its expectation under the fitted noise, re-centred on the slide's
+        median spot (``deviance_z``; ``poorly_explained`` above 3), connected flagged regions
+        and the genes carrying their residual (:mod:`napari_stlnmf.diagnostics`). In
+        ``result.diagnostics``, ``result.unexplained_regions``, ``obs['<prefix>deviance_z']``,
+        ``obs['<prefix>poorly_explained']``, ``obs['<prefix>unexplained_region']`` and
+        ``info['diagnostics']``.
+    marker_gene_sets
+        With ``diagnose``: population name -> marker genes, to name what a poorly explained
+        region holds (hypergeometric test of its residual genes); default: the reference's
+        own types' markers.
     progress, should_stop
         ``progress(stage, i, n)`` callback; ``should_stop()`` returning True cancels with
         :class:`Cancelled`.
@@ -243,6 +267,14 @@ def deconvolve(
         fit error and ``obs['stlnmf_qc']`` (``'ok'``, ``'no counts'``, or ``'outside
         tissue'`` for spots with ``obs['in_tissue'] == 0``, which are left out of the fit and
         get NaN), and ``uns['stlnmf']``; the input is never modified.
+
+    Warns
+    -----
+    ReferenceWarning
+        Before the fit, for each problem of the reference
+        (:func:`napari_stlnmf.reference_check.check_reference`: nearly collinear types, types
+        with fewer than 25 cells, placeholder labels, another species' gene names, most genes
+        missing from the slide), saying what to do; also in ``info['reference_check']``.
     """
     options = {k: v for k, v in locals().items() if k in _SETTINGS}
     return run_deconvolution(
@@ -333,6 +365,7 @@ class _LibraryFit:
     info: dict
     model: UnrolledNMF | None
     types: list[str]
+    diagnostics: object = None
 
 
 def _fit_library(adata, ref, s: DeconvolutionSettings, progress=None, should_stop=None):
@@ -343,8 +376,12 @@ def _fit_library(adata, ref, s: DeconvolutionSettings, progress=None, should_sto
 
     report(progress, Stage.PREPARING, 0, 1)
     requested = s.gene_weighting or default_gene_weighting(s.method, s.params, s.train)
+    as_read = ref
     inputs = prepare_inputs(adata, ref, s, gene_weighting=requested, counts=counts, device=device)
     prep, ref, subtypes = inputs.prepared, inputs.reference, inputs.subtypes
+    reference_check = check_before_fit(
+        as_read, counts.var.index, prep, case_insensitive=s.case_insensitive
+    )
     weighting, compact_gram = choose_gene_weighting(
         requested,
         explicit=s.gene_weighting is not None,
@@ -393,14 +430,22 @@ def _fit_library(adata, ref, s: DeconvolutionSettings, progress=None, should_sto
         solved, prep, spots, solver, min_proportion=calibration.min_proportion, subtypes=subtypes
     )
     types = prep.cell_types if subtypes is None else subtypes.cell_types
+    diagnostics = None
+    if s.diagnose:
+        diagnostics = diagnose_library(
+            counts, ref, as_read, prep, solved.V.cpu().numpy(), spots.graph, calibration, s
+        )
     info = _run_info(s, prep, spots, solver, calibration, train_report, subtypes, weighting)
     info.update(
         cell_types=types,
         overdispersion=None if entry_noise is None else entry_noise.overdispersion,
         gram_storage=_gram_storage(entry_noise),
         platform_effect_fitted=platform,
+        reference_check=reference_check,
     )
-    return _LibraryFit(prep, fractions, info, model, types)
+    if diagnostics is not None:
+        info["diagnostics"] = diagnostics.info
+    return _LibraryFit(prep, fractions, info, model, types, diagnostics)
 
 
 def _gram_storage(entry_noise: EntryNoise | None) -> str | None:
@@ -472,6 +517,8 @@ def _result(adata, fits, settings: DeconvolutionSettings, *, seconds: float):
         info=info,
         model=fits[0][1].model if len(fits) == 1 else None,
     )
+    if settings.diagnose:
+        result.diagnostics, result.unexplained_regions = combined_diagnostics(fits, obs_names)
     result.adata = _annotated_copy(adata, result, obs_prefix=settings.obs_prefix)
     return result
 
@@ -533,6 +580,9 @@ def _annotated_copy(adata, result: DeconvolutionResult, *, obs_prefix: str = "st
     out.obs[obs_prefix + DOMINANT_TYPE_SUFFIX] = _dominant_type(result.proportions)
     out.obs[FIT_ERROR_KEY] = result.fit_error.to_numpy()
     out.obs[QC_KEY] = pd.Categorical(result.qc.to_numpy())
+    if result.diagnostics is not None:
+        for column, values in diagnostics_obs(result.diagnostics, obs_prefix).items():
+            out.obs[column] = values
     out.uns[UNS_KEY] = _h5ad_safe(dict(result.info))
     out.uns[UNS_KEY]["stored_type_names"] = list(stored.values())
     return out

@@ -44,6 +44,7 @@ _BOOL_OPTIONS = (
     "case_insensitive",
     "calibrate_noise",
     "fit_platform_effect",
+    "diagnose",
 )
 # types whose cells number fewer than this are "few"; a column with mostly such types is more
 # likely an id, a barcode or a cluster number than a cell-type annotation

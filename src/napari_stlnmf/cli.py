@@ -49,7 +49,8 @@ class _Progress:
 def write_results(
     result, out_dir, *, library_id=None, library_key=None, plots=True, previous=(), extras=None
 ) -> list[Path]:
-    """``proportions.csv`` (by barcode), ``mrna_fractions.csv``, ``spot_qc.csv``, ``result.h5ad``
+    """``proportions.csv`` (by barcode), ``mrna_fractions.csv``, ``spot_qc.csv`` (with
+    ``diagnose``: its diagnostics columns, and ``unexplained_regions.csv``), ``result.h5ad``
     and maps (with ``library_key``: one folder of maps per library, as their coordinates may
     overlap). Everything is written under temporary names and renamed into place
     (:func:`~.output_folder.staged_results`); ``previous`` files that the new run does not
@@ -57,9 +58,11 @@ def write_results(
     with staged_results(Path(out_dir), list(previous)) as (out, written):
         result.proportions.to_csv(out / "proportions.csv", index_label="barcode")
         result.mrna_fractions.to_csv(out / "mrna_fractions.csv", index_label="barcode")
-        pd.DataFrame({"fit_error": result.fit_error, "qc": result.qc}).to_csv(
-            out / "spot_qc.csv", index_label="barcode"
-        )
+        qc = pd.DataFrame({"fit_error": result.fit_error, "qc": result.qc})
+        if getattr(result, "diagnostics", None) is not None:
+            qc = qc.join(result.diagnostics)
+            result.unexplained_regions.to_csv(out / "unexplained_regions.csv", index=False)
+        qc.to_csv(out / "spot_qc.csv", index_label="barcode")
         if result.adata is not None:
             result.adata.write_h5ad(out / "result.h5ad", compression="gzip")
             if plots:
@@ -157,6 +160,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="flag the spots the reference cannot explain (deviance z > 3), their regions and "
+        "residual genes: columns of spot_qc.csv and unexplained_regions.csv",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
         "--overwrite",
@@ -180,6 +189,7 @@ def _model_kwargs(a) -> dict:
         "seed": a.seed,
         "device": a.device,
         "gene_weighting": a.weighting,
+        "diagnose": a.diagnose,
     }
 
 

@@ -57,3 +57,10 @@ class SpatialDataError(FileFormatError):
 class OutputFolderError(StlnmfError):
     """The output folder cannot take the results: it is a file, lies under a file, is not
     writable, or holds another run's results (the CLI's ``--overwrite`` replaces them)."""
+
+
+class ReferenceWarning(UserWarning):
+    """The reference may not support a trustworthy fit (nearly collinear types, types with few
+    cells, placeholder labels, another species' gene names, most genes missing from the
+    slide): found by :func:`napari_stlnmf.reference_check.check_reference` before the fit;
+    the message says what to do. The run goes on."""

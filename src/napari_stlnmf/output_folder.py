@@ -22,6 +22,7 @@ RESULT_PATTERNS = (
     "proportions.csv",
     "mrna_fractions.csv",
     "spot_qc.csv",
+    "unexplained_regions.csv",
     "result.h5ad",
     "map_*.png",
     "maps_*/map_*.png",

@@ -29,6 +29,7 @@ from .calibration import (
     sample_rows,
 )
 from .checks import check_settings_values
+from .diagnostics import check_gene_sets
 from .errors import StlnmfError
 from .graph import (
     SpatialGraph,
@@ -131,9 +132,12 @@ class DeconvolutionSettings:
     reference_is_means: bool = False
     allow_non_integer_slide: bool = False
     max_cells_per_type: int | None = MAX_CELLS_PER_TYPE
+    diagnose: bool = False
+    marker_gene_sets: dict | None = None
 
     def __post_init__(self):
         check_settings_values(self)  # types and ranges of the numbers, the device
+        object.__setattr__(self, "marker_gene_sets", check_gene_sets(self.marker_gene_sets))
         if self.method not in ("unrolled", "classic"):
             raise StlnmfError(f"method must be 'unrolled' or 'classic', not {self.method!r}")
         if self.fractions not in ("cell", "mrna"):
