@@ -899,7 +899,22 @@ def write_page(acc, sc, figs, args, started, regions=None):
         lines.append("")
         if "scaling" in figs:
             lines += [f"![scaling]({figs['scaling']})", ""]
+    lines += separate_sections()
     (DOCS / "benchmarks.md").write_text("\n".join(lines) + "\n")
+
+
+# benchmarks run on their own (a display, a cluster) write a section of the page; kept as is
+SEPARATE_SECTIONS = ("bench_napari_hd.md", "bench_batch.md", "bench_uncertainty.md")
+
+
+def separate_sections() -> list[str]:
+    """The sections the separately run benchmarks wrote (``docs/bench_*.md``), in order."""
+    lines = []
+    for name in SEPARATE_SECTIONS:
+        path = DOCS / name
+        if path.exists():
+            lines += [path.read_text().strip(), ""]
+    return lines
 
 
 def _cached(name, args) -> pd.DataFrame:

@@ -62,19 +62,33 @@ from .spatialdata_layers import (
 )
 
 __all__ = [
+    "BINS_KEY",
     "DOMINANT_LAYER",
     "FIT_ERROR_LAYER",
+    "INDEX_KEY",
     "LAYER_DIAMETER_KEY",
+    "OPAQUE_FROM",
+    "POSITIONS_KEY",
+    "PROPORTION_ROLE",
     "RESULT_TAG",
     "SLIDE_TAG",
     "SPATIALDATA_LAYER_KEYS",
     "SWAP_XY",
+    "TABLE_KEY",
     "display_library",
+    "dominant_codes",
     "dominant_colors",
+    "dominant_label_colors",
     "fine_tuning_note",
+    "fit_error_limit",
+    "hover_text",
     "image_for_features",
     "is_spatialdata_layer",
     "layer_to_world",
+    "proportion_values",
+    "ramp_alpha",
+    "ramp_colormap",
+    "result_grid",
     "result_layer_name",
     "result_layers",
     "result_layers_from_adata",
@@ -107,6 +121,15 @@ TOP_TYPES_SHOWN = 3
 LAYER_NAME_SEPARATOR = " · "
 PROPORTION_COLORMAP = "viridis"
 FIT_ERROR_COLORMAP = "magma"
+# proportions fade in: transparent at 0, opaque from OPAQUE_FROM, so H&E shows through
+OPAQUE_FROM = 0.3
+PROPORTION_ROLE = "cell_type"  # the role of the one map the picker recolours
+TABLE_KEY = "stlnmf_table"  # metadata: the one results table of a run's layers
+POSITIONS_KEY = "stlnmf_positions"  # metadata: the spots' (row, col) positions
+BINS_KEY = "stlnmf_bins"  # metadata of raster layers: the BinGrid
+INDEX_KEY = "stlnmf_index"  # metadata of raster layers: each pixel's table row (-1: none)
+HOVER_TYPES = 5
+HOVER_MIN_SHARE = 0.01
 
 
 # --------------------------------------------------------------------------- #
@@ -126,6 +149,40 @@ def zero_transparent_colormap(name: str = PROPORTION_COLORMAP, n: int = 32) -> d
     controls = np.r_[0.0, np.linspace(1e-3, 1.0, n)]
     colors = np.vstack([[0.0, 0.0, 0.0, 0.0], cmap(np.linspace(0.0, 1.0, n))])
     return {"colors": colors, "controls": controls, "name": f"{name} (0 transparent)"}
+
+
+def ramp_colormap(name: str = PROPORTION_COLORMAP, n: int = 32, opaque_from=OPAQUE_FROM) -> dict:
+    """A napari colormap (as a dict): ``name``'s colours on (0, 1] with an opacity ramp,
+    transparent at exactly 0 and fading in up to ``opaque_from``, so low proportions let the
+    tissue image show through instead of hiding it in dark colours."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps[name]
+    # the ramp's knee is a control point: opaque from there on, exactly
+    controls = np.unique(np.r_[np.linspace(1e-3, 1.0, n), float(opaque_from)])
+    colors = np.vstack([[0.0, 0.0, 0.0, 0.0], cmap(controls)])
+    controls = np.r_[0.0, controls]
+    colors[1:, 3] = ramp_alpha(controls[1:], opaque_from)
+    return {
+        "colors": colors,
+        "controls": controls,
+        "name": f"{name} (fading in to {opaque_from:g})",
+    }
+
+
+def ramp_alpha(values, opaque_from=OPAQUE_FROM) -> np.ndarray:
+    """The opacity :func:`ramp_colormap` gives ``values`` (for the legend and tests)."""
+    v = np.asarray(values, dtype=np.float64)
+    return np.where(v > 0, np.clip(0.15 + 0.85 * v / float(opaque_from), 0.0, 1.0), 0.0)
+
+
+def dominant_label_colors(cell_types) -> dict:
+    """The dominant-type Labels layer's dict colormap: label ``i + 1`` = type ``i`` in
+    :func:`dominant_colors`, 0 (no bin, no estimate) transparent."""
+    colors = dominant_colors(cell_types)
+    out = {0: "transparent", None: "transparent"}
+    out.update({i + 1: colors[str(t)] for i, t in enumerate(cell_types)})
+    return out
 
 
 def dominant_colors(cell_types) -> dict[str, str]:
@@ -368,6 +425,64 @@ def results_table(proportions: pd.DataFrame, fit_error=None, qc=None) -> pd.Data
     return table
 
 
+def _result_meta(source, role, cell_type, *, types, table, annotated, yx, slide_name, extra=None):
+    """A result layer's metadata: its tag and the ONE table (same object in every layer)."""
+    meta = {
+        RESULT_TAG: {
+            "source": source,
+            "role": role,
+            "cell_type": cell_type,
+            "slide_name": slide_name,
+        },
+        "adata": annotated,
+        "cell_types": types,
+        TABLE_KEY: table,
+        POSITIONS_KEY: yx,
+    }
+    if extra:
+        meta.update(extra)
+    return meta
+
+
+def fit_error_limit(table: pd.DataFrame) -> float:
+    """The fit-error colour scale's top: the 99th percentile (1 without fit errors)."""
+    fe = table[FIT_ERROR_COLUMN].to_numpy(dtype=float)
+    hi = float(np.nanpercentile(fe, 99)) if np.isfinite(fe).any() else 1.0
+    return max(hi, 1e-6)
+
+
+def result_grid(slide, library_id=None):
+    """The bins' :class:`~napari_stlnmf.result_rasters.BinGrid` for a slide of square bins
+    (Visium HD: ``uns['spatial'][lib]['scalefactors']`` has ``bin_size_um`` and
+    ``microns_per_pixel``), else None (round spots, cells: they stay Points)."""
+    from .result_rasters import bin_grid
+
+    lib = display_library(slide, library_id)
+    side = None if lib is None else io.square_bin_size(slide, lib)
+    if side is None:
+        return None
+    obs = slide.obs
+    rows = obs["array_row"].to_numpy() if "array_row" in obs else None
+    cols = obs["array_col"].to_numpy() if "array_col" in obs else None
+    grid = bin_grid(spots_yx(slide), side, array_rows=rows, array_cols=cols)
+    if grid is None and rows is not None:  # array indices of another grid: go by positions
+        grid = bin_grid(spots_yx(slide), side)
+    return grid
+
+
+def proportion_values(table: pd.DataFrame, cell_type: str) -> np.ndarray:
+    """One type's proportions as float32, 0 where there is no estimate (drawn transparent)."""
+    return np.nan_to_num(table[str(cell_type)].to_numpy(dtype=np.float32), nan=0.0)
+
+
+def dominant_codes(table: pd.DataFrame) -> np.ndarray:
+    """The dominant type of each spot as a label: 1 + its index among the types, 0 for none."""
+    dom = table["dominant"]
+    codes = dom.cat.codes.to_numpy().astype(np.int32) + 1
+    codes[(dom == NO_ESTIMATE).to_numpy()] = 0
+    return codes
+
+
 def result_layers(
     proportions: pd.DataFrame,
     fit_error,
@@ -379,88 +494,184 @@ def result_layers(
     visible: str = "first",
     library_id=None,
     slide_name: str | None = None,
+    shown: str | None = None,
+    rasterise: bool | None = None,
 ) -> list[tuple]:
-    """Per-type maps, dominant type and fit error as Points layer-data tuples.
+    """The results as three layer-data tuples sharing ONE table: fit error, dominant type and
+    one proportion map (on top) showing ``shown`` (default the first type); the dock's
+    cell-type picker recolours that map.
 
-    ``slide`` gives the spot positions and diameter (its ``obs_names`` must match
-    ``proportions.index``). ``annotated`` (the result's AnnData copy) is kept in each layer's
-    ``metadata['adata']`` for export. ``visible='first'`` shows only the first type's map.
-    ``slide_name`` prefixes the layer names (:func:`result_layer_name`).
+    Round spots (Visium SD, cells, the samples) are Points layers. Square bins (Visium HD,
+    :func:`result_grid`) are the pixels of their grid (``rasterise=None``: whenever the slide
+    has one; False: Points anyway): proportion and fit error as Image layers, the dominant
+    type as a Labels layer with a dict colormap, each placed with the grid's ``affine``, so
+    their cost does not grow with the number of types or bins drawn.
+
+    The table (:func:`results_table`, barcode x types + dominant + fit error + QC; for Points
+    also the hover column ``top``) is ``metadata['stlnmf_table']`` of all three, the same
+    object, with ``metadata['stlnmf_positions']`` (the spots' (row, col)); bins keep their
+    ``BinGrid`` (``['stlnmf_bins']``) and each pixel's table row (``['stlnmf_index']``).
+    ``slide`` gives positions and spot size (its ``obs_names`` must match
+    ``proportions.index``); ``annotated`` (the result's AnnData) is kept as ``['adata']`` for
+    export. ``visible='first'`` shows only the proportion map, ``'all'`` all three.
+    ``slide_name`` prefixes the names (:func:`result_layer_name`).
     """
     if list(map(str, slide.obs_names)) != list(map(str, proportions.index)):
         proportions = proportions.reindex(slide.obs_names.astype(str))
-    table = results_table(proportions, fit_error, qc)
-    table.insert(0, TOP_TYPES_COLUMN, top_types(proportions))
     types = [str(c) for c in proportions.columns]
+    if not types:
+        raise ValueError("no cell types in the proportions")
+    shown = types[0] if shown is None or str(shown) not in types else str(shown)
+    grid = None if rasterise is False else result_grid(slide, library_id)
+    table = results_table(proportions, fit_error, qc)
+    if grid is None:  # napari's own hover lists the features: the largest types first
+        table.insert(0, TOP_TYPES_COLUMN, top_types(proportions))
+    table.attrs["cell_types"] = types
     yx = spots_yx(slide)
-    size = spot_diameter(slide, library_id)
     source = source or uuid.uuid4().hex
+    hi = fit_error_limit(table)
+    affine = world_affine(slide, library_id)
+    show_all = visible == "all"
 
-    def meta(role, cell_type=None):
-        return {
-            RESULT_TAG: {"source": source, "role": role, "cell_type": cell_type},
-            "adata": annotated,
-            "cell_types": types,
-        }
+    def meta(role, cell_type=None, extra=None):
+        out = _result_meta(
+            source, role, cell_type, types=types, table=table, annotated=annotated, yx=yx,
+            slide_name=slide_name, extra=extra,
+        )  # fmt: skip
+        out[RESULT_TAG]["fit_error_max"] = hi
+        return out
 
-    symbol = spot_symbol(slide, library_id)
-    common = {"size": size, "symbol": symbol, "border_width": 0.0, "opacity": 0.95}
-    if (affine := world_affine(slide, library_id)) is not None:
-        common["affine"] = affine
-    cmap = zero_transparent_colormap()
-    layers = []
-    for i, t in enumerate(types):
-        layers.append(
+    names = {
+        "proportion": result_layer_name(slide_name, shown),
+        "dominant": result_layer_name(slide_name, DOMINANT_LAYER),
+        "fit_error": result_layer_name(slide_name, FIT_ERROR_LAYER),
+    }
+    if grid is not None:
+        from .result_rasters import index_raster, raster
+
+        to_world = grid.affine if affine is None else affine @ grid.affine
+        extra = {BINS_KEY: grid, INDEX_KEY: index_raster(grid)}
+        common = {"affine": to_world, "blending": "translucent"}
+        labels = np.zeros(grid.shape, dtype=np.int32)
+        labels[grid.rows, grid.cols] = dominant_codes(table)
+        fit = raster(grid, np.nan_to_num(table[FIT_ERROR_COLUMN].to_numpy(float)), fill=0.0)
+        return [
             (
-                yx,
+                fit,
                 {
                     **common,
-                    "features": table.copy(),
-                    "name": result_layer_name(slide_name, t),
-                    "face_color": t,
-                    "face_colormap": cmap,
-                    "face_contrast_limits": (0.0, 1.0),
-                    "visible": visible == "all" or (visible == "first" and i == 0),
-                    "metadata": meta("cell_type", t),
+                    "name": names["fit_error"],
+                    "colormap": zero_transparent_colormap(FIT_ERROR_COLORMAP),
+                    "contrast_limits": (0.0, hi),
+                    "visible": show_all,
+                    "metadata": meta("fit_error", extra=extra),
                 },
-                "points",
-            )
-        )
-    layers.append(
+                "image",
+            ),
+            (
+                labels,
+                {
+                    **common,
+                    "name": names["dominant"],
+                    "colormap": dominant_label_colors(types),
+                    "opacity": 0.8,
+                    "visible": show_all,
+                    "metadata": meta("dominant", extra=extra),
+                },
+                "labels",
+            ),
+            (
+                raster(grid, proportion_values(table, shown), fill=0.0),
+                {
+                    **common,
+                    "name": names["proportion"],
+                    "colormap": ramp_colormap(),
+                    "contrast_limits": (0.0, 1.0),
+                    "visible": visible in ("first", "all"),
+                    "metadata": meta(PROPORTION_ROLE, shown, extra=extra),
+                },
+                "image",
+            ),
+        ]
+
+    common = {
+        "size": spot_diameter(slide, library_id),
+        "symbol": spot_symbol(slide, library_id),
+        "border_width": 0.0,
+        "opacity": 0.95,
+        "features": table,
+    }
+    if affine is not None:
+        common["affine"] = affine
+    # layers added later are drawn on top: the proportion map last
+    return [
         (
             yx,
             {
                 **common,
-                "features": table.copy(),
-                "name": result_layer_name(slide_name, DOMINANT_LAYER),
-                "face_color": "dominant",
-                "face_color_cycle": dominant_colors(types),
-                "visible": visible == "all",
-                "metadata": meta("dominant"),
-            },
-            "points",
-        )
-    )
-    fe = table[FIT_ERROR_COLUMN].to_numpy(dtype=float)
-    hi = float(np.nanpercentile(fe, 99)) if np.isfinite(fe).any() else 1.0
-    layers.append(
-        (
-            yx,
-            {
-                **common,
-                "features": table.copy(),
-                "name": result_layer_name(slide_name, FIT_ERROR_LAYER),
+                "name": names["fit_error"],
                 "face_color": FIT_ERROR_COLUMN,
                 "face_colormap": FIT_ERROR_COLORMAP,
-                "face_contrast_limits": (0.0, max(hi, 1e-6)),
-                "visible": visible == "all",
+                "face_contrast_limits": (0.0, hi),
+                "visible": show_all,
                 "metadata": meta("fit_error"),
             },
             "points",
-        )
-    )
-    # layers added later are drawn on top: put the first type's map last
-    return layers[len(types) :][::-1] + layers[: len(types)][::-1]
+        ),
+        (
+            yx,
+            {
+                **common,
+                "name": names["dominant"],
+                "face_color": "dominant",
+                "face_color_cycle": dominant_colors(types),
+                "visible": show_all,
+                "metadata": meta("dominant"),
+            },
+            "points",
+        ),
+        (
+            yx,
+            {
+                **common,
+                "name": names["proportion"],
+                "face_color": shown,
+                "face_colormap": ramp_colormap(),
+                "face_contrast_limits": (0.0, 1.0),
+                "visible": visible in ("first", "all"),
+                "metadata": meta(PROPORTION_ROLE, shown),
+            },
+            "points",
+        ),
+    ]
+
+
+def hover_text(
+    table: pd.DataFrame, index: int | None, cell_types=None, *, n: int = HOVER_TYPES,
+    min_share: float = HOVER_MIN_SHARE,
+) -> str:  # fmt: skip
+    """The hover text of row ``index`` of a result table: its barcode, then its ``n`` largest
+    types of at least ``min_share`` with their proportions (one per line, largest first), then
+    the fit error; '' for ``index`` None or out of range."""
+    if index is None or not 0 <= int(index) < len(table):
+        return ""
+    i = int(index)
+    types = list(cell_types or table.attrs.get("cell_types") or [])
+    row = table.iloc[i]
+    lines = [str(row["barcode"])]
+    values = np.asarray([row[t] for t in types], dtype=np.float64)
+    if not np.isfinite(values).any():
+        lines.append(NO_ESTIMATE)
+    else:
+        order = np.argsort(-np.nan_to_num(values, nan=-1.0), kind="stable")
+        shown = [j for j in order[:n] if np.isfinite(values[j]) and values[j] >= min_share]
+        lines += [f"{types[j]}  {values[j]:.1%}" for j in shown]
+        rest = int((np.nan_to_num(values) >= min_share).sum()) - len(shown)
+        if rest > 0:
+            lines.append(f"… {rest} more ≥ {min_share:.0%}")
+    if FIT_ERROR_COLUMN in table.columns and np.isfinite(row[FIT_ERROR_COLUMN]):
+        lines.append(f"fit error  {float(row[FIT_ERROR_COLUMN]):.3g}")
+    return "\n".join(lines)
 
 
 def result_layers_from_adata(

@@ -201,7 +201,18 @@ def test_layers_draw_bins_as_squares_of_their_size(hd):
     assert points[1]["symbol"] == "square" and points[1]["size"] == pytest.approx(side)
     assert image[1]["scale"] == pytest.approx((1 / HIRES_SCALEF, 1 / HIRES_SCALEF))
     props = pd.DataFrame({"a": 0.3, "b": 0.7}, index=adata.obs_names)
-    for _, kwargs, _ in result_layers(props, None, None, adata):
+    # results: the bins are the pixels of rasters, each pixel a bin wide, on its bin's centre
+    layers = result_layers(props, None, None, adata)
+    assert [kind for _, _, kind in layers] == ["image", "labels", "image"]
+    yx = adata.obsm["spatial"][:, ::-1]
+    for data, kwargs, _ in layers:
+        affine = kwargs["affine"]
+        np.testing.assert_allclose(np.abs(np.linalg.eigvals(affine[:2, :2])), side, rtol=1e-6)
+        grid = kwargs["metadata"]["stlnmf_bins"]
+        centres = np.c_[grid.rows, grid.cols] @ affine[:2, :2].T + affine[:2, 2]
+        np.testing.assert_allclose(centres, yx, atol=1e-6 * side)
+    # drawn as Points on request: squares of the bins' side
+    for _, kwargs, _ in result_layers(props, None, None, adata, rasterise=False):
         assert kwargs["symbol"] == "square" and kwargs["size"] == pytest.approx(side)
     # the widget's copy with another image layer keeps the bins' size
     img = io.get_library(adata)[1]["images"]["hires"]

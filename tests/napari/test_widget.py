@@ -15,6 +15,9 @@ from napari_stlnmf.layers import (
     DOMINANT_LAYER,
     FIT_ERROR_LAYER,
     RESULT_TAG,
+    TABLE_KEY,
+    hover_text,
+    ramp_alpha,
     result_layer_name,
     slide_layers,
 )
@@ -46,8 +49,10 @@ def _result_layers(viewer):
     return [layer for layer in viewer.layers if RESULT_TAG in layer.metadata]
 
 
-def _map(viewer, cell_type):
-    """The result map of ``cell_type`` (found by its tag: names carry the slide's name)."""
+def _map(viewer, widget, cell_type):
+    """The one proportion map, showing ``cell_type`` as picked in the dock (found by its tag:
+    names carry the slide's name)."""
+    widget.cell_type_shown.value = cell_type
     return next(
         layer
         for layer in _result_layers(viewer)
@@ -151,27 +156,38 @@ def test_deconvolve_runs_and_makes_layers(make_napari_viewer, qtbot, errors):
     types = [str(t) for t in result.proportions.columns]
     names = [layer.name for layer in _result_layers(viewer)]
     slide = "demo (synthetic)"
-    assert {result_layer_name(slide, t) for t in types} <= set(names)
-    assert result_layer_name(slide, DOMINANT_LAYER) in names
-    assert result_layer_name(slide, FIT_ERROR_LAYER) in names
+    # one proportion map (showing the first type), the dominant type, the fit error
+    assert names == [
+        result_layer_name(slide, FIT_ERROR_LAYER),
+        result_layer_name(slide, DOMINANT_LAYER),
+        result_layer_name(slide, types[0]),
+    ]
+    n_layers = len(viewer.layers)
+    assert list(widget.cell_type_shown.choices) == types
     spots_size = viewer.layers[widget.spots.value.name].size[0]
     for t in types:
-        layer = _map(viewer, t)
+        layer = _map(viewer, widget, t)  # the picker recolours the same layer
+        assert len(viewer.layers) == n_layers and layer.name == result_layer_name(slide, t)
         vals = layer.features[t].to_numpy()
         ok = np.isfinite(vals)
         assert ok.mean() > 0.9
         assert np.all((vals[ok] >= 0) & (vals[ok] <= 1))
         assert np.allclose(layer.size, spots_size)
         assert tuple(layer.face_contrast_limits) == (0.0, 1.0)
-        # zero proportion -> transparent, nonzero -> opaque
+        # zero proportion -> transparent, fading in to opaque at 0.3 (H&E shows through)
         alpha = layer.face_color[:, 3]
-        assert np.all(alpha[vals == 0] == 0) and np.all(alpha[vals > 0.01] > 0.9)
-    feats = _map(viewer, types[0]).features
+        assert np.all(alpha[vals == 0] == 0) and np.all(alpha[vals > 0.01] > 0.15)
+        assert np.all(alpha[vals >= 0.3] > 0.99)
+        np.testing.assert_allclose(alpha[ok], ramp_alpha(vals[ok]), atol=1e-6)
+    # the three layers hold one table, the same object
+    tables = {id(layer.metadata[TABLE_KEY]) for layer in _result_layers(viewer)}
+    assert len(tables) == 1
+    feats = _map(viewer, widget, types[0]).features
     sums = feats[types].sum(1).to_numpy()
     assert np.allclose(sums[np.isfinite(sums) & (sums > 0)], 1.0, atol=1e-6)
     assert {"barcode", "dominant", "fit_error", "qc"} <= set(feats.columns)
     # hovering a spot shows its values in the status bar, its largest three types first
-    first_map = _map(viewer, types[0])
+    first_map = _map(viewer, widget, types[0])
     status = first_map.get_status(first_map.data[1], world=True)
     assert "barcode" in status["value"] and "dominant" in status["value"]
     shown = status["value"].split("; ", 1)[1]
@@ -180,6 +196,13 @@ def test_deconvolve_runs_and_makes_layers(make_napari_viewer, qtbot, errors):
     best = row[row > 0].sort_values(ascending=False).index[:3]
     top = shown.split(", ")[0]
     assert [part.split(" ")[0] for part in top.removeprefix("top: ").split(" · ")] == list(best)
+    # and the canvas' hover text: the largest types (≥ 1 %) with the table's values
+    text = widget.hover_at(first_map.data[1])
+    assert text == hover_text(first_map.metadata[TABLE_KEY], 1)
+    best5 = row[row >= 0.01].sort_values(ascending=False)[:5]
+    assert [line.split("  ")[0] for line in text.split("\n")[1 : 1 + len(best5)]] == list(
+        best5.index
+    )
     # the maps lie on the spots (same world coordinates as the input)
     np.testing.assert_allclose(first_map.data, widget.spots.value.data)
     # the legend gives the fit error's scale
@@ -193,7 +216,7 @@ def test_deconvolve_runs_and_makes_layers(make_napari_viewer, qtbot, errors):
     widget.start()
     _wait_done(qtbot, widget)
     assert len(viewer.layers) == n_before
-    assert len(_result_layers(viewer)) == len(types) + 2
+    assert len(_result_layers(viewer)) == 3
 
 
 def _start_long_fine_tuning(viewer, qtbot):
@@ -349,12 +372,15 @@ def test_screenshot_shows_map_over_image(make_napari_viewer, qtbot, tmp_path):
     _wait_done(qtbot, widget, timeout=90_000)
     assert _result_layers(viewer)
     first = widget.last_result.proportions.mean().idxmax()  # the most abundant type
+    # picked first: the dock's text may change the window's layout, and so the canvas' size
+    first_map = _map(viewer, widget, first)
+    qtbot.wait(100)
     for layer in viewer.layers:  # the image alone, then one map over it
         layer.visible = layer is image_layer
     viewer.reset_view()
     qtbot.wait(100)
     before = viewer.screenshot(canvas_only=True)
-    _map(viewer, first).visible = True
+    first_map.visible = True
     qtbot.wait(100)
     after = viewer.screenshot(canvas_only=True)
     from PIL import Image

@@ -6,21 +6,29 @@ from ..layers import (
     DOMINANT_LAYER,
     FIT_ERROR_COLORMAP,
     FIT_ERROR_LAYER,
+    OPAQUE_FROM,
     PROPORTION_COLORMAP,
     dominant_colors,
+    ramp_alpha,
 )
 
 __all__ = ["legend_html"]
 
 
-def _ramp_html(colormap: str, low: str, high: str) -> str:
+def _ramp_html(colormap: str, low: str, high: str, *, fade: bool = False) -> str:
+    """16 cells of ``colormap``; ``fade``: with the proportion maps' opacity ramp, shown over
+    a light H&E-like pink (what the maps do over the tissue)."""
     import matplotlib
+    import numpy as np
     from matplotlib.colors import to_hex
 
     cmap = matplotlib.colormaps[colormap]
-    cells = "".join(
-        f'<td bgcolor="{to_hex(cmap(i / 15))}" width="9">&nbsp;</td>' for i in range(16)
-    )
+    steps = np.arange(16) / 15
+    colors = np.asarray([cmap(v)[:3] for v in steps])
+    if fade:
+        alpha = ramp_alpha(steps)[:, None]
+        colors = alpha * colors + (1 - alpha) * np.array([0.93, 0.80, 0.88])
+    cells = "".join(f'<td bgcolor="{to_hex(c)}" width="9">&nbsp;</td>' for c in colors)
     return (
         f'<table cellspacing="0" cellpadding="0"><tr><td>{low}&nbsp;</td>{cells}'
         f"<td>&nbsp;{high}</td></tr></table>"
@@ -41,8 +49,9 @@ def legend_html(cell_types, fit_error_max: float | None = None) -> str:
         else ""
     )
     return (
-        "<b>Cell-type maps</b> (share of cells per spot; 0 = transparent)<br>"
-        f"{_ramp_html(PROPORTION_COLORMAP, '0', '1')}"
+        "<b>Cell-type map</b> (share of cells per spot; pick the type above): transparent at "
+        f"0, fading in to opaque at {OPAQUE_FROM:g}, so the tissue shows through low shares<br>"
+        f"{_ramp_html(PROPORTION_COLORMAP, '0', '1', fade=True)}"
         f"<b>{DOMINANT_LAYER}</b><br>{swatches}<br>"
         f"<b>{FIT_ERROR_LAYER}</b>: relative residual per spot, high where the reference misses "
         f"a type (brightest: the top 1% of spots){fit_scale}"

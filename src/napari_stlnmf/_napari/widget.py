@@ -2,9 +2,13 @@
 
 UI only. The compute is :func:`napari_stlnmf.deconvolve`, run in a napari ``thread_worker``;
 its ``progress(stage, i, n)`` callback is relayed to the GUI thread by a Qt signal (queued
-across threads) and Cancel sets a flag read by ``should_stop``. Results become layers via
-:mod:`napari_stlnmf.layers`. Closing the dock or the viewer cancels the run the same way, and
-the widget then ignores the worker's late signals (its Qt objects may be gone).
+across threads) and Cancel sets a flag read by ``should_stop``. Results become at most three
+layers sharing one table (:func:`napari_stlnmf.layers.result_layers`, built in the worker too):
+one proportion map recoloured by the dock's cell-type picker, the dominant type and the fit
+error; Visium HD bins as images. Hovering a result layer shows the spot's or bin's largest
+types in a text overlay on the canvas (:func:`napari_stlnmf.layers.hover_text`). Closing the
+dock or the viewer cancels the run the same way, and the widget then ignores the worker's
+late signals (its Qt objects may be gone).
 """
 
 from __future__ import annotations
@@ -34,12 +38,19 @@ from qtpy.QtWidgets import QComboBox, QFileDialog, QWidget
 
 from ..errors import StlnmfError
 from ..layers import (
+    BINS_KEY,
+    INDEX_KEY,
+    PROPORTION_ROLE,
     RESULT_TAG,
     SLIDE_TAG,
+    TABLE_KEY,
     fine_tuning_note,
+    hover_text,
     image_for_features,
     is_spatialdata_layer,
     layer_to_world,
+    proportion_values,
+    result_layer_name,
     result_layers,
     sample_columns,
     slide_for_deconvolution,
@@ -51,7 +62,7 @@ from ..progress import stage_label
 from .legend import legend_html
 from .writer import NoResultsToExport, write_proportions
 
-__all__ = ["DeconvolveWidget", "run_deconvolution"]
+__all__ = ["DeconvolveWidget", "build_result_layers", "run_deconvolution", "show_cell_type"]
 
 _REFERENCE_FILTER = "*.h5ad *.csv *.tsv *.txt *.csv.gz *.tsv.gz *.txt.gz"
 
@@ -86,6 +97,73 @@ def run_deconvolution(job: Job, progress=None, should_stop=None):
     except (StlnmfError, OSError) as err:
         return "error", str(err)
     return "ok", result
+
+
+def build_result_layers(job: Job, result) -> list[tuple]:
+    """The result's layer-data tuples (pure: run in the worker thread, added in the GUI's)."""
+    slide = result.adata if result.adata is not None else job.slide
+    return result_layers(
+        result.proportions,
+        result.fit_error,
+        result.qc,
+        slide,
+        source=job.source,
+        annotated=result.adata,
+        slide_name=job.slide_name,
+    )
+
+
+def _run_and_build(job: Job, progress=None, should_stop=None):
+    """:func:`run_deconvolution`, then the layers, both off the GUI thread."""
+    status, payload = run_deconvolution(job, progress=progress, should_stop=should_stop)
+    if status != "ok":
+        return status, payload
+    if progress is not None:
+        progress("building the result layers", 0, 1)
+    return status, (payload, build_result_layers(job, payload))
+
+
+def show_cell_type(layer, cell_type: str) -> None:
+    """Recolour a proportion map (role ``'cell_type'``) to ``cell_type``, in place: a Points
+    layer by its feature column, a raster by writing the type's values into its pixels; the
+    layer is renamed ``"<slide> · <type>"``. No layer is added or removed."""
+    from ..result_rasters import raster
+
+    meta = layer.metadata
+    tag = meta[RESULT_TAG]
+    cell_type = str(cell_type)
+    if cell_type not in meta["cell_types"]:
+        raise StlnmfError(f"{cell_type!r} is none of this result's cell types.")
+    if BINS_KEY in meta:
+        raster(
+            meta[BINS_KEY], proportion_values(meta[TABLE_KEY], cell_type), fill=0.0, out=layer.data
+        )
+        layer.refresh()
+    else:
+        layer.face_color = cell_type
+    tag["cell_type"] = cell_type
+    layer.name = result_layer_name(tag.get("slide_name"), cell_type)
+
+
+def result_row(layer, world_position) -> int | None:
+    """The table row of the spot or bin under ``world_position`` in a result layer, or None."""
+    meta = layer.metadata
+    if INDEX_KEY in meta:
+        index = meta[INDEX_KEY]
+        rc = np.rint(np.asarray(layer.world_to_data(world_position), dtype=float)[-2:])
+        r, c = int(rc[0]), int(rc[1])
+        if 0 <= r < index.shape[0] and 0 <= c < index.shape[1] and index[r, c] >= 0:
+            return int(index[r, c])
+        return None
+    value = layer.get_value(world_position, world=True)
+    return None if value is None else int(value)
+
+
+def text_overlay(viewer):
+    """The canvas' text overlay (``viewer.canvas.overlays.text`` since napari 0.9)."""
+    canvas = getattr(viewer, "canvas", None)
+    overlay = getattr(getattr(canvas, "overlays", None), "text", None)
+    return overlay if overlay is not None else viewer.text_overlay
 
 
 class _ProgressRelay(QObject):
@@ -236,6 +314,12 @@ class DeconvolveWidget(Container):
         )
         self.run_button = PushButton(text="Deconvolve")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.cell_type_shown = ComboBox(
+            label="cell type shown",
+            choices=self._shown_type_choices,
+            tooltip="The cell type the proportion map shows (one map, recoloured: the type's "
+            "share of cells per spot); the dominant type and the fit error are layers too",
+        )
         self.export_button = PushButton(
             text="Export results…",
             enabled=False,
@@ -255,7 +339,13 @@ class DeconvolveWidget(Container):
         # and can be selected to copy them
         self.status.native.setTextFormat(Qt.TextFormat.PlainText)
         self.status.native.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        for combo in (self.spots, self.image, self.cell_type_key, self.library_key):
+        for combo in (
+            self.spots,
+            self.image,
+            self.cell_type_key,
+            self.library_key,
+            self.cell_type_shown,
+        ):
             # long layer names must not widen the dock (and squeeze the canvas)
             combo.native.setSizeAdjustPolicy(
                 QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
@@ -278,6 +368,7 @@ class DeconvolveWidget(Container):
                 self.n_layers,
                 self.seed,
                 buttons,
+                self.cell_type_shown,
                 self.export_button,
                 self.progress,
                 self.status,
@@ -293,8 +384,11 @@ class DeconvolveWidget(Container):
         self.run_button.changed.connect(lambda _=None: self.start())
         self.cancel_button.changed.connect(lambda _=None: self.cancel())
         self.export_button.changed.connect(lambda _=None: self._export_dialog())
+        self.cell_type_shown.changed.connect(self._on_shown_type)
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
             event.connect(self._refresh)
+        viewer.layers.selection.events.active.connect(self._on_active)
+        viewer.mouse_move_callbacks.append(self._on_mouse_move)
         self._close_watcher = _CloseWatcher(self.native)
         self._close_watcher.closed.connect(self._on_closed)
         # backstop: the native widget deleted with the viewer's window (no Qt object is
@@ -326,6 +420,68 @@ class DeconvolveWidget(Container):
             if isinstance(layer, napari.layers.Image)
         ]
 
+    def _proportion_layer(self):
+        """The proportion map the picker drives: the selected result layer's run's, else the
+        last run's."""
+        active = self._viewer.layers.selection.active
+        source = self._last_source
+        if active is not None and RESULT_TAG in active.metadata:
+            source = active.metadata[RESULT_TAG].get("source")
+        for layer in self._result_layers(source):
+            if layer.metadata[RESULT_TAG].get("role") == PROPORTION_ROLE:
+                return layer
+        return None
+
+    def _shown_type_choices(self, _widget=None):
+        layer = self._proportion_layer() if hasattr(self, "_last_source") else None
+        return [] if layer is None else list(layer.metadata["cell_types"])
+
+    def _sync_shown_type(self):
+        """Picker choices and value from the current proportion map (no recolouring)."""
+        layer = self._proportion_layer()
+        self._syncing = True
+        try:
+            self.cell_type_shown.reset_choices()
+            self.cell_type_shown.enabled = layer is not None
+            if layer is not None:
+                self.cell_type_shown.value = layer.metadata[RESULT_TAG]["cell_type"]
+        finally:
+            self._syncing = False
+
+    def _on_shown_type(self, value=None):
+        if self.closed or getattr(self, "_syncing", False) or not value:
+            return
+        layer = self._proportion_layer()
+        if layer is not None and layer.metadata[RESULT_TAG].get("cell_type") != value:
+            show_cell_type(layer, value)
+
+    def _on_active(self, _event=None):
+        if not self.closed:
+            self._sync_shown_type()
+
+    def hover_at(self, world_position) -> str:
+        """The hover text of the topmost visible result layer's spot or bin at
+        ``world_position`` ('' off the results)."""
+        for layer in reversed(list(self._viewer.layers)):
+            if not layer.visible or RESULT_TAG not in layer.metadata:
+                continue
+            row = result_row(layer, world_position)
+            if row is not None:
+                return hover_text(layer.metadata[TABLE_KEY], row, layer.metadata["cell_types"])
+        return ""
+
+    def _on_mouse_move(self, viewer, event):
+        if self.closed:
+            return
+        text = self.hover_at(event.position)
+        overlay = text_overlay(viewer)
+        if text:
+            overlay.text = text
+            overlay.visible = True
+        elif overlay.visible and overlay.text:
+            overlay.text = ""
+            overlay.visible = False
+
     def _column_choices(self, _widget=None):
         return list(self._columns)
 
@@ -347,6 +503,7 @@ class DeconvolveWidget(Container):
         if self.spots.value is not before:
             self._on_spots()
         self.export_button.enabled = bool(self._result_layers())
+        self._sync_shown_type()
 
     def _result_layers(self, source=None) -> list:
         return [
@@ -518,7 +675,7 @@ class DeconvolveWidget(Container):
         self._stop.clear()
         self._job_running = job
         worker = create_worker(
-            run_deconvolution,
+            _run_and_build,
             job,
             progress=self._relay.progressed.emit,
             should_stop=self._stop.is_set,
@@ -548,6 +705,9 @@ class DeconvolveWidget(Container):
         self._stop.set()
         for event in (self._viewer.layers.events.inserted, self._viewer.layers.events.removed):
             event.disconnect(self._refresh)
+        self._viewer.layers.selection.events.active.disconnect(self._on_active)
+        if self._on_mouse_move in self._viewer.mouse_move_callbacks:
+            self._viewer.mouse_move_callbacks.remove(self._on_mouse_move)
 
     def _on_progress(self, stage: str, i: int, n: int):
         if self.closed:
@@ -586,30 +746,23 @@ class DeconvolveWidget(Container):
             self.progress.value = 0
             show_error(payload)
             return
-        self.last_result = payload
-        self._show_result(payload, job)
+        result, layers = payload
+        self.last_result = result
+        self._show_result(result, job, layers)
 
-    def _show_result(self, result, job: Job):
+    def _show_result(self, result, job: Job, layers=None):
         for layer in self._result_layers(job.source):
             self._viewer.layers.remove(layer)
-        slide = result.adata if result.adata is not None else job.slide
-        layers = result_layers(
-            result.proportions,
-            result.fit_error,
-            result.qc,
-            slide,
-            source=job.source,
-            annotated=result.adata,
-            slide_name=job.slide_name,
-        )
-        for data, kwargs, kind in layers:
-            getattr(self._viewer, f"add_{kind}")(data, **kwargs)
+        if layers is None:
+            layers = build_result_layers(job, result)
+        added = [getattr(self._viewer, f"add_{kind}")(data, **kw) for data, kw, kind in layers]
+        for layer in added:  # napari's colour bar on the canvas for the shown image
+            colorbar = getattr(layer, "colorbar", None)
+            if colorbar is not None:
+                colorbar.visible = bool(layer.visible)
         self._last_source = job.source
-        fit_error_max = next(
-            kw["face_contrast_limits"][1]
-            for _, kw, _ in layers
-            if kw["metadata"][RESULT_TAG]["role"] == "fit_error"
-        )
+        self._sync_shown_type()
+        fit_error_max = layers[0][1]["metadata"][RESULT_TAG]["fit_error_max"]
         if job.spots_name in self._viewer.layers:
             self._viewer.layers[job.spots_name].visible = False
         types = [str(t) for t in result.proportions.columns]

@@ -1,4 +1,5 @@
-"""napari writer: export deconvolution results of result (or slide) Points layers.
+"""napari writer: export deconvolution results of result layers (Points, or Image/Labels for
+Visium HD bins).
 
 - ``.csv``: one row per barcode with every cell type's proportion, the dominant type,
   its proportion, the per-spot fit error and the QC flag.
@@ -6,10 +7,11 @@
   ``obsm['stlnmf_proportions']``, ``obs['stlnmf_fit_error']``, ``uns['stlnmf']``), which
   this plugin's reader opens again with the maps.
 
-The manifest declares the writer for ``points+`` (one or more Points layers), so it is offered
-whatever the selection (napari's own points CSV only takes one layer); it exports the first
-selected result layer (all layers of one run hold the same table). Files are written under a
-temporary name and renamed, so a failed export never leaves a half-written file.
+The manifest declares the writer for ``points*``, ``image*`` and ``labels*`` (any selection of
+those kinds), so it is offered for every result layer and for several selected layers
+(napari's own writers take one); it exports the first selected result layer's table, which
+all layers of one run share (``metadata['stlnmf_table']``, the same object). Files are
+written under a temporary name and renamed, so a failed export never leaves a half-written file.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import PROPORTIONS_KEY, SPATIAL_KEY
-from ..layers import RESULT_TAG, TOP_TYPES_COLUMN
+from ..layers import POSITIONS_KEY, RESULT_TAG, TABLE_KEY, TOP_TYPES_COLUMN
 
 __all__ = ["NoResultsToExport", "write_proportions", "write_result_layers"]
 
@@ -39,9 +41,15 @@ def _no_results(names) -> NoResultsToExport:
     )
 
 
+def _table(meta: dict):
+    """The run's one table (shared by its layers), else the layer's features (older layers)."""
+    table = (meta.get("metadata") or {}).get(TABLE_KEY)
+    return meta.get("features") if table is None else table
+
+
 def _is_result(meta: dict) -> bool:
     metadata = meta.get("metadata") or {}
-    features = meta.get("features")
+    features = _table(meta)
     return (
         RESULT_TAG in metadata
         and bool(metadata.get("cell_types"))
@@ -53,7 +61,7 @@ def _is_result(meta: dict) -> bool:
 def _result_table(meta: dict) -> pd.DataFrame:
     if not _is_result(meta):
         raise _no_results([meta.get("name")])
-    table = pd.DataFrame(meta["features"]).copy()
+    table = pd.DataFrame(_table(meta)).copy()
     return table.drop(columns=[TOP_TYPES_COLUMN], errors="ignore")  # hover text only
 
 
@@ -79,7 +87,9 @@ def write_proportions(path: str, data, meta: dict) -> list[str]:
                 types = list(metadata["cell_types"])
                 obs = table.drop(columns=types).set_index("barcode")
                 adata = ad.AnnData(obs=obs)
-                adata.obsm[SPATIAL_KEY] = np.asarray(data, dtype=np.float64)[:, ::-1]
+                yx = metadata.get(POSITIONS_KEY)
+                yx = data if yx is None else yx  # Points: the data are the positions
+                adata.obsm[SPATIAL_KEY] = np.asarray(yx, dtype=np.float64)[:, ::-1]
                 adata.obsm[PROPORTIONS_KEY] = table.set_index("barcode")[types]
             adata.write_h5ad(partial, compression="gzip")
         else:
