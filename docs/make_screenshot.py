@@ -1,4 +1,6 @@
-"""Make docs/screenshot.png: the dock widget and a cell-type map over the real H&E sample.
+"""Make docs/screenshot.png (the dock widget and a cell-type map over the real H&E sample),
+docs/screenshot_dominant.png and docs/screenshot_misfit.png (the reference misfit with one
+type held out of the reference: where that type lived lights up, the dock names its genes).
 
 Run headless with:
     xvfb-run -a -s "-screen 0 1400x900x24" .venv/bin/python docs/make_screenshot.py
@@ -7,12 +9,23 @@ Run headless with:
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 import napari
 from qtpy.QtWidgets import QApplication
 
 OUT = Path(__file__).resolve().parent
+HELD_OUT = "immune"  # left out of the reference for the misfit screenshot
+
+
+def _results(viewer) -> dict:
+    """The result layers by role (``cell_type``, ``dominant``, ``misfit``, ``fit_error``)."""
+    return {
+        layer.metadata["stlnmf_result"]["role"]: layer
+        for layer in viewer.layers
+        if "stlnmf_result" in layer.metadata
+    }
 
 
 def _process(ms: int = 300) -> None:
@@ -38,18 +51,13 @@ def main(train: bool = False) -> int:
     if result is None:
         print(widget.status.value, file=sys.stderr)
         return 1
-    # the most abundant type on top, over the H&E (layers found by tag: named "<slide> · <type>")
+    # the most abundant type on top, over the H&E (layers found by role: "<slide> · <type>")
     show = str(result.proportions.mean().idxmax())
-    results = {
-        layer.metadata["stlnmf_result"].get("cell_type")
-        or layer.metadata["stlnmf_result"]["role"]: layer
-        for layer in viewer.layers
-        if "stlnmf_result" in layer.metadata
-    }
+    widget.cell_type_shown.value = show
+    results = _results(viewer)
     for layer in results.values():
-        layer.visible = layer is results[show]
-    viewer.layers.selection.active = results[show]
-    viewer.layers.move(viewer.layers.index(results[show]), len(viewer.layers))
+        layer.visible = layer is results["cell_type"]
+    viewer.layers.selection.active = results["cell_type"]
     viewer.reset_view()
     # zoom on the tissue so spots are visible
     viewer.camera.zoom *= 1.35
@@ -70,6 +78,32 @@ def main(train: bool = False) -> int:
     overlay.text = "dominant cell type (legend in the dock widget)"
     _process(300)
     viewer.screenshot(str(OUT / "screenshot_dominant.png"), canvas_only=True)
+
+    # a type missing from the reference: the misfit layer finds where it lived
+    import anndata as ad
+
+    reference = ad.read_h5ad(widget.reference.value)
+    key = widget.cell_type_key.value
+    held_out = HELD_OUT
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"reference_without_{held_out}.h5ad"
+        reference[reference.obs[key].astype(str) != held_out].copy().write_h5ad(path)
+        widget.reference.value = path
+        widget.cell_type_key.value = key
+        widget.start()
+        while widget.running:
+            QApplication.processEvents()
+            _process(100)
+    results = _results(viewer)
+    for layer in results.values():
+        layer.visible = layer is results["misfit"]
+    viewer.layers.selection.active = results["misfit"]
+    overlay.text = (
+        f"reference misfit with '{held_out}' left out of the reference\n"
+        "orange/red: poorly explained (z >= 3); summary in the dock"
+    )
+    _process(500)
+    viewer.screenshot(str(OUT / "screenshot_misfit.png"), canvas_only=False)
     viewer.close()
     return 0
 

@@ -23,7 +23,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from napari_stlnmf.diagnostics import deviance_moments, nb_deviance, reference_marker_sets
+from napari_stlnmf.diagnostics import (
+    deviance_moments,
+    diagnosis_summary,
+    nb_deviance,
+    reference_marker_sets,
+)
 from napari_stlnmf.errors import StlnmfError
 
 KEY = "cell_type"
@@ -94,6 +99,61 @@ def test_held_out_type_is_flagged_where_it_lived(
     assert set(diag["region"][diag["region"] >= 0]) == set(regions["region"])
     info = res.info["diagnostics"]
     assert info["n_poorly_explained"] == int(flagged.sum())
+    # the dock's summary: the share flagged, the largest region, its genes and population
+    summary = diagnosis_summary(diag, regions)
+    first, second = summary.split("\n")[:2]
+    assert first.startswith(f"{flagged.mean():.1%} of spots ({int(flagged.sum())} of ")
+    assert f"region {int(top['region'])} ({int(top['n_spots'])} spots)" in second
+    assert ", ".join(genes[:5]) in second and f"markers of {held_out}" in second
+
+
+def test_result_layers_show_the_misfit_and_reopen_with_it(demo, marker_sets):
+    """The misfit z is a layer (above the fit error), on hover, and in a re-read result."""
+    from napari_stlnmf.layers import (
+        MISFIT_LAYER,
+        MISFIT_MAX,
+        hover_text,
+        result_layer_name,
+        result_layers,
+        result_layers_from_adata,
+    )
+
+    slide, _ = demo
+    res = _held_out_run(demo, "immune", marker_sets)
+    layers = result_layers(
+        res.proportions, res.fit_error, res.qc, slide, slide_name="demo",
+        diagnostics=res.diagnostics,
+    )  # fmt: skip
+    names = [kw["name"] for _, kw, _ in layers]
+    assert names[1] == result_layer_name("demo", MISFIT_LAYER) and len(names) == 4
+    _, kwargs, kind = layers[1]
+    assert kind == "points" and kwargs["face_color"] == "deviance_z"
+    assert tuple(kwargs["face_contrast_limits"]) == (0.0, MISFIT_MAX)
+    table = kwargs["metadata"]["stlnmf_table"]
+    np.testing.assert_array_equal(table["deviance_z"], res.diagnostics["deviance_z"])
+    i = int(np.flatnonzero(res.diagnostics["poorly_explained"].to_numpy())[0])
+    text = hover_text(table, i)
+    z = res.diagnostics["deviance_z"].iloc[i]
+    assert text.splitlines()[-1] == f"misfit z  {z:.1f}  poorly explained"
+    again = result_layers_from_adata(res.adata, slide_name="demo")
+    assert [kw["name"] for _, kw, _ in again] == names
+    np.testing.assert_allclose(
+        again[1][1]["metadata"]["stlnmf_table"]["deviance_z"], table["deviance_z"]
+    )
+    # without diagnostics: the three layers, no misfit column
+    plain = result_layers(res.proportions, res.fit_error, res.qc, slide, slide_name="demo")
+    assert len(plain) == 3 and "deviance_z" not in plain[0][1]["metadata"]["stlnmf_table"]
+
+
+def test_summary_of_a_full_reference_and_of_scattered_flags():
+    per_spot = pd.DataFrame(
+        {"deviance_z": [0.1, 0.5, -1.0, np.nan], "poorly_explained": [False] * 4}
+    )
+    assert diagnosis_summary(per_spot, pd.DataFrame()).startswith(
+        "The reference explains every spot: none of 3 "
+    )
+    per_spot.loc[1, ["deviance_z", "poorly_explained"]] = [4.2, True]
+    assert "scattered" in diagnosis_summary(per_spot, pd.DataFrame())
 
 
 def test_full_reference_flags_few_spots_and_stores_the_columns(demo, tmp_path):

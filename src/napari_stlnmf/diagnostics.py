@@ -52,6 +52,7 @@ __all__ = [
     "check_gene_sets",
     "deviance_moments",
     "diagnose_fit",
+    "diagnosis_summary",
     "nb_deviance",
     "reference_marker_sets",
 ]
@@ -481,3 +482,41 @@ def diagnostics_obs(per_spot: pd.DataFrame, prefix: str) -> dict[str, np.ndarray
         f"{prefix}unexplained_region": per_spot["region"].to_numpy(),
         f"{prefix}spot_deviance_z": per_spot["spot_deviance_z"].to_numpy(),
     }
+
+
+def diagnosis_summary(per_spot: pd.DataFrame, regions: pd.DataFrame, *, n_regions=3, n_genes=5):
+    """A few plain sentences on what ``deconvolve(diagnose=True)`` found (the dock shows them):
+    the share of spots poorly explained, then the largest regions with their top residual genes
+    and the population they mark."""
+    z = per_spot["deviance_z"].to_numpy(dtype=float)
+    n = int(np.isfinite(z).sum())
+    flagged = int(per_spot["poorly_explained"].to_numpy(dtype=bool).sum())
+    if n == 0:
+        return "No spot was diagnosed (no estimates)."
+    if flagged == 0:
+        return (
+            f"The reference explains every spot: none of {n:,} is unusual for this slide "
+            f"(misfit z > {DEVIANCE_Z_THRESHOLD:g})."
+        )
+    head = (
+        f"{flagged / n:.1%} of spots ({flagged:,} of {n:,}) poorly explained by the reference "
+        f"(misfit z > {DEVIANCE_Z_THRESHOLD:g})"
+    )
+    if regions is None or not len(regions):
+        return (
+            f"{head}, scattered: no patch of {MIN_REGION_SPOTS} or more neighbouring spots, "
+            "so more likely noise than a cell type missing from the reference."
+        )
+    lines = [f"{head}; {len(regions)} region{'s' if len(regions) > 1 else ''}:"]
+    for _, r in (
+        regions.sort_values("n_spots", ascending=False, kind="stable").head(n_regions).iterrows()
+    ):
+        genes = [g for g in str(r["residual_genes"]).split(";") if g][:n_genes]
+        line = f"region {int(r['region'])} ({int(r['n_spots'])} spots)"
+        line += f": top residual genes {', '.join(genes)}" if genes else ""
+        if r.get("population"):
+            line += f", markers of {r['population']} (p = {float(r['population_p']):.1g})"
+        lines.append(line)
+    if len(regions) > n_regions:
+        lines.append(f"… and {len(regions) - n_regions} smaller (unexplained_regions.csv)")
+    return "\n".join(lines)

@@ -67,6 +67,8 @@ __all__ = [
     "FIT_ERROR_LAYER",
     "INDEX_KEY",
     "LAYER_DIAMETER_KEY",
+    "MISFIT_LAYER",
+    "MISFIT_MAX",
     "OPAQUE_FROM",
     "POSITIONS_KEY",
     "PROPORTION_ROLE",
@@ -85,6 +87,7 @@ __all__ = [
     "image_for_features",
     "is_spatialdata_layer",
     "layer_to_world",
+    "misfit_colormap",
     "proportion_values",
     "ramp_alpha",
     "ramp_colormap",
@@ -114,6 +117,11 @@ FIT_ERROR_LAYER = "fit error"
 NO_ESTIMATE = "no estimate"
 FIT_ERROR_COLUMN = "fit_error"  # feature/CSV column names (short: shown on hover)
 QC_COLUMN = "qc"
+# with deconvolve(diagnose=True): how unusual each spot's misfit is for the slide (a z-score)
+MISFIT_LAYER = "reference misfit"
+MISFIT_COLUMN = "deviance_z"
+FLAGGED_COLUMN = "poorly_explained"
+MISFIT_MAX = 6.0  # the misfit scale's top (z); the flag is at DEVIANCE_Z_THRESHOLD = 3
 # the result layers' first feature column: napari's status bar lists the features in order on
 # one line, so the spot's largest types come first (the full table follows, cut off by the bar)
 TOP_TYPES_COLUMN = "top"
@@ -174,6 +182,23 @@ def ramp_alpha(values, opaque_from=OPAQUE_FROM) -> np.ndarray:
     """The opacity :func:`ramp_colormap` gives ``values`` (for the legend and tests)."""
     v = np.asarray(values, dtype=np.float64)
     return np.where(v > 0, np.clip(0.15 + 0.85 * v / float(opaque_from), 0.0, 1.0), 0.0)
+
+
+def misfit_colormap() -> dict:
+    """The misfit layer's colormap over z in [0, MISFIT_MAX]: clear up to 1 (the slide's
+    usual), yellow fading in to an opaque orange at 3 (flagged: poorly explained), dark red
+    from 6 (far off)."""
+    controls = np.array([0.0, 1.0, 2.0, 3.0, MISFIT_MAX]) / MISFIT_MAX
+    colors = np.array(
+        [
+            [1.0, 1.0, 0.6, 0.0],
+            [1.0, 1.0, 0.6, 0.0],
+            [1.0, 0.85, 0.2, 0.55],
+            [1.0, 0.5, 0.0, 1.0],
+            [0.55, 0.0, 0.15, 1.0],
+        ]
+    )
+    return {"colors": colors, "controls": controls, "name": "misfit (clear below z 1)"}
 
 
 def dominant_label_colors(cell_types) -> dict:
@@ -400,8 +425,11 @@ def fine_tuning_note(train_info: dict | None, epochs_asked: int | None) -> str:
     return f"Fine-tuned for {ran} epochs; the parameters of epoch {best} are used{gain}."
 
 
-def results_table(proportions: pd.DataFrame, fit_error=None, qc=None) -> pd.DataFrame:
-    """One row per spot: barcode, every type's proportion, dominant type, fit error, QC."""
+def results_table(
+    proportions: pd.DataFrame, fit_error=None, qc=None, diagnostics=None
+) -> pd.DataFrame:
+    """One row per spot: barcode, every type's proportion, dominant type, fit error, QC, and
+    with ``diagnostics`` (``result.diagnostics``) the misfit z and the flag."""
     prop = proportions.astype(np.float64)
     types = [str(c) for c in prop.columns]
     values = prop.to_numpy()
@@ -422,6 +450,10 @@ def results_table(proportions: pd.DataFrame, fit_error=None, qc=None) -> pd.Data
         if qc is None
         else pd.Series(qc).reindex(prop.index).astype(str).to_numpy()
     )
+    if diagnostics is not None:
+        diag = pd.DataFrame(diagnostics).reindex(prop.index)
+        table[MISFIT_COLUMN] = diag[MISFIT_COLUMN].to_numpy(dtype=float)
+        table[FLAGGED_COLUMN] = diag[FLAGGED_COLUMN].fillna(False).to_numpy(dtype=bool)
     return table
 
 
@@ -496,6 +528,7 @@ def result_layers(
     slide_name: str | None = None,
     shown: str | None = None,
     rasterise: bool | None = None,
+    diagnostics: pd.DataFrame | None = None,
 ) -> list[tuple]:
     """The results as three layer-data tuples sharing ONE table: fit error, dominant type and
     one proportion map (on top) showing ``shown`` (default the first type); the dock's
@@ -514,7 +547,9 @@ def result_layers(
     ``slide`` gives positions and spot size (its ``obs_names`` must match
     ``proportions.index``); ``annotated`` (the result's AnnData) is kept as ``['adata']`` for
     export. ``visible='first'`` shows only the proportion map, ``'all'`` all three.
-    ``slide_name`` prefixes the names (:func:`result_layer_name`).
+    ``slide_name`` prefixes the names (:func:`result_layer_name`). With ``diagnostics``
+    (``result.diagnostics``) a fourth layer, the reference misfit (:func:`misfit_colormap`),
+    lies above the fit error.
     """
     if list(map(str, slide.obs_names)) != list(map(str, proportions.index)):
         proportions = proportions.reindex(slide.obs_names.astype(str))
@@ -523,7 +558,7 @@ def result_layers(
         raise ValueError("no cell types in the proportions")
     shown = types[0] if shown is None or str(shown) not in types else str(shown)
     grid = None if rasterise is False else result_grid(slide, library_id)
-    table = results_table(proportions, fit_error, qc)
+    table = results_table(proportions, fit_error, qc, diagnostics)
     if grid is None:  # napari's own hover lists the features: the largest types first
         table.insert(0, TOP_TYPES_COLUMN, top_types(proportions))
     table.attrs["cell_types"] = types
@@ -545,7 +580,9 @@ def result_layers(
         "proportion": result_layer_name(slide_name, shown),
         "dominant": result_layer_name(slide_name, DOMINANT_LAYER),
         "fit_error": result_layer_name(slide_name, FIT_ERROR_LAYER),
+        "misfit": result_layer_name(slide_name, MISFIT_LAYER),
     }
+    diagnosed = MISFIT_COLUMN in table.columns
     if grid is not None:
         from .result_rasters import index_raster, raster
 
@@ -555,7 +592,7 @@ def result_layers(
         labels = np.zeros(grid.shape, dtype=np.int32)
         labels[grid.rows, grid.cols] = dominant_codes(table)
         fit = raster(grid, np.nan_to_num(table[FIT_ERROR_COLUMN].to_numpy(float)), fill=0.0)
-        return [
+        layers = [
             (
                 fit,
                 {
@@ -593,6 +630,18 @@ def result_layers(
                 "image",
             ),
         ]
+        if diagnosed:
+            z = np.nan_to_num(table[MISFIT_COLUMN].to_numpy(float), nan=0.0)
+            misfit = {
+                **common,
+                "name": names["misfit"],
+                "colormap": misfit_colormap(),
+                "contrast_limits": (0.0, MISFIT_MAX),
+                "visible": show_all,
+                "metadata": meta("misfit", extra=extra),
+            }
+            layers.insert(1, (raster(grid, z, fill=0.0), misfit, "image"))
+        return layers
 
     common = {
         "size": spot_diameter(slide, library_id),
@@ -604,7 +653,7 @@ def result_layers(
     if affine is not None:
         common["affine"] = affine
     # layers added later are drawn on top: the proportion map last
-    return [
+    layers = [
         (
             yx,
             {
@@ -644,6 +693,18 @@ def result_layers(
             "points",
         ),
     ]
+    if diagnosed:
+        misfit = {
+            **common,
+            "name": names["misfit"],
+            "face_color": MISFIT_COLUMN,
+            "face_colormap": misfit_colormap(),
+            "face_contrast_limits": (0.0, MISFIT_MAX),
+            "visible": show_all,
+            "metadata": meta("misfit"),
+        }
+        layers.insert(1, (yx, misfit, "points"))
+    return layers
 
 
 def hover_text(
@@ -671,6 +732,9 @@ def hover_text(
             lines.append(f"… {rest} more ≥ {min_share:.0%}")
     if FIT_ERROR_COLUMN in table.columns and np.isfinite(row[FIT_ERROR_COLUMN]):
         lines.append(f"fit error  {float(row[FIT_ERROR_COLUMN]):.3g}")
+    if MISFIT_COLUMN in table.columns and np.isfinite(row[MISFIT_COLUMN]):
+        flag = "  poorly explained" if bool(row[FLAGGED_COLUMN]) else ""
+        lines.append(f"misfit z  {float(row[MISFIT_COLUMN]):.1f}{flag}")
     return "\n".join(lines)
 
 
@@ -695,6 +759,16 @@ def result_layers_from_adata(
         fit = fit.set_axis(prop.index)
     if qc is not None:
         qc = qc.set_axis(prop.index)
+    diagnostics = None
+    z_key, flag_key = f"stlnmf_{MISFIT_COLUMN}", f"stlnmf_{FLAGGED_COLUMN}"
+    if z_key in adata.obs and flag_key in adata.obs:  # written by deconvolve(diagnose=True)
+        diagnostics = pd.DataFrame(
+            {
+                MISFIT_COLUMN: adata.obs[z_key].to_numpy(dtype=float),
+                FLAGGED_COLUMN: adata.obs[flag_key].to_numpy(dtype=bool),
+            },
+            index=prop.index,
+        )
     return result_layers(
         prop,
         fit,
@@ -704,4 +778,5 @@ def result_layers_from_adata(
         annotated=adata,
         library_id=library_id,
         slide_name=slide_name,
+        diagnostics=diagnostics,
     )

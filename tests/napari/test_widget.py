@@ -14,6 +14,7 @@ from napari_stlnmf.datasets import DEMO_REFERENCE
 from napari_stlnmf.layers import (
     DOMINANT_LAYER,
     FIT_ERROR_LAYER,
+    MISFIT_LAYER,
     RESULT_TAG,
     TABLE_KEY,
     hover_text,
@@ -156,9 +157,12 @@ def test_deconvolve_runs_and_makes_layers(make_napari_viewer, qtbot, errors):
     types = [str(t) for t in result.proportions.columns]
     names = [layer.name for layer in _result_layers(viewer)]
     slide = "demo (synthetic)"
-    # one proportion map (showing the first type), the dominant type, the fit error
+    # one proportion map (showing the first type), the dominant type, the reference misfit
+    # (diagnosis is on by default in the dock), the fit error
+    assert widget.diagnose.value and widget._job().kwargs["diagnose"] is True
     assert names == [
         result_layer_name(slide, FIT_ERROR_LAYER),
+        result_layer_name(slide, MISFIT_LAYER),
         result_layer_name(slide, DOMINANT_LAYER),
         result_layer_name(slide, types[0]),
     ]
@@ -210,13 +214,25 @@ def test_deconvolve_runs_and_makes_layers(make_napari_viewer, qtbot, errors):
         layer for layer in _result_layers(viewer) if layer.name.endswith(FIT_ERROR_LAYER)
     )
     assert f"{fit_layer.face_contrast_limits[1]:.2g}" in widget.legend.value
+    # the misfit: its scale in words in the legend, the diagnosis summed up in the dock
+    assert "poorly explained" in widget.legend.value and "far off" in widget.legend.value
+    flagged = result.diagnostics["poorly_explained"]
+    assert widget.diagnosis.value.startswith(f"{flagged.mean():.1%} of spots ({flagged.sum()} of")
+    misfit = next(layer for layer in _result_layers(viewer) if layer.name.endswith(MISFIT_LAYER))
+    np.testing.assert_allclose(misfit.features["deviance_z"], result.diagnostics["deviance_z"])
 
     # re-running replaces the previous result layers
     n_before = len(viewer.layers)
     widget.start()
     _wait_done(qtbot, widget)
     assert len(viewer.layers) == n_before
-    assert len(_result_layers(viewer)) == 3
+    assert len(_result_layers(viewer)) == 4
+    # with the option off: no misfit layer, no summary
+    widget.diagnose.value = False
+    widget.start()
+    _wait_done(qtbot, widget)
+    assert MISFIT_LAYER not in " ".join(layer.name for layer in _result_layers(viewer))
+    assert widget.diagnosis.value == "" and "far off" not in widget.legend.value
 
 
 def _start_long_fine_tuning(viewer, qtbot):

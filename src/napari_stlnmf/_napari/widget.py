@@ -36,6 +36,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QEvent, QObject, Qt, Signal
 from qtpy.QtWidgets import QComboBox, QFileDialog, QWidget
 
+from ..diagnostics import diagnosis_summary
 from ..errors import StlnmfError
 from ..layers import (
     BINS_KEY,
@@ -110,6 +111,7 @@ def build_result_layers(job: Job, result) -> list[tuple]:
         source=job.source,
         annotated=result.adata,
         slide_name=job.slide_name,
+        diagnostics=getattr(result, "diagnostics", None),
     )
 
 
@@ -281,6 +283,14 @@ class DeconvolveWidget(Container):
             tooltip="Smooth less between neighbouring spots whose tissue looks different in the "
             "image, so maps follow tissue boundaries; off: by distance only",
         )
+        self.diagnose = CheckBox(
+            text="flag spots the reference cannot explain",
+            value=True,
+            tooltip="Adds a 'reference misfit' layer: how unusual each spot's residual is for "
+            "this slide (z; 3 and above: poorly explained), and names the genes of poorly "
+            "explained regions, a hint of a cell type missing from the reference (~15 % "
+            "more time)",
+        )
         self.train = CheckBox(
             text="fine-tune on this slide (~1 min)",
             value=False,
@@ -332,7 +342,10 @@ class DeconvolveWidget(Container):
         self.progress = ProgressBar(label="progress", value=0, min=0, max=1, visible=True)
         self.status = Label(label="", value="Open a sample or a slide, then Deconvolve.")
         self.legend = Label(label="", value="")
-        for label in (self.legend, self.status):
+        self.diagnosis = Label(label="", value="")
+        self.diagnosis.native.setTextFormat(Qt.TextFormat.PlainText)
+        self.diagnosis.native.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        for label in (self.legend, self.status, self.diagnosis):
             label.native.setWordWrap(True)
             label.native.setMinimumWidth(200)
         # messages are shown whole, as plain text (a "<type>" must not vanish as a tag),
@@ -363,6 +376,7 @@ class DeconvolveWidget(Container):
                 self.library_key,
                 self.n_neighbors,
                 self.use_image,
+                self.diagnose,
                 self.train,
                 self.train_epochs,
                 self.n_layers,
@@ -372,6 +386,7 @@ class DeconvolveWidget(Container):
                 self.export_button,
                 self.progress,
                 self.status,
+                self.diagnosis,
                 self.legend,
             ]
         )
@@ -613,6 +628,7 @@ class DeconvolveWidget(Container):
             "use_image": image is not None,
             "n_neighbors": int(self.n_neighbors.value),
             "seed": int(self.seed.value),
+            "diagnose": bool(self.diagnose.value),
         }
         return Job(
             slide=slide,
@@ -783,7 +799,13 @@ class DeconvolveWidget(Container):
             else:
                 msg += f" Added to table {table!r} as obs['stlnmf_<type>'] (in memory)."
         self.status.value = msg
-        self.legend.value = legend_html(types, fit_error_max)
+        diagnostics = getattr(result, "diagnostics", None)
+        self.diagnosis.value = (
+            ""
+            if diagnostics is None
+            else diagnosis_summary(diagnostics, result.unexplained_regions)
+        )
+        self.legend.value = legend_html(types, fit_error_max, misfit=diagnostics is not None)
         self.progress.value = self.progress.max
 
     # ------------------------------------------------------------------ export
