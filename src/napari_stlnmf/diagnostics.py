@@ -142,9 +142,17 @@ def check_gene_sets(gene_sets) -> dict[str, list[str]] | None:
     return out
 
 
-def reference_marker_sets(reference, n: int = N_REFERENCE_MARKERS) -> dict[str, list[str]]:
+def reference_marker_sets(
+    reference, n: int = N_REFERENCE_MARKERS, *, cell_type_key: str | None = None
+) -> dict[str, list[str]]:
     """Each reference type's top ``n`` genes by log fold change against the mean of the other
-    types (the default gene-set table for naming a region)."""
+    types (the default gene-set table for naming a region). ``reference``: a
+    :class:`~napari_stlnmf.preprocess.Reference`, or what :func:`deconvolve` takes (single
+    cells with their ``cell_type_key``, or a genes x types signature table)."""
+    from .preprocess import Reference, build_reference
+
+    if not isinstance(reference, Reference):
+        reference = build_reference(reference, cell_type_key=cell_type_key)
     prof = reference.profiles.to_numpy(dtype=np.float64)
     genes = reference.genes.astype(str)
     out = {}
