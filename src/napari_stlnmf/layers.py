@@ -32,6 +32,7 @@ Layers made here are tagged in ``metadata``:
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,7 @@ __all__ = [
     "DOMINANT_LAYER",
     "FIT_ERROR_LAYER",
     "INDEX_KEY",
+    "INTERVALS_KEY",
     "LAYER_DIAMETER_KEY",
     "MISFIT_LAYER",
     "MISFIT_MAX",
@@ -77,6 +79,7 @@ __all__ = [
     "SPATIALDATA_LAYER_KEYS",
     "SWAP_XY",
     "TABLE_KEY",
+    "ResultIntervals",
     "display_library",
     "dominant_codes",
     "dominant_colors",
@@ -135,6 +138,7 @@ PROPORTION_ROLE = "cell_type"  # the role of the one map the picker recolours
 TABLE_KEY = "stlnmf_table"  # metadata: the one results table of a run's layers
 POSITIONS_KEY = "stlnmf_positions"  # metadata: the spots' (row, col) positions
 BINS_KEY = "stlnmf_bins"  # metadata of raster layers: the BinGrid
+INTERVALS_KEY = "stlnmf_intervals"  # metadata: the proportions' intervals (ResultIntervals)
 INDEX_KEY = "stlnmf_index"  # metadata of raster layers: each pixel's table row (-1: none)
 HOVER_TYPES = 5
 HOVER_MIN_SHARE = 0.01
@@ -476,6 +480,26 @@ def _result_meta(source, role, cell_type, *, types, table, annotated, yx, slide_
     return meta
 
 
+@dataclass(frozen=True)
+class ResultIntervals:
+    """The proportions' intervals in the result table's row and type order (float32 arrays,
+    spots x types; NaN without an estimate) at the stated ``level``."""
+
+    lower: np.ndarray
+    upper: np.ndarray
+    level: float
+
+    @classmethod
+    def of(cls, uncertainty, index, types) -> ResultIntervals:
+        """From ``result.uncertainty`` (``lower``/``upper`` DataFrames, ``level``)."""
+
+        def frame(f):
+            f = f.set_axis(f.index.astype(str)).set_axis(list(map(str, f.columns)), axis=1)
+            return f.reindex(index=list(index), columns=list(types)).to_numpy(np.float32)
+
+        return cls(frame(uncertainty.lower), frame(uncertainty.upper), float(uncertainty.level))
+
+
 def fit_error_limit(table: pd.DataFrame) -> float:
     """The fit-error colour scale's top: the 99th percentile (1 without fit errors)."""
     fe = table[FIT_ERROR_COLUMN].to_numpy(dtype=float)
@@ -529,6 +553,7 @@ def result_layers(
     shown: str | None = None,
     rasterise: bool | None = None,
     diagnostics: pd.DataFrame | None = None,
+    uncertainty=None,
 ) -> list[tuple]:
     """The results as three layer-data tuples sharing ONE table: fit error, dominant type and
     one proportion map (on top) showing ``shown`` (default the first type); the dock's
@@ -549,7 +574,9 @@ def result_layers(
     export. ``visible='first'`` shows only the proportion map, ``'all'`` all three.
     ``slide_name`` prefixes the names (:func:`result_layer_name`). With ``diagnostics``
     (``result.diagnostics``) a fourth layer, the reference misfit (:func:`misfit_colormap`),
-    lies above the fit error.
+    lies above the fit error. With ``uncertainty`` (``result.uncertainty``) the intervals are
+    ``metadata['stlnmf_intervals']`` (:class:`ResultIntervals`, one object for all layers) and
+    the hover shows them.
     """
     if list(map(str, slide.obs_names)) != list(map(str, proportions.index)):
         proportions = proportions.reindex(slide.obs_names.astype(str))
@@ -568,7 +595,15 @@ def result_layers(
     affine = world_affine(slide, library_id)
     show_all = visible == "all"
 
+    intervals = (
+        None
+        if uncertainty is None
+        else ResultIntervals.of(uncertainty, proportions.index.astype(str), types)
+    )
+    extra_all = {} if intervals is None else {INTERVALS_KEY: intervals}
+
     def meta(role, cell_type=None, extra=None):
+        extra = {**extra_all, **(extra or {})}
         out = _result_meta(
             source, role, cell_type, types=types, table=table, annotated=annotated, yx=yx,
             slide_name=slide_name, extra=extra,
@@ -709,11 +744,12 @@ def result_layers(
 
 def hover_text(
     table: pd.DataFrame, index: int | None, cell_types=None, *, n: int = HOVER_TYPES,
-    min_share: float = HOVER_MIN_SHARE,
+    min_share: float = HOVER_MIN_SHARE, intervals: ResultIntervals | None = None,
 ) -> str:  # fmt: skip
     """The hover text of row ``index`` of a result table: its barcode, then its ``n`` largest
-    types of at least ``min_share`` with their proportions (one per line, largest first), then
-    the fit error; '' for ``index`` None or out of range."""
+    types of at least ``min_share`` with their proportions (one per line, largest first; with
+    ``intervals`` each with its interval), then the fit error and misfit; '' for ``index`` None
+    or out of range."""
     if index is None or not 0 <= int(index) < len(table):
         return ""
     i = int(index)
@@ -726,7 +762,14 @@ def hover_text(
     else:
         order = np.argsort(-np.nan_to_num(values, nan=-1.0), kind="stable")
         shown = [j for j in order[:n] if np.isfinite(values[j]) and values[j] >= min_share]
-        lines += [f"{types[j]}  {values[j]:.1%}" for j in shown]
+        for j in shown:
+            line = f"{types[j]}  {values[j]:.1%}"
+            if intervals is not None and np.isfinite(intervals.lower[i, j]):
+                lo, hi = float(intervals.lower[i, j]), float(intervals.upper[i, j])
+                line += f"  ({lo:.0%}–{hi:.0%})"
+            lines.append(line)
+        if intervals is not None:
+            lines.append(f"intervals: {intervals.level:.0%}")
         rest = int((np.nan_to_num(values) >= min_share).sum()) - len(shown)
         if rest > 0:
             lines.append(f"… {rest} more ≥ {min_share:.0%}")

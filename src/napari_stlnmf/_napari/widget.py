@@ -41,6 +41,7 @@ from ..errors import StlnmfError
 from ..layers import (
     BINS_KEY,
     INDEX_KEY,
+    INTERVALS_KEY,
     PROPORTION_ROLE,
     RESULT_TAG,
     SLIDE_TAG,
@@ -482,7 +483,10 @@ class DeconvolveWidget(Container):
                 continue
             row = result_row(layer, world_position)
             if row is not None:
-                return hover_text(layer.metadata[TABLE_KEY], row, layer.metadata["cell_types"])
+                meta = layer.metadata
+                return hover_text(
+                    meta[TABLE_KEY], row, meta["cell_types"], intervals=meta.get(INTERVALS_KEY)
+                )
         return ""
 
     def _on_mouse_move(self, viewer, event):
