@@ -1,0 +1,142 @@
+"""Uncertainty intervals (issue 20, must-have 1): ``deconvolve(..., uncertainty=True)`` on the
+bundled demo and on slides simulated from disjoint halves of a reference's cells."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from napari_stlnmf import deconvolve
+from napari_stlnmf.errors import StlnmfError
+from napari_stlnmf.uncertainty import interval_from_draws
+
+KEY = "cell_type"
+LEVEL = 0.9
+
+
+def _simulated(depth: float, seed: int, kind: str = "smooth", n_types: int = 6):
+    """A 400-spot hexagonal slide whose cells are the other half of the reference's types'."""
+    from napari_stlnmf.datasets import hex_layout, make_reference
+    from napari_stlnmf.preprocess import build_reference
+    from napari_stlnmf.simulate import simulate_slide
+
+    full = make_reference(n_types=n_types, n_genes=600, cells_per_type=120, seed=seed)
+    rng = np.random.default_rng(seed)
+    half = np.zeros(full.n_obs, dtype=bool)
+    for t in pd.unique(full.obs[KEY]):
+        idx = np.flatnonzero((full.obs[KEY] == t).to_numpy())
+        half[rng.permutation(idx)[: idx.size // 2]] = True
+    reference, cells = full[half].copy(), full[~half].copy()
+    xy = hex_layout(20, 20)
+    sim = simulate_slide(
+        xy,
+        build_reference(cells, cell_type_key=KEY),
+        kind=kind,
+        library_sizes=np.full(10, float(depth)),
+        seed=1000 + seed,
+    )
+    slide = ad.AnnData(
+        X=sp.csr_matrix(sim.counts),
+        obs=pd.DataFrame(index=[f"s{i}" for i in range(len(xy))]),
+        var=pd.DataFrame(index=full.var_names),
+    )
+    slide.obsm["spatial"] = xy
+    types = build_reference(cells, cell_type_key=KEY).cell_types
+    return slide, reference, pd.DataFrame(sim.cell_fractions, index=slide.obs_names, columns=types)
+
+
+def _run(slide, reference, seed=0, **kw):
+    kw.setdefault("uncertainty_draws", 20)
+    return deconvolve(slide, reference, cell_type_key=KEY, seed=seed, uncertainty=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo):
+    slide, reference = demo
+    return _run(slide, reference)
+
+
+def test_intervals_contain_the_estimate_and_are_stored(demo_run):
+    res = demo_run
+    unc = res.uncertainty
+    lo, hi, p = unc.lower.to_numpy(), unc.upper.to_numpy(), res.proportions.to_numpy()
+    assert unc.lower.index.equals(res.proportions.index)
+    assert list(unc.upper.columns) == list(res.proportions.columns)
+    ok = ~np.isnan(p)
+    assert np.array_equal(ok, ~np.isnan(lo)) and np.array_equal(ok, ~np.isnan(hi))
+    assert np.all(lo[ok] <= p[ok]) and np.all(p[ok] <= hi[ok])
+    assert np.all(lo[ok] >= 0) and np.all(hi[ok] <= 1)
+    # not degenerate: the dominant type of a spot has an interval of some width
+    dominant = p[ok.all(1)].argmax(1)
+    width = (hi - lo)[ok.all(1)][np.arange(dominant.size), dominant]
+    assert np.median(width) > 0.005
+    assert unc.level == LEVEL and unc.n_draws == 20
+    assert res.info["uncertainty"]["n_draws"] == 20
+    np.testing.assert_array_equal(res.adata.obsm["stlnmf_lower"].to_numpy(), lo)
+    np.testing.assert_array_equal(res.adata.obsm["stlnmf_upper"].to_numpy(), hi)
+
+
+def test_same_seed_same_intervals(demo, demo_run):
+    slide, reference = demo
+    again = _run(slide, reference)
+    pd.testing.assert_frame_equal(again.uncertainty.lower, demo_run.uncertainty.lower)
+    pd.testing.assert_frame_equal(again.uncertainty.upper, demo_run.uncertainty.upper)
+    other = _run(slide, reference, seed=1)
+    assert not np.allclose(
+        other.uncertainty.upper.to_numpy(), demo_run.uncertainty.upper.to_numpy()
+    )
+
+
+def test_intervals_without_uncertainty_are_none(demo):
+    slide, reference = demo
+    res = deconvolve(slide, reference, cell_type_key=KEY, seed=0)
+    assert res.uncertainty is None and "stlnmf_lower" not in res.adata.obsm
+
+
+def test_deeper_counts_give_narrower_intervals():
+    """The same tissue (proportions and cells: same seed) at 10x the depth: narrower."""
+    widths = {}
+    for depth in (500, 5000):
+        slide, reference, truth = _simulated(depth, seed=3)
+        unc = _run(slide, reference).uncertainty
+        widths[depth] = float(np.mean((unc.upper - unc.lower).to_numpy()[truth.to_numpy() > 0]))
+    assert widths[5000] < 0.75 * widths[500], widths
+
+
+def test_interval_from_draws_is_centred_on_the_estimate():
+    rng = np.random.default_rng(0)
+    draws = 0.3 + 0.05 * rng.standard_normal((400, 1, 1))  # median ~0.3, sd 0.05
+    lo, hi = interval_from_draws(np.array([[0.5]]), np.array([[0.5]]), draws, 0.9)
+    assert lo[0, 0] == pytest.approx(0.5 - 1.645 * 0.05, abs=0.015)
+    assert hi[0, 0] == pytest.approx(0.5 + 1.645 * 0.05, abs=0.015)
+    lo2, hi2 = interval_from_draws(np.array([[0.5]]), np.array([[0.5]]), draws, 0.9, 2.0)
+    assert hi2 - lo2 == pytest.approx(2 * (hi - lo))
+    # a reported zero (zeroed below min_proportion) stays inside
+    lo3, hi3 = interval_from_draws(np.array([[0.3]]), np.array([[0.0]]), draws, 0.5)
+    assert lo3[0, 0] == 0.0 and hi3[0, 0] > 0.3
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "needle"),
+    [
+        ("uncertainty_draws", 0, "uncertainty_draws"),
+        ("uncertainty_draws", -5, "uncertainty_draws"),
+        ("uncertainty_draws", 1, "uncertainty_draws"),
+        ("uncertainty_draws", 2.5, "uncertainty_draws"),
+        ("uncertainty_draws", True, "uncertainty_draws"),
+        ("uncertainty_level", 0.0, "between 0 and 1"),
+        ("uncertainty_level", 1.0, "between 0 and 1"),
+        ("uncertainty_level", 90, "between 0 and 1"),
+        ("uncertainty_level", float("nan"), "between 0 and 1"),
+        ("uncertainty_level", "0.9", "between 0 and 1"),
+        ("uncertainty", "yes", "True or False"),
+    ],
+)
+def test_bad_options_are_refused(demo, option, value, needle):
+    slide, reference = demo
+    kw = {"uncertainty": True, option: value}
+    with pytest.raises(StlnmfError, match=needle):
+        deconvolve(slide, reference, cell_type_key=KEY, **kw)
