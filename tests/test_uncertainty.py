@@ -156,3 +156,68 @@ def test_bad_options_are_refused(demo, option, value, needle):
     kw = {"uncertainty": True, option: value}
     with pytest.raises(StlnmfError, match=needle):
         deconvolve(slide, reference, cell_type_key=KEY, **kw)
+
+
+def test_cli_uncertainty_flag(tmp_path):
+    """``--uncertainty`` writes the two tables by barcode; they bound proportions.csv and are
+    listed in the run's manifest (so --overwrite removes them)."""
+    import json
+
+    from napari_stlnmf.cli import main
+    from napari_stlnmf.datasets import DEMO_REFERENCE, DEMO_SLIDE
+
+    out = tmp_path / "res"
+    code = main(
+        [
+            "run", "--slide", str(DEMO_SLIDE), "--reference", str(DEMO_REFERENCE),
+            "--cell-type-key", KEY, "--out", str(out), "--uncertainty",
+            "--uncertainty-draws", "5", "--uncertainty-level", "0.8", "--quiet",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    p = pd.read_csv(out / "proportions.csv", index_col=0)
+    lo = pd.read_csv(out / "proportions_lower.csv", index_col=0)
+    hi = pd.read_csv(out / "proportions_upper.csv", index_col=0)
+    assert lo.index.equals(p.index) and list(hi.columns) == list(p.columns)
+    assert (lo.to_numpy() <= p.to_numpy() + 1e-12).all()
+    assert (p.to_numpy() <= hi.to_numpy() + 1e-12).all()
+    files = json.loads((out / "stlnmf_run.json").read_text())["files"]
+    assert {"proportions_lower.csv", "proportions_upper.csv"} <= set(files)
+    written = ad.read_h5ad(out / "result.h5ad")
+    np.testing.assert_allclose(written.obsm["stlnmf_upper"].to_numpy(), hi.to_numpy())
+
+
+def test_cli_bad_uncertainty_level_is_one_error_line(tmp_path, capsys):
+    from napari_stlnmf.cli import main
+    from napari_stlnmf.datasets import DEMO_REFERENCE, DEMO_SLIDE
+
+    code = main(
+        [
+            "run", "--slide", str(DEMO_SLIDE), "--reference", str(DEMO_REFERENCE),
+            "--cell-type-key", KEY, "--out", str(tmp_path / "r"), "--uncertainty",
+            "--uncertainty-level", "90", "--quiet",
+        ]
+    )  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "uncertainty_level" in err and "Traceback" not in err
+
+
+def test_each_library_gets_the_intervals_it_gets_alone(demo):
+    """Two copies of the demo as two libraries: each library's intervals are the ones the
+    slide gets alone (same seed; no image, which the concatenation drops)."""
+    slide, reference = demo
+    a, b = slide.copy(), slide.copy()
+    a.obs_names = [f"a_{n}" for n in slide.obs_names]
+    b.obs_names = [f"b_{n}" for n in slide.obs_names]
+    a.obs["sample"], b.obs["sample"] = "a", "b"
+    both = ad.concat([a, b])
+    both.obsm["spatial"] = np.vstack([slide.obsm["spatial"]] * 2)
+    res = _run(both, reference, library_key="sample", uncertainty_draws=5, use_image=False)
+    alone = _run(slide, reference, uncertainty_draws=5, use_image=False)
+    assert "uncertainty" in res.info["libraries"]["a"]
+    for prefix in ("a_", "b_"):
+        rows = res.uncertainty.upper.index.str.startswith(prefix)
+        np.testing.assert_allclose(
+            res.uncertainty.upper[rows].to_numpy(), alone.uncertainty.upper.to_numpy(), atol=1e-6
+        )

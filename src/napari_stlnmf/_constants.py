@@ -12,3 +12,6 @@ UNS_KEY = "stlnmf"  # uns: parameters, genes used, version
 # cells kept per type of a single-cell reference: type means are stable long before, and an
 # atlas of 10^6 cells would otherwise be copied whole into float32 CSR
 MAX_CELLS_PER_TYPE = 10_000
+# uncertainty=True: resampled fits and the intervals' stated coverage
+UNCERTAINTY_DRAWS = 30
+UNCERTAINTY_LEVEL = 0.9

@@ -47,6 +47,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from ._constants import UNCERTAINTY_DRAWS, UNCERTAINTY_LEVEL
 from .errors import StlnmfError
 
 __all__ = [
@@ -61,8 +62,8 @@ __all__ = [
     "resample_fractions",
 ]
 
-DEFAULT_DRAWS = 30
-DEFAULT_LEVEL = 0.9
+DEFAULT_DRAWS = UNCERTAINTY_DRAWS
+DEFAULT_LEVEL = UNCERTAINTY_LEVEL
 # τ: the model error added in quadrature to the bootstrap spread, per proportion, learnt on
 # training simulations (benchmarks/uncertainty_calibration.py)
 MODEL_SD = 0.056
