@@ -899,6 +899,9 @@ def write_page(acc, sc, figs, args, started, regions=None):
         lines.append("")
         if "scaling" in figs:
             lines += [f"![scaling]({figs['scaling']})", ""]
+    uncertainty = DOCS / "bench_uncertainty.md"  # written by benchmarks/uncertainty_calibration.py
+    if uncertainty.exists():
+        lines += [uncertainty.read_text().strip(), ""]
     (DOCS / "benchmarks.md").write_text("\n".join(lines) + "\n")
 
 
