@@ -80,14 +80,16 @@ def simulated(seed, kind, n_types, depth, *, layout="hex", mean_cells=8.0, platf
         var=pd.DataFrame(index=full.var_names),
     )
     slide.obsm["spatial"] = xy
-    truth = pd.DataFrame(sim.cell_fractions, index=slide.obs_names, columns=cells_ref.cell_types)
+    types = cells_ref.cell_types
+    truth = pd.DataFrame(sim.cell_fractions, index=slide.obs_names, columns=types)
+    truth_mrna = pd.DataFrame(sim.mrna_fractions, index=slide.obs_names, columns=types)
     name = (
         f"sim seed {seed}, {n_types} types, {kind}, {depth} counts"
         + (f", {mean_cells:g} cells/spot" if mean_cells != 8.0 else "")
         + (f", platform σ {platform}" if platform else "")
         + (", 16 µm bins" if layout != "hex" else "")
     )
-    return name, slide, reference, truth
+    return name, slide, reference, truth, truth_mrna
 
 
 TRAIN = [
@@ -106,13 +108,13 @@ HELD_OUT = [
 ]
 
 
-def _capture_run(slide, reference, draws, seed=0):
+def _capture_run(slide, reference, draws, seed=0, fractions="cell"):
     """Deconvolve with uncertainty; return the result and the (raw, reported, draws) arrays of
     its (only) library, each spots x types over the fitted spots."""
     captured = {}
     original = unc_module.interval_from_draws
 
-    def keep(point, d, level, model_sd=unc_module.MODEL_SD):
+    def keep(point, d, level, model_sd=0.0):
         captured.update(point=point, draws=d)
         return original(point, d, level, model_sd)
 
@@ -123,7 +125,7 @@ def _capture_run(slide, reference, draws, seed=0):
             t0 = time.perf_counter()
             res = deconvolve(
                 slide, reference, cell_type_key=KEY, seed=seed, uncertainty=True,
-                uncertainty_draws=draws,
+                uncertainty_draws=draws, fractions=fractions,
             )  # fmt: skip
             seconds = time.perf_counter() - t0
     finally:
@@ -161,16 +163,19 @@ def main(argv=None) -> int:
     parser.add_argument("--draws", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="2 training, 2 held-out slides")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--fractions", choices=("cell", "mrna"), default="cell",
+        help="calibrate the cell fractions (default) or the mRNA fractions (fractions='mrna')",
+    )  # fmt: skip
     parser.add_argument("--md", type=Path, default=None, help="write the page section here")
     parser.add_argument(
-        "--from-json", type=Path, default=None, help="re-render the page from a --json file"
-    )
+        "--from-json", type=Path, nargs="+", default=None,
+        help="re-render the page from --json files (cell and mRNA runs)",
+    )  # fmt: skip
     parser.add_argument("--dump", type=Path, default=None, help="folder: draws and truth (npz)")
     a = parser.parse_args(argv)
     if a.from_json:
-        result = json.loads(a.from_json.read_text())
-        result.setdefault("draws", a.draws)
-        _write_page(result, a.md)
+        _write_page([json.loads(f.read_text()) for f in a.from_json], a.md)
         return 0
     train = TRAIN[:2] if a.quick else TRAIN
     held = HELD_OUT[:2] if a.quick else HELD_OUT
@@ -184,17 +189,19 @@ def main(argv=None) -> int:
 
     demo_slide, demo_ref = load_demo()
     slides.append(("held out", "bundled demo (836 spots, 8 types)", demo_slide, demo_ref,
-                   pd.DataFrame(demo_slide.obsm[TRUTH_KEY])))  # fmt: skip
+                   pd.DataFrame(demo_slide.obsm[TRUTH_KEY]),
+                   pd.DataFrame(demo_slide.obsm["true_mrna_fractions"])))  # fmt: skip
     if not a.quick:
         import datasets as bd
 
         for real in bd.real_tissue():
-            name, slide, ref, _key, truth, _mrna, _note = real
-            slides.append(("real", name, slide, ref, truth))
+            name, slide, ref, _key, truth, truth_mrna, _note = real
+            slides.append(("real", name, slide, ref, truth, truth_mrna))
 
     tables = []
-    for group, name, slide, reference, truth in slides:
-        res, captured, seconds = _capture_run(slide, reference, a.draws)
+    for group, name, slide, reference, truth_cell, truth_mrna in slides:
+        truth = truth_cell if a.fractions == "cell" else truth_mrna
+        res, captured, seconds = _capture_run(slide, reference, a.draws, fractions=a.fractions)
         cov = coverage_table(res, captured, truth)
         if a.dump:
             a.dump.mkdir(parents=True, exist_ok=True)
@@ -217,7 +224,7 @@ def main(argv=None) -> int:
         error += (pooled - level) ** 2
     best = int(np.argmin(error))
     tau = float(TAUS[best])
-    print(f"\nlearnt MODEL_SD = {tau} (in use: {unc_module.MODEL_SD})")
+    print(f"\nlearnt MODEL_SD[{a.fractions!r}] = {tau} (in use: {unc_module.MODEL_SD})")
 
     summary = []
     for group, name, cov, seconds, rmse, n in tables:
@@ -228,7 +235,7 @@ def main(argv=None) -> int:
                 "calibrated": cal, "calibrated_all": cal_all, "calibrated_truth_positive": cal_pos,
                 "width": width, "seconds": seconds, "rmse": rmse, "n_spots": n,
             })  # fmt: skip
-    result = {"model_sd": tau, "draws": a.draws, "rows": summary}
+    result = {"model_sd": tau, "draws": a.draws, "fractions": a.fractions, "rows": summary}
     if a.json:
         a.json.write_text(json.dumps(result, indent=1))
     _write_page(result, a.md)
@@ -245,57 +252,77 @@ def _row(label, group, level, rows) -> str:
     )
 
 
-def _write_page(result: dict, md: Path | None) -> None:
-    """The calibration table (means per set, then every slide), printed and, with ``md``,
-    written as the page section that ``run_benchmarks.py`` appends to docs/benchmarks.md."""
-    rows, tau = result["rows"], result["model_sd"]
+_WHAT = {"cell": "cell fraction", "mrna": "mRNA fraction"}
+
+
+def _tables(result: dict, *, every: bool) -> list[str]:
+    rows = result["rows"]
     head = [
         "| slide | set | stated | bootstrap only | calibrated | all entries | truth > 0 | width |",
         "|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
-    means = list(head)
+    out = list(head)
     for group in ("train", "held out", "real"):
         for level in LEVELS:
             sel = [r for r in rows if r["set"] == group and r["level"] == level]
             if sel:
-                means.append(_row(f"mean of {len(sel)} slides", group, level, sel))
-    each = list(head)
-    for r in rows:
-        each.append(_row(r["slide"], r["set"], r["level"], [r]))
+                out.append(_row(f"mean of {len(sel)} slides", group, level, sel))
+    if every:
+        out += ["", "Every slide:", "", *head]
+        out += [_row(r["slide"], r["set"], r["level"], [r]) for r in rows]
+    return out
+
+
+def _write_page(results: list[dict] | dict, md: Path | None) -> None:
+    """The calibration tables (means per set, then every slide for the cell fractions), printed
+    and, with ``md``, written as the section ``run_benchmarks.py`` appends to benchmarks.md."""
+    results = [results] if isinstance(results, dict) else results
+    results = sorted(results, key=lambda r: r.get("fractions", "cell") != "cell")
     lines = [
         "## Uncertainty intervals: calibration",
         "",
         (
-            "*Written by `OMP_NUM_THREADS=1 PYTHONPATH=src python "
-            "benchmarks/uncertainty_calibration.py --md docs/bench_uncertainty.md "
-            "--json docs/bench_uncertainty.json` (about 3 min on "
-            "one thread); appended here by `run_benchmarks.py`.* "
-            f"`deconvolve(..., uncertainty=True)` with {result['draws']} draws, seed 0. Coverage = "
-            "share of (spot, type) entries whose **true cell fraction** lies inside the interval, "
-            "over the entries where the type is present in the truth or in the estimate (a type "
-            "absent from both is inside every interval, which contains the estimate); 'all "
-            "entries' counts those too, 'truth > 0' only entries whose truth is not zero. "
-            "'bootstrap only': the draws' spread alone (τ = 0); 'calibrated': with the model "
-            f"error τ = {tau:g} learnt on the six training slides (least squares over the three "
+            "*Written by `benchmarks/uncertainty_calibration.py` (one thread, about 3 min per "
+            "run; appended here by `run_benchmarks.py`):* "
+            "`OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/uncertainty_calibration.py "
+            "--json docs/bench_uncertainty.json`, the same with `--fractions mrna --json "
+            "docs/bench_uncertainty_mrna.json`, then `--from-json docs/bench_uncertainty.json "
+            "docs/bench_uncertainty_mrna.json --md docs/bench_uncertainty.md`. "
+            f"`deconvolve(..., uncertainty=True)` with {results[0].get('draws', 30)} draws, seed "
+            "0. Coverage = share of (spot, type) entries whose **true** proportion lies inside "
+            "the interval, over the entries where the type is present in the truth or in the "
+            "estimate (a type absent from both is inside every interval, which contains the "
+            "estimate); 'all entries' counts those too, 'truth > 0' only entries whose truth is "
+            "not zero. 'bootstrap only': the draws' spread alone (τ = 0); 'calibrated': with "
+            "the model error τ learnt on the six training slides (least squares over the three "
             "levels; `napari_stlnmf.uncertainty.MODEL_SD`). Training and held-out slides are "
-            "simulated from one half of a reference's cells, fitted with the other half; held out: "
-            "other seeds, kinds (gradient, near-pure), a platform effect, 16 µm bins of 1-2 cells "
-            "at 300 counts, the bundled demo. Width: mean over the counted entries."
+            "simulated from one half of a reference's cells, fitted with the other half; held "
+            "out: other seeds, kinds (gradient, near-pure), a platform effect, 16 µm bins of 1-2 "
+            "cells at 300 counts, the bundled demo. Width: mean over the counted entries."
         ),
         "",
-        *means,
-        "",
+    ]
+    for result in results:
+        fractions = result.get("fractions", "cell")
+        title = "Cell fractions (the default)" if fractions == "cell" else (
+            "mRNA fractions (`fractions='mrna'`)"
+        )  # fmt: skip
+        lines += [
+            f"### {title}: τ = {result['model_sd']:g}",
+            "",
+            f"Truth: the true {_WHAT[fractions]}s.",
+            "",
+            *_tables(result, every=fractions == "cell"),
+            "",
+        ]
+    lines += [
         (
             "On the real sets the intervals cover the truth far less often than stated: their "
-            "errors (RMSE 0.08 and 0.11 against 0.03-0.045 on the simulations) come from what the "
-            "simulations do not hold (cell states and sizes unlike the reference's, segmentation), "
-            "which one τ learnt on simulations cannot know. Read a real slide's intervals as the "
-            "uncertainty the model admits, a lower bound on the real one."
+            "errors (cell RMSE 0.08 and 0.11 against 0.03-0.045 on the simulations) come from "
+            "what the simulations do not hold (cell states and sizes unlike the reference's, "
+            "segmentation), which one τ learnt on simulations cannot know. Read a real slide's "
+            "intervals as the uncertainty the model admits, a lower bound on the real one."
         ),
-        "",
-        "Every slide:",
-        "",
-        *each,
         "",
     ]
     text = "\n".join(lines)

@@ -90,6 +90,21 @@ def test_same_seed_same_intervals(demo, demo_run):
     )
 
 
+def test_mrna_fractions_get_their_own_intervals(demo, demo_run):
+    """``fractions='mrna'``: intervals of the mRNA fractions (their own, smaller model error),
+    containing them."""
+    from napari_stlnmf.uncertainty import MODEL_SD
+
+    slide, reference = demo
+    res = _run(slide, reference, fractions="mrna", uncertainty_draws=5)
+    p = res.proportions.to_numpy()
+    np.testing.assert_array_equal(p, res.mrna_fractions.to_numpy())
+    assert (res.uncertainty.lower.to_numpy() <= p).all()
+    assert (p <= res.uncertainty.upper.to_numpy()).all()
+    assert res.info["uncertainty"]["model_sd"] == MODEL_SD["mrna"] < MODEL_SD["cell"]
+    assert demo_run.info["uncertainty"]["model_sd"] == MODEL_SD["cell"]
+
+
 def test_intervals_without_uncertainty_are_none(demo):
     slide, reference = demo
     res = deconvolve(slide, reference, cell_type_key=KEY, seed=0)

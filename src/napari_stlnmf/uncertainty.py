@@ -18,23 +18,25 @@ fit already weights its data with, so the draws are honest about the model actua
 proportion zeroed at 0.05 can be up to 0.05). Per spot and type, the draws' lower and upper
 ``(1 ± level)/2`` quantiles are measured from their median (so the estimator's bias under the
 model is not counted as spread) and combined in quadrature with a model error ``z·τ`` (``z`` the
-normal quantile of the level, ``τ`` = :data:`MODEL_SD`, below): ``lower = p − sqrt(d_lo² +
-(zτ)²)``, ``upper = p + sqrt(d_hi² + (zτ)²)`` around the reported proportion ``p``, clipped to
-[0, 1]. So every interval contains the point estimate, and a proportion reported as zero gets
-``[0, ~zτ]``.
+normal quantile of the level, ``τ`` = :data:`MODEL_SD` of the reported fractions, below):
+``lower = p − sqrt(d_lo² + (zτ)²)``, ``upper = p + sqrt(d_hi² + (zτ)²)`` around the reported
+proportion ``p``, clipped to [0, 1]. So every interval contains the point estimate, and a
+proportion reported as zero gets ``[0, ~zτ]``.
 
 **Calibration.** Count noise is not all the error: the cells in a spot vary in size and state
 around the reference's means, the platform effect is estimated, the reference comes from other
 cells. The bootstrap cannot see these, so its intervals alone cover the truth less often than
-stated (about 75 % at a stated 90 % on the training simulations). ``τ`` is the one extra
-standard deviation per proportion, the same for every spot and type, that makes the stated
-coverage match at 50, 80 and 90 % on training simulations (seeds 0-5, ``smooth`` and
-``regions`` slides of 6-10 types at 1,000-10,000 counts per spot); on held-out seeds and kinds
-(gradients, near-pure regions, platform effects, 1-2-cell bins, the bundled demo) the coverage
-stays within a few percent of the stated level; on the real seqFISH+ and osmFISH sets, whose
-errors are twice the simulations', it falls short (``benchmarks/uncertainty_calibration.py``;
-table in ``docs/benchmarks.md``). Coverage is counted over the entries where the type is
-present in the truth or the estimate: a type absent from both is covered by any interval.
+stated (at a stated 90 % on the training simulations: 0.49 of cell fractions, 0.74 of mRNA
+fractions). ``τ`` is one extra standard deviation per proportion, the same for every spot and
+type, that makes the stated coverage match at 50, 80 and 90 % (least squares) on training
+simulations (seeds 0-5, ``smooth`` and ``regions`` slides of 6-10 types at 1,000-10,000 counts
+per spot): 0.056 for cell fractions (they also carry the spread of cell sizes), 0.024 for mRNA
+fractions. On held-out seeds and kinds (gradients, near-pure regions, platform effects, 1-2-cell
+bins, the bundled demo) the coverage stays within a few percent of the stated level; on the real
+seqFISH+ and osmFISH sets, whose errors are twice the simulations', it falls short
+(``benchmarks/uncertainty_calibration.py``; table in ``docs/benchmarks.md``). Coverage is
+counted over the entries where the type is present in the truth or the estimate: a type absent
+from both is covered by any interval.
 """
 
 from __future__ import annotations
@@ -65,8 +67,8 @@ __all__ = [
 DEFAULT_DRAWS = UNCERTAINTY_DRAWS
 DEFAULT_LEVEL = UNCERTAINTY_LEVEL
 # τ: the model error added in quadrature to the bootstrap spread, per proportion, learnt on
-# training simulations (benchmarks/uncertainty_calibration.py)
-MODEL_SD = 0.056
+# training simulations for cell and for mRNA fractions (benchmarks/uncertainty_calibration.py)
+MODEL_SD = {"cell": 0.056, "mrna": 0.024}
 _CHUNK_ENTRIES = 4_000_000  # spots x genes per dense block of expected counts
 
 
@@ -187,7 +189,7 @@ def resample_fractions(
 
 
 def interval_from_draws(
-    point: np.ndarray, draws: np.ndarray, level: float, model_sd: float = MODEL_SD
+    point: np.ndarray, draws: np.ndarray, level: float, model_sd: float = MODEL_SD["cell"]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Lower and upper ends (see the module docstring): the draws' ``(1 ± level)/2`` quantiles
     measured from their median, each combined in quadrature with ``z·model_sd``, around
@@ -225,14 +227,14 @@ def library_uncertainty(
     )  # fmt: skip
     reported = fractions.cell if which == "cell" else fractions.mrna
     level = float(settings.uncertainty_level)
-    lower, upper = interval_from_draws(reported, draws, level, MODEL_SD)
+    lower, upper = interval_from_draws(reported, draws, level, MODEL_SD[which])
     info = {
         "method": "parametric bootstrap (NB(B v, phi) counts, the fit re-run on each draw) "
         "+ calibrated model error in quadrature",
         "level": level,
         "n_draws": int(settings.uncertainty_draws),
         "overdispersion": phi,
-        "model_sd": MODEL_SD,
+        "model_sd": MODEL_SD[which],
         "median_width": float(np.median(upper - lower)) if upper.size else 0.0,
     }
     return lower, upper, info
