@@ -906,9 +906,9 @@ def write_page(acc, sc, figs, args, started, regions=None):
 # benchmarks run on their own (a display, a cluster) write a section of the page; kept as is
 SEPARATE_SECTIONS = (
     "bench_napari_hd.md",
-    "bench_batch.md",
-    "bench_uncertainty.md",
     "bench_missing_type.md",
+    "bench_uncertainty.md",
+    "bench_batch.md",
 )
 
 

@@ -4,9 +4,14 @@ with modules that must not import torch (the CLI)."""
 SPATIAL_KEY = "spatial"  # obsm key of (x, y) spot centres in full-resolution pixels
 PROPORTIONS_KEY = "stlnmf_proportions"  # obsm: cell fractions (spots x types DataFrame)
 MRNA_FRACTIONS_KEY = "stlnmf_mrna_fractions"  # obsm: mRNA fractions (spots x types DataFrame)
+LOWER_KEY = "stlnmf_lower"  # obsm: lower ends of the proportions' intervals (uncertainty=True)
+UPPER_KEY = "stlnmf_upper"  # obsm: upper ends
 FIT_ERROR_KEY = "stlnmf_fit_error"  # obs: per-spot relative reconstruction error
 QC_KEY = "stlnmf_qc"  # obs: "ok" or why a spot got no estimate (e.g. "no counts")
 UNS_KEY = "stlnmf"  # uns: parameters, genes used, version
 # cells kept per type of a single-cell reference: type means are stable long before, and an
 # atlas of 10^6 cells would otherwise be copied whole into float32 CSR
 MAX_CELLS_PER_TYPE = 10_000
+# uncertainty=True: resampled fits and the intervals' stated coverage
+UNCERTAINTY_DRAWS = 30
+UNCERTAINTY_LEVEL = 0.9

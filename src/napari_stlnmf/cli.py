@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 
 from ._constants import MAX_CELLS_PER_TYPE
+from ._constants import UNCERTAINTY_DRAWS as DEFAULT_DRAWS
+from ._constants import UNCERTAINTY_LEVEL as DEFAULT_LEVEL
 from .output_folder import check_output_folder, staged_results
 from .preprocess import GENE_WEIGHTINGS
 from .progress import Stage, stage_label
@@ -50,7 +52,8 @@ def write_results(
     result, out_dir, *, library_id=None, library_key=None, plots=True, previous=(), extras=None
 ) -> list[Path]:
     """``proportions.csv`` (by barcode), ``mrna_fractions.csv``, ``spot_qc.csv`` (with
-    ``diagnose``: its diagnostics columns, and ``unexplained_regions.csv``), ``result.h5ad``
+    ``diagnose``: its diagnostics columns, and ``unexplained_regions.csv``; with
+    ``uncertainty``: ``proportions_lower.csv`` and ``proportions_upper.csv``), ``result.h5ad``
     and maps (with ``library_key``: one folder of maps per library, as their coordinates may
     overlap). Everything is written under temporary names and renamed into place
     (:func:`~.output_folder.staged_results`); ``previous`` files that the new run does not
@@ -63,6 +66,9 @@ def write_results(
             qc = qc.join(result.diagnostics)
             result.unexplained_regions.to_csv(out / "unexplained_regions.csv", index=False)
         qc.to_csv(out / "spot_qc.csv", index_label="barcode")
+        if getattr(result, "uncertainty", None) is not None:
+            result.uncertainty.lower.to_csv(out / "proportions_lower.csv", index_label="barcode")
+            result.uncertainty.upper.to_csv(out / "proportions_upper.csv", index_label="barcode")
         if result.adata is not None:
             result.adata.write_h5ad(out / "result.h5ad", compression="gzip")
             if plots:
@@ -166,6 +172,24 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         help="flag the spots the reference cannot explain (deviance z > 3), their regions and "
         "residual genes: columns of spot_qc.csv and unexplained_regions.csv",
     )
+    p.add_argument(
+        "--uncertainty",
+        action="store_true",
+        help="an interval per spot and type (parametric bootstrap, calibrated on simulations): "
+        "proportions_lower.csv and proportions_upper.csv",
+    )
+    p.add_argument(
+        "--uncertainty-draws",
+        type=int,
+        default=DEFAULT_DRAWS,
+        help=f"with --uncertainty: resampled fits (default {DEFAULT_DRAWS})",
+    )
+    p.add_argument(
+        "--uncertainty-level",
+        type=float,
+        default=DEFAULT_LEVEL,
+        help=f"with --uncertainty: the intervals' coverage (default {DEFAULT_LEVEL})",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
         "--overwrite",
@@ -190,6 +214,9 @@ def _model_kwargs(a) -> dict:
         "device": a.device,
         "gene_weighting": a.weighting,
         "diagnose": a.diagnose,
+        "uncertainty": a.uncertainty,
+        "uncertainty_draws": a.uncertainty_draws,
+        "uncertainty_level": a.uncertainty_level,
     }
 
 

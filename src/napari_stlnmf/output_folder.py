@@ -23,6 +23,8 @@ RESULT_PATTERNS = (
     "mrna_fractions.csv",
     "spot_qc.csv",
     "unexplained_regions.csv",
+    "proportions_lower.csv",
+    "proportions_upper.csv",
     "result.h5ad",
     "map_*.png",
     "maps_*/map_*.png",

@@ -53,6 +53,7 @@ from .solvers import CLASSIC_MAX_ITER, ClassicSolver, FitInputs, Solver, Unrolle
 from .solvers import Fit as SolverFit
 from .subtypes import Subtypes, choose_subtypes, merge_subtypes
 from .train import TrainReport, calibrated_noise_ranges, make_training_slides, train_unrolled
+from .uncertainty import DEFAULT_DRAWS, DEFAULT_LEVEL, check_uncertainty_options
 
 __all__ = [
     "MAX_CELLS_PER_TYPE",
@@ -134,9 +135,13 @@ class DeconvolutionSettings:
     max_cells_per_type: int | None = MAX_CELLS_PER_TYPE
     diagnose: bool = False
     marker_gene_sets: dict | None = None
+    uncertainty: bool = False
+    uncertainty_draws: int = DEFAULT_DRAWS
+    uncertainty_level: float = DEFAULT_LEVEL
 
     def __post_init__(self):
         check_settings_values(self)  # types and ranges of the numbers, the device
+        check_uncertainty_options(self.uncertainty, self.uncertainty_draws, self.uncertainty_level)
         object.__setattr__(self, "marker_gene_sets", check_gene_sets(self.marker_gene_sets))
         if self.method not in ("unrolled", "classic"):
             raise StlnmfError(f"method must be 'unrolled' or 'classic', not {self.method!r}")

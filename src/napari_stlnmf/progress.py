@@ -23,6 +23,7 @@ class Stage(str, Enum):
     SIMULATING = "simulating"
     TRAINING = "training"
     DECONVOLVING = "deconvolving"
+    UNCERTAINTY = "uncertainty"
     DONE = "done"
 
     @property
@@ -42,6 +43,7 @@ _LABELS = {
     Stage.SIMULATING: "Simulating training slides",
     Stage.TRAINING: "Training on simulated slides",
     Stage.DECONVOLVING: "Deconvolving",
+    Stage.UNCERTAINTY: "Resampling counts for the uncertainty intervals",
     Stage.DONE: "Done",
 }
 
