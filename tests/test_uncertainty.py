@@ -236,3 +236,43 @@ def test_each_library_gets_the_intervals_it_gets_alone(demo):
         np.testing.assert_allclose(
             res.uncertainty.upper[rows].to_numpy(), alone.uncertainty.upper.to_numpy(), atol=1e-6
         )
+
+
+def test_result_layers_carry_the_intervals_to_the_hover_and_back_from_h5ad(
+    demo_run, demo, tmp_path
+):
+    """napari: one intervals object in every result layer; the hover shows each type's interval
+    (the table's values, rounded); a written result .h5ad opens with them again."""
+    from napari_stlnmf.layers import (
+        INTERVALS_KEY,
+        hover_text,
+        result_layers,
+        result_layers_from_adata,
+    )
+
+    slide, _ = demo
+    res = demo_run
+    layers = result_layers(
+        res.proportions, res.fit_error, res.qc, slide, uncertainty=res.uncertainty
+    )
+    intervals = {id(kw["metadata"][INTERVALS_KEY]) for _, kw, _ in layers}
+    assert len(intervals) == 1
+    meta = layers[-1][1]["metadata"]
+    k = 7
+    text = hover_text(meta["stlnmf_table"], k, intervals=meta[INTERVALS_KEY])
+    row = res.proportions.iloc[k]
+    best = row[row >= 0.01].sort_values(ascending=False).index[:5]
+    lines = text.split("\n")
+    for t, line in zip(best, lines[1:], strict=False):
+        lo, hi = res.uncertainty.lower.iloc[k][t], res.uncertainty.upper.iloc[k][t]
+        assert line == f"{t}  {row[t]:.1%}  ({lo:.0%}–{hi:.0%})"
+    assert f"intervals: {res.uncertainty.level:.0%}" in lines
+    # without intervals the hover is as before
+    assert "(" not in hover_text(meta["stlnmf_table"], k).split("\n")[1]
+    path = tmp_path / "result.h5ad"
+    res.adata.write_h5ad(path)
+    again = result_layers_from_adata(ad.read_h5ad(path))
+    back = again[-1][1]["metadata"][INTERVALS_KEY]
+    np.testing.assert_allclose(back.lower, res.uncertainty.lower.to_numpy(), rtol=1e-6)
+    np.testing.assert_allclose(back.upper, res.uncertainty.upper.to_numpy(), rtol=1e-6)
+    assert back.level == res.uncertainty.level

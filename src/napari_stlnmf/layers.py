@@ -39,7 +39,14 @@ import numpy as np
 import pandas as pd
 
 from . import io
-from ._constants import FIT_ERROR_KEY, PROPORTIONS_KEY, QC_KEY, SPATIAL_KEY
+from ._constants import (
+    FIT_ERROR_KEY,
+    LOWER_KEY,
+    PROPORTIONS_KEY,
+    QC_KEY,
+    SPATIAL_KEY,
+    UPPER_KEY,
+)
 from .errors import ImageMismatchError
 
 # re-exported: the frames and napari-spatialdata's layers live in their own modules
@@ -595,11 +602,10 @@ def result_layers(
     affine = world_affine(slide, library_id)
     show_all = visible == "all"
 
-    intervals = (
-        None
-        if uncertainty is None
-        else ResultIntervals.of(uncertainty, proportions.index.astype(str), types)
-    )
+    if uncertainty is None or isinstance(uncertainty, ResultIntervals):
+        intervals = uncertainty
+    else:
+        intervals = ResultIntervals.of(uncertainty, proportions.index.astype(str), types)
     extra_all = {} if intervals is None else {INTERVALS_KEY: intervals}
 
     def meta(role, cell_type=None, extra=None):
@@ -812,6 +818,16 @@ def result_layers_from_adata(
             },
             index=prop.index,
         )
+    uncertainty = None
+    if LOWER_KEY in adata.obsm and UPPER_KEY in adata.obsm:  # deconvolve(uncertainty=True)
+        level = ((adata.uns.get("stlnmf") or {}).get("uncertainty") or {}).get("level")
+        if level is not None:
+            # rows are the slide's spots, columns its types: as the proportions
+            uncertainty = ResultIntervals(
+                np.asarray(adata.obsm[LOWER_KEY], dtype=np.float32),
+                np.asarray(adata.obsm[UPPER_KEY], dtype=np.float32),
+                float(level),
+            )
     return result_layers(
         prop,
         fit,
@@ -822,4 +838,5 @@ def result_layers_from_adata(
         library_id=library_id,
         slide_name=slide_name,
         diagnostics=diagnostics,
+        uncertainty=uncertainty,
     )

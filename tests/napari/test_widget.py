@@ -160,6 +160,11 @@ def test_deconvolve_runs_and_makes_layers(make_napari_viewer, qtbot, errors):
     # one proportion map (showing the first type), the dominant type, the reference misfit
     # (diagnosis is on by default in the dock), the fit error
     assert widget.diagnose.value and widget._job().kwargs["diagnose"] is True
+    # intervals: off by default (about 5x the time), passed on when ticked
+    assert widget._job().kwargs["uncertainty"] is False
+    widget.uncertainty.value = True
+    assert widget._job().kwargs["uncertainty"] is True
+    widget.uncertainty.value = False
     assert names == [
         result_layer_name(slide, FIT_ERROR_LAYER),
         result_layer_name(slide, MISFIT_LAYER),
