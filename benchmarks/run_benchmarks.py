@@ -899,6 +899,9 @@ def write_page(acc, sc, figs, args, started, regions=None):
         lines.append("")
         if "scaling" in figs:
             lines += [f"![scaling]({figs['scaling']})", ""]
+    batch = DOCS / "bench_batch.md"  # written by benchmarks/batch_speedup.py
+    if batch.exists():
+        lines += [batch.read_text().strip(), ""]
     (DOCS / "benchmarks.md").write_text("\n".join(lines) + "\n")
 
 
