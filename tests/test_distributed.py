@@ -20,7 +20,12 @@ import pytest
 import scipy.sparse as sp
 
 from napari_stlnmf import deconvolve
-from napari_stlnmf.errors import GeneMismatchError, OutputFolderError, StlnmfError
+from napari_stlnmf.errors import (
+    GeneMismatchError,
+    OutputFolderError,
+    ReferenceWarning,
+    StlnmfError,
+)
 
 pytest.importorskip("distributed", reason="the [distributed] extra is not installed")
 
@@ -177,6 +182,28 @@ def test_a_bad_slide_fails_alone_and_is_reported(client, slides, demo, tmp_path)
     assert not (tmp_path / "bad" / "proportions.csv").exists()
     for name in ("slide0", "slide2"):
         assert (tmp_path / name / "proportions.csv").is_file()
+
+
+def test_reference_warnings_come_back_once(client, slides, demo):
+    """The reference check runs on the workers; its warnings reach the caller, each once,
+    naming the slides (a type with 10 cells: the same finding for every slide)."""
+    reference = demo[1]
+    labels = reference.obs[KEY].astype(str)
+    few = labels.unique()[0]
+    keep = (labels != few).to_numpy()
+    keep[np.flatnonzero(labels == few)[:10]] = True
+    reference = reference[keep].copy()
+    two = {k: slides[k] for k in ("slide1", "slide3")}
+    with pytest.warns(ReferenceWarning) as record:
+        batch = deconvolve_many(
+            two, reference, cell_type_key=KEY, client=client, progress=False, n_layers=20
+        )
+    assert (batch.summary["status"] == "done").all()
+    ours = [str(w.message) for w in record if issubclass(w.category, ReferenceWarning)]
+    assert len(ours) == len(set(ours))
+    few_cells = [m for m in ours if "fewer than" in m and few in m]
+    assert len(few_cells) == 1 and few_cells[0].endswith("(slides: slide1, slide3)")
+    assert "warnings" not in batch.summary.columns
 
 
 def test_slide_names_from_paths_refuse_duplicates(tmp_path):

@@ -21,6 +21,7 @@ import shutil
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ import pandas as pd
 
 from . import __version__
 from ._constants import MAX_CELLS_PER_TYPE
-from .errors import MissingDependencyError, OutputFolderError, StlnmfError
+from .errors import MissingDependencyError, OutputFolderError, ReferenceWarning, StlnmfError
 
 __all__ = ["MARKER", "BatchResult", "deconvolve_many", "load_slide_result", "slide_names"]
 
@@ -273,10 +274,23 @@ def deconvolve_many(
     if out is not None:
         for name in named:
             _remove_staging(out / name)
+    _warn_once({name: rows[name] for name in named if name in rows})  # in the slides' order
     summary = pd.DataFrame(
         [rows[name] for name in named], columns=["slide", "spots", "seconds", "status", "message"]
     )
     return BatchResult(summary=summary, out=out, _results=results)
+
+
+def _warn_once(rows: dict) -> None:
+    """Each reference warning of the slides' runs, once, naming the slides it was raised for
+    (most are about the reference alone, the same for every slide)."""
+    slides_of: dict[str, list[str]] = {}
+    for name, row in rows.items():
+        for message in row.pop("warnings", None) or []:
+            slides_of.setdefault(message, []).append(name)
+    for message, names in slides_of.items():
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        warnings.warn(f"{message} (slides: {shown})", ReferenceWarning, stacklevel=3)
 
 
 def _check_options(options: dict) -> None:
@@ -394,9 +408,12 @@ def _run_slide(name, slide, reference, cell_type_key, options, folder, record, m
         folder.mkdir(parents=True, exist_ok=True)
         _write_marker(folder, {**record, "status": "running"})
     try:
-        result = deconvolve(
-            slide, reference, cell_type_key=cell_type_key, progress=progress, **options
-        )
+        # the reference check's warnings, raised on the worker, go back with the row
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ReferenceWarning)
+            result = deconvolve(
+                slide, reference, cell_type_key=cell_type_key, progress=progress, **options
+            )
     except StlnmfError as exc:  # bad input: the same on every retry
         row = {"slide": name, "spots": None, "seconds": time.perf_counter() - t0}
         row.update(status="failed", message=f"{type(exc).__name__}: {exc}")
@@ -404,6 +421,7 @@ def _run_slide(name, slide, reference, cell_type_key, options, folder, record, m
     result.model = None  # the shipped parameters; not sent back
     row = {"slide": name, "spots": int(result.proportions.shape[0])}
     row.update(seconds=round(time.perf_counter() - t0, 3), status="done", message="")
+    row["warnings"] = [str(w.message) for w in caught if issubclass(w.category, ReferenceWarning)]
     if folder is None:
         return row, result
     written = _write_slide_folder(result, folder, options, maps)
