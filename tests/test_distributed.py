@@ -215,6 +215,10 @@ def test_slide_names_from_paths_refuse_duplicates(tmp_path):
         deconvolve_many({"a": "a.h5ad"}, "ref.h5ad", save_params=tmp_path / "p.pt")
     with pytest.raises(StlnmfError, match="n_layer"):
         deconvolve_many({"a": "a.h5ad"}, "ref.h5ad", n_layer=3)
+    with pytest.raises(StlnmfError, match="not both"):
+        deconvolve_many({"a": "a.h5ad"}, "ref.h5ad", client=object(), workers=2)
+    with pytest.raises(StlnmfError, match="at least 1"):
+        deconvolve_many({"a": "a.h5ad"}, "ref.h5ad", workers=0)
 
 
 def test_cli_batch_end_to_end(client, slides, demo, tmp_path, capsys):

@@ -204,6 +204,13 @@ def deconvolve_many(
         ``summary`` (slide, spots, seconds, status, message), ``failed``, ``batch[name]``.
     """
     _check_options(options)
+    if client is not None and workers is not None:
+        raise StlnmfError(
+            "give either client= (an existing cluster, its own workers) or workers= (a local "
+            "cluster of that many processes), not both"
+        )
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        raise StlnmfError(f"workers={workers!r}: give a whole number of at least 1")
     named = slide_names(slides)
     distributed = _require_distributed()
     from tqdm.auto import tqdm
