@@ -323,3 +323,21 @@ def test_import_without_dask():
     assert proc.returncode == 0, proc.stderr
     assert "pip install 'napari-stlnmf[distributed]'" in proc.stdout
     assert Path(sys.executable).exists()
+
+
+def test_own_cluster_workers_keep_glibc_default_trim(monkeypatch):
+    """deconvolve_many's LocalCluster does not give its workers dask's
+    MALLOC_TRIM_THRESHOLD_=65536 (15-28 % slower fits), but keeps one the user set."""
+    import distributed
+
+    from napari_stlnmf.distributed import _local_cluster
+
+    def trim():
+        return os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS")
+
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    with _local_cluster(distributed, 1) as cluster, distributed.Client(cluster) as c:
+        assert list(c.run(trim).values()) == [(None, "1")]
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    with _local_cluster(distributed, 1) as cluster, distributed.Client(cluster) as c:
+        assert list(c.run(trim).values()) == [("131072", "1")]
