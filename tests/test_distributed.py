@@ -48,7 +48,7 @@ def client():
     from distributed import Client, LocalCluster
 
     cluster = LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
     )
     with Client(cluster) as c:
         yield c
@@ -341,3 +341,15 @@ def test_own_cluster_workers_keep_glibc_default_trim(monkeypatch):
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
     with _local_cluster(distributed, 1) as cluster, distributed.Client(cluster) as c:
         assert list(c.run(trim).values()) == [("131072", "1")]
+
+
+def test_own_local_cluster_with_progress_bar(slides, demo, single_runs, capsys):
+    """client=None: deconvolve_many starts a LocalCluster of `workers` processes, shows a
+    progress bar of the slides on stderr, and closes the cluster; same results as alone."""
+    two = {k: slides[k] for k in ("slide3", "slide1")}
+    batch = deconvolve_many(two, demo[1], cell_type_key=KEY, workers=2, seed=SEED)
+    assert (batch.summary["status"] == "done").all()
+    for name in two:
+        _assert_same(batch[name], single_runs[name])
+    err = capsys.readouterr().err
+    assert "Slides" in err and "2/2" in err

@@ -296,7 +296,7 @@ def _local_cluster(distributed, n_workers: int):
     with dask.config.set({key: None}):
         return distributed.LocalCluster(
             n_workers=max(1, int(n_workers)), threads_per_worker=1, processes=True,
-            dashboard_address=None,
+            dashboard_address=":0",
         )  # fmt: skip
 
 
