@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -U pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[testing,spatialdata]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[testing,spatialdata,distributed]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -11,18 +11,22 @@ from . import io
 from .errors import ReferenceWarning, StlnmfError
 
 __all__ = [
+    "BatchResult",
     "Cancelled",
     "DeconvolutionResult",
     "ReferenceWarning",
     "StlnmfError",
     "__version__",
     "deconvolve",
+    "deconvolve_many",
     "io",
 ]
 
 # Imported on first use (PEP 562): the api pulls in torch, which `import napari_stlnmf.io`
 # (and the napari reader, asked about every file napari opens) must not pay for.
 _FROM_API = {"Cancelled", "DeconvolutionResult", "deconvolve"}
+# dask is imported by deconvolve_many's call only (the [distributed] extra)
+_FROM_DISTRIBUTED = {"BatchResult", "deconvolve_many"}
 
 
 def __getattr__(name):
@@ -30,8 +34,12 @@ def __getattr__(name):
         from . import api
 
         return getattr(api, name)
+    if name in _FROM_DISTRIBUTED:
+        from . import distributed
+
+        return getattr(distributed, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | _FROM_API)
+    return sorted(set(globals()) | _FROM_API | _FROM_DISTRIBUTED)

@@ -1,4 +1,5 @@
-"""Command line: ``stlnmf run`` (deconvolve a slide) and ``stlnmf demo`` (bundled data)."""
+"""Command line: ``stlnmf run`` (deconvolve a slide), ``stlnmf demo`` (bundled data) and
+``stlnmf batch`` (many slides on a dask cluster: :mod:`.cli_batch`)."""
 
 from __future__ import annotations
 
@@ -406,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", type=Path, default=Path("results"))
     _add_model_options(demo)
+    from .cli_batch import add_batch_parser
+
+    add_batch_parser(sub)  # stlnmf batch: many slides on a dask cluster
     return parser
 
 
@@ -421,6 +425,10 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "batch":
+            from .cli_batch import run_batch
+
+            return run_batch(args)
         return _run(args) if args.command == "run" else _demo(args)
     except (StlnmfError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -64,3 +64,8 @@ class ReferenceWarning(UserWarning):
     cells, placeholder labels, another species' gene names, most genes missing from the
     slide): found by :func:`napari_stlnmf.reference_check.check_reference` before the fit;
     the message says what to do. The run goes on."""
+
+
+class MissingDependencyError(StlnmfError):
+    """An optional dependency (an extra of napari-stlnmf) is not installed; the message names
+    the ``pip install`` command."""

@@ -1,0 +1,177 @@
+"""Many slides: ``deconvolve_many`` on a LocalCluster vs the same slides one by one.
+
+24 simulated Visium-size slides (55 x 55 hexagonal spots = 3,025 each, 2,000 genes, 12 cell
+types, a platform effect), written as ``.h5ad`` files, with one single-cell reference file
+(``.h5ad``, 300 cells per type). Both runs start from the files and write every slide's results
+(tables + ``result.h5ad``, no PNG maps):
+
+* one by one: ``deconvolve(path, reference_path, ...)`` + ``write_results`` in this process, one
+  thread (``OMP_NUM_THREADS=1``, ``torch.set_num_threads(1)``), the reference read for each slide
+  as ``stlnmf run`` would;
+* batch: ``deconvolve_many(paths, reference_path, workers=W, out=...)``: a LocalCluster of W
+  processes with one thread each, started and closed inside the timed call.
+
+Both give the same proportions (checked here, bit for bit). Writes ``docs/bench_batch.md``
+(included in docs/benchmarks.md by run_benchmarks.py) and prints it.
+
+    cd benchmarks && OMP_NUM_THREADS=1 PYTHONPATH=../src python batch_speedup.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+HERE = Path(__file__).resolve().parent
+DOCS = HERE.parent / "docs"
+KEY = "cell_type"
+
+
+def make_inputs(folder: Path, n_slides: int, rows: int, cols: int, seed: int = 0):
+    from napari_stlnmf.datasets import hex_layout, make_reference
+    from napari_stlnmf.preprocess import build_reference
+    from napari_stlnmf.simulate import simulate_slide
+
+    reference = make_reference(n_types=12, n_genes=2000, cells_per_type=300, seed=seed)
+    ref_path = folder / "reference.h5ad"
+    reference.write_h5ad(ref_path)
+    built = build_reference(reference, cell_type_key=KEY)
+    xy = hex_layout(rows, cols)
+    paths = []
+    for i in range(n_slides):
+        sim = simulate_slide(
+            xy, built, kind=("regions", "smooth")[i % 2], platform_sigma=0.3, seed=seed + 100 + i
+        )
+        slide = ad.AnnData(
+            X=sp.csr_matrix(sim.counts.astype(np.float32)),
+            obs=pd.DataFrame(index=[f"s{i}_spot{j}" for j in range(len(xy))]),
+            var=pd.DataFrame(index=list(built.genes)),
+        )
+        slide.obsm["spatial"] = xy
+        path = folder / f"slide{i:02d}.h5ad"
+        slide.write_h5ad(path)
+        paths.append(path)
+    return paths, ref_path
+
+
+def one_by_one(paths, ref_path, out: Path, seed: int) -> tuple[float, dict]:
+    import torch
+
+    from napari_stlnmf import deconvolve
+    from napari_stlnmf.cli import write_results
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    props = {}
+    for path in paths:
+        res = deconvolve(path, ref_path, cell_type_key=KEY, seed=seed)
+        write_results(res, out / path.stem, plots=False)
+        props[path.stem] = res.proportions
+    return time.perf_counter() - t0, props
+
+
+def batch(paths, ref_path, out: Path, workers: int, seed: int) -> tuple[float, dict, pd.DataFrame]:
+    from napari_stlnmf import deconvolve_many
+
+    t0 = time.perf_counter()
+    res = deconvolve_many(
+        paths, ref_path, cell_type_key=KEY, workers=workers, out=out, maps=False,
+        progress=False, seed=seed,
+    )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    props = {name: res[name].proportions for name in res.names}
+    return seconds, props, res.summary
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--slides", type=int, default=24)
+    p.add_argument("--rows", type=int, default=55)
+    p.add_argument("--cols", type=int, default=55)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=DOCS / "bench_batch.md")
+    a = p.parse_args(argv)
+    warnings.simplefilter("ignore")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        paths, ref_path = make_inputs(tmp, a.slides, a.rows, a.cols, seed=a.seed)
+        print(f"simulated {len(paths)} slides in {time.perf_counter() - t0:.0f} s", flush=True)
+        t_serial, serial = one_by_one(paths, ref_path, tmp / "serial", a.seed)
+        print(f"one by one: {t_serial:.1f} s", flush=True)
+        t_batch, batched, summary = batch(paths, ref_path, tmp / "batch", a.workers, a.seed)
+        print(f"batch ({a.workers} workers): {t_batch:.1f} s", flush=True)
+    same = all(
+        np.array_equal(serial[k].to_numpy(), batched[k].to_numpy(), equal_nan=True) for k in serial
+    )
+    n_spots = a.rows * a.cols
+    ratio = t_serial / t_batch
+    task = summary["seconds"].astype(float)
+    cmd = "cd benchmarks && OMP_NUM_THREADS=1 PYTHONPATH=../src python batch_speedup.py"
+    extra = " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+    setup = (
+        f"Generated by `{cmd}{' ' + extra if extra else ''}` on {time.strftime('%Y-%m-%d')}: "
+        f"{platform.machine()}, {os.cpu_count()} cores, **shared with other jobs while it ran** "
+        "(the ratio is a lower bound of what an idle machine gives). "
+        f"{a.slides} simulated Visium-size slides ({n_spots:,} spots, 2,000 genes, 12 types, "
+        "platform effect) and a single-cell reference (3,600 cells), all `.h5ad` files; each "
+        "slide's tables and `result.h5ad` written (no maps). *One by one*: `deconvolve` + "
+        "`write_results` per slide in one process, one thread, the reference file read for "
+        "each slide as `stlnmf run` does. *Batch*: "
+        f"`deconvolve_many(paths, reference, workers={a.workers}, out=...)`, a LocalCluster of "
+        f"{a.workers} processes × 1 thread started and closed inside the timed call, the "
+        "reference prepared once and scattered to the workers."
+    )
+    batch_row = (
+        f"| deconvolve_many, LocalCluster({a.workers} × 1 thread) | {t_batch:.1f} "
+        f"| {t_batch / a.slides:.2f} |"
+    )
+    speedup = (
+        f"- speed-up: **{ratio:.2f}×** with {a.workers} workers (task time on the workers: "
+        f"median {task.median():.2f} s, mean {task.mean():.2f} s, max {task.max():.2f} s; "
+        f"one by one: {t_serial / a.slides:.2f} s per slide)"
+    )
+    cluster = (
+        "The same command on a real cluster: start a scheduler and workers (e.g. dask-jobqueue's "
+        "`SLURMCluster(cores=1, processes=1, memory='8GB').scale(jobs=32)`, or `dask scheduler` "
+        "and `dask worker tcp://HOST:8786 --nworkers 1 --nthreads 1` on each node), then "
+        "`stlnmf batch --slides slides.txt --reference ref.h5ad --cell-type-key cell_type "
+        "--out results --scheduler tcp://HOST:8786` (slide and reference paths on a file "
+        "system the workers share)."
+    )
+    lines = [
+        "## Many slides on a dask cluster",
+        "",
+        setup,
+        "",
+        "| run | wall time (s) | per slide (s) |",
+        "|---|---|---|",
+        f"| one by one, 1 process | {t_serial:.1f} | {t_serial / a.slides:.2f} |",
+        batch_row,
+        "",
+        speedup,
+        f"- proportions identical to the one-by-one run for every slide: {same}",
+        "",
+        cluster,
+    ]
+    text = "\n".join(lines) + "\n"
+    a.out.write_text(text)
+    print(text)
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
