@@ -34,7 +34,14 @@ from magicgui.widgets import (
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QEvent, QObject, Qt, Signal
-from qtpy.QtWidgets import QComboBox, QFileDialog, QWidget
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFrame,
+    QScrollArea,
+    QVBoxLayout,
+    QWidget,
+)
 
 from ..diagnostics import diagnosis_summary
 from ..errors import StlnmfError
@@ -396,10 +403,23 @@ class DeconvolveWidget(Container):
                 self.export_button,
                 self.progress,
                 self.status,
-                self.diagnosis,
-                self.legend,
             ]
         )
+        # the diagnosis and the legend grow with the result (20+ types, several regions): in a
+        # scroll area of their own, so the dock never stretches the window past the screen
+        results = QScrollArea()
+        results.setWidgetResizable(True)
+        results.setFrameShape(QFrame.Shape.NoFrame)
+        inner = QWidget()
+        column = QVBoxLayout(inner)
+        column.setContentsMargins(0, 0, 0, 0)
+        for label in (self.diagnosis, self.legend):
+            column.addWidget(label.native)
+        column.addStretch(1)
+        results.setWidget(inner)
+        results.setMinimumHeight(160)
+        self.native.layout().addWidget(results)
+        self._results_area = results
 
         self.slide_file.changed.connect(self._on_slide_file)
         self.slide_folder.changed.connect(self._on_slide_folder)
