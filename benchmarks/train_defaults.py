@@ -23,11 +23,21 @@ warnings.simplefilter("ignore")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def groups(seed=0, gene_weighting="sqrt"):
-    from napari_stlnmf.datasets import hex_layout, make_reference
-    from napari_stlnmf.graph import build_graph
-    from napari_stlnmf.preprocess import build_reference, prepare
-    from napari_stlnmf.train import make_training_slides
+MISMATCH_SETS = ("seqfish_ob", "osmfish_ss")
+
+
+def groups(seed=0, gene_weighting="sqrt", mismatch=()):
+    """Training groups: (prepared reference, 4 slides, φ) per reference and layout.
+
+    The six synthetic references build their slides from their own cells (as fine-tuning
+    does). Each name in ``mismatch`` adds two groups from that real set's reference cells,
+    split in two halves per type: one half is the reference, the other builds the slides, so
+    the slides' cells are not the reference's (a rare type's profile misses its slide cells,
+    subtypes differ in share, cells differ in size) — what real tissue shows and our own
+    simulations never did.
+    """
+    from napari_stlnmf.datasets import make_reference
+    from napari_stlnmf.preprocess import build_reference
 
     rng = np.random.default_rng(seed)
     out = []
@@ -38,37 +48,41 @@ def groups(seed=0, gene_weighting="sqrt"):
             ),
             cell_type_key="cell_type",
         )
-        if i % 2:
-            xy = hex_layout(28, 28)
-        else:
-            g = np.arange(26)
-            xy = np.column_stack([np.repeat(g, 26), np.tile(g, 26)]).astype(float) * 100
-        graph = build_graph(xy)
         depth = float(rng.choice([1000, 3000, 10000]))
-        # prepare on a pilot simulation to pick genes and scales the way deconvolve would
-        slides = make_training_slides(
-            xy,
-            graph,
-            ref,
-            n_slides=4,
-            max_spots=700,
-            library_sizes=np.full(10, depth),
-            seed=seed + i,
-        )
-        X_pilot = np.vstack([s.X.numpy() for s in slides]) * depth
-        prep = prepare(X_pilot, ref.genes, ref, gene_weighting=gene_weighting)
-        sel = ref.subset_genes(prep.genes)
-        slides = make_training_slides(
-            xy,
-            graph,
-            sel,
-            n_slides=4,
-            max_spots=700,
-            library_sizes=np.full(10, depth),
-            seed=seed + 10 + i,
-        )
-        out.append((prep, slides, overdispersion(prep) if gene_weighting == "nb" else 0.0))
+        out.append(_group(ref, ref, i, depth, seed + i, gene_weighting))
+    for j, name in enumerate(mismatch):
+        from near_pure import real_halves
+
+        for k in range(2):
+            ref_cells, slide_cells = real_halves(name, seed=100 + 2 * j + k)
+            ref = build_reference(ref_cells, cell_type_key="cell_type")
+            depth = float(rng.choice([1000, 3000, 10000]))
+            i = 6 + 2 * j + k
+            out.append(_group(ref, slide_cells, i, depth, seed + i, gene_weighting))
     return out
+
+
+def _group(ref, slide_cells, i, depth, seed, gene_weighting):
+    """Slides simulated from ``slide_cells`` on a hex (odd i) or square layout; genes and
+    scales chosen from ``ref`` on a pilot simulation, the way deconvolve would."""
+    from napari_stlnmf.datasets import hex_layout
+    from napari_stlnmf.graph import build_graph
+    from napari_stlnmf.preprocess import prepare
+    from napari_stlnmf.train import make_training_slides
+
+    if i % 2:
+        xy = hex_layout(28, 28)
+    else:
+        g = np.arange(26)
+        xy = np.column_stack([np.repeat(g, 26), np.tile(g, 26)]).astype(float) * 100
+    graph = build_graph(xy)
+    sim = {"n_slides": 4, "max_spots": 700, "library_sizes": np.full(10, depth)}
+    slides = make_training_slides(xy, graph, slide_cells, seed=seed, **sim)
+    X_pilot = np.vstack([s.X.numpy() for s in slides]) * depth
+    prep = prepare(X_pilot, slide_cells.genes, ref, gene_weighting=gene_weighting)
+    sel = slide_cells.subset_genes(prep.genes)
+    slides = make_training_slides(xy, graph, sel, seed=seed + 10, **sim)
+    return prep, slides, overdispersion(prep) if gene_weighting == "nb" else 0.0
 
 
 def overdispersion(prep) -> float:
@@ -84,6 +98,7 @@ def main(
     gene_weighting: str = "sqrt",
     out_path: str | None = None,
     head_from: str | None = None,
+    mismatch: tuple[str, ...] = (),
 ):
     from napari_stlnmf.api import default_params_path
     from napari_stlnmf.model import DEFAULTS, REFRESH_LAYERS, EntryNoise, UnrolledNMF
@@ -91,7 +106,7 @@ def main(
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    data = groups(gene_weighting=gene_weighting)
+    data = groups(gene_weighting=gene_weighting, mismatch=mismatch)
     if (
         head_from
     ):  # the layers as they are; learn the cell-fraction head on the output as users get it
@@ -121,8 +136,9 @@ def main(
         for p, sl, phi in data
     ]
 
-    def loss_on(which):
-        total = 0.0
+    def group_losses(which):
+        """Per group, the mean squared error of cell fractions on its train or val slides."""
+        out = []
         for B, g, c, tr, va, phi in batches:
             b = tr if which == "train" else va
             model.log_type_weight = torch.nn.Parameter(torch.zeros(B.shape[1]), requires_grad=False)
@@ -140,8 +156,20 @@ def main(
                 keep = ((cells >= 0.05) | (cells == cells.max(1, keepdim=True).values)).detach()
                 cells = cells * keep
                 cells = cells / cells.sum(1, keepdim=True)
-            total = total + ((cells - b.truth) ** 2).mean()
-        return total / len(batches)
+            out.append(((cells - b.truth) ** 2).mean())
+        return out
+
+    with torch.no_grad():
+        first = {w: [float(x) for x in group_losses(w)] for w in ("train", "val")}
+
+    def loss_on(which):
+        losses = group_losses(which)
+        if mismatch:
+            # each group relative to where it started: the mismatched groups' errors are
+            # several times the synthetic ones' and would otherwise decide alone
+            scaled = [x / f for x, f in zip(losses, first[which], strict=True)]
+            return sum(scaled) / len(scaled) * (sum(first[which]) / len(losses))
+        return sum(losses) / len(losses)
 
     with torch.no_grad():
         start = float(loss_on("val").sqrt())
@@ -177,7 +205,8 @@ def main(
         path,
         extra={
             "gene_weighting": gene_weighting,
-            "trained_on": "6 synthetic references (5-30 types), hex and square layouts",
+            "trained_on": "6 synthetic references (5-30 types), hex and square layouts"
+            + (f"; other cells than the reference's: {', '.join(mismatch)}" if mismatch else ""),
             "val_rmse_initial": start,
             "val_rmse": best,
             "seconds": time.perf_counter() - t0,
@@ -197,6 +226,12 @@ if __name__ == "__main__":
         "--out", default=None, help="parameter file to write (default: the shipped one)"
     )
     ap.add_argument(
+        "--mismatch",
+        default="",
+        help="comma-separated real sets of ../shared/data whose reference cells, split in two "
+        f"halves, add slides whose cells are not the reference's (e.g. {','.join(MISMATCH_SETS)})",
+    )
+    ap.add_argument(
         "--head-only",
         default=None,
         metavar="PARAMS",
@@ -208,4 +243,5 @@ if __name__ == "__main__":
         a.gene_weighting not in ("sqrt", "nb") and a.out is None
     ):  # the shipped file is what untrained runs use
         ap.error("--out is required with --gene-weighting mean or none")
-    main(a.epochs, a.gene_weighting, a.out, a.head_only)
+    mismatch = tuple(m for m in a.mismatch.split(",") if m)
+    main(a.epochs, a.gene_weighting, a.out, a.head_only, mismatch)
