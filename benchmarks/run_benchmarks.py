@@ -909,6 +909,7 @@ SEPARATE_SECTIONS = (
     "bench_missing_type.md",
     "bench_uncertainty.md",
     "bench_batch.md",
+    "bench_tiled.md",
 )
 
 

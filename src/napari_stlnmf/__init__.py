@@ -19,12 +19,14 @@ __all__ = [
     "__version__",
     "deconvolve",
     "deconvolve_many",
+    "deconvolve_tiled",
     "io",
 ]
 
 # Imported on first use (PEP 562): the api pulls in torch, which `import napari_stlnmf.io`
 # (and the napari reader, asked about every file napari opens) must not pay for.
 _FROM_API = {"Cancelled", "DeconvolutionResult", "deconvolve"}
+_FROM_TILING = {"deconvolve_tiled"}
 # dask is imported by deconvolve_many's call only (the [distributed] extra)
 _FROM_DISTRIBUTED = {"BatchResult", "deconvolve_many"}
 
@@ -38,8 +40,12 @@ def __getattr__(name):
         from . import distributed
 
         return getattr(distributed, name)
+    if name in _FROM_TILING:
+        from . import tiling
+
+        return getattr(tiling, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | _FROM_API | _FROM_DISTRIBUTED)
+    return sorted(set(globals()) | _FROM_API | _FROM_DISTRIBUTED | _FROM_TILING)

@@ -15,3 +15,9 @@ MAX_CELLS_PER_TYPE = 10_000
 # uncertainty=True: resampled fits and the intervals' stated coverage
 UNCERTAINTY_DRAWS = 30
 UNCERTAINTY_LEVEL = 0.9
+
+# deconvolve_tiled: tile side in spot spacings (~0.5 M bins, ~3.5 GB per task with the halo),
+# halo in graph hops (docs/bench_tiled.md), seeded sample the calibration is measured on
+TILE_SIZE = 700
+TILE_HALO = 24
+CALIBRATION_SPOTS = 200_000

@@ -33,10 +33,11 @@ from .checks import (
 )
 from .diagnostics import combined_diagnostics, diagnose_library, diagnostics_obs
 from .io._util import table_suffix
-from .model import EntryNoise, UnrolledNMF, pick_device
+from .model import EntryNoise, UnrolledNMF, gram_bytes, pick_device
 from .pipeline import (
     MAX_CELLS_PER_TYPE,
     DeconvolutionSettings,
+    FixedCalibration,
     build_model,
     build_spot_graph,
     choose_gene_weighting,
@@ -393,50 +394,85 @@ class _LibraryFit:
     types: list[str]
     diagnostics: object = None
     uncertainty: tuple | None = None
+    kept_calibration: FixedCalibration | None = None
 
 
-def _fit_library(adata, ref, s: DeconvolutionSettings, progress=None, should_stop=None):
-    """One sample's spots, from inputs to fractions: the method's steps, top to bottom."""
+def _fit_library(
+    adata,
+    ref,
+    s: DeconvolutionSettings,
+    progress=None,
+    should_stop=None,
+    *,
+    fixed: FixedCalibration | None = None,
+    keep_calibration: bool = False,
+):
+    """One sample's spots, from inputs to fractions: the method's steps, top to bottom.
+
+    ``fixed``: the slide-wide steps' decisions taken from a :class:`FixedCalibration` instead
+    of measured on these spots (a tile of a slide); ``keep_calibration``: return the ones
+    measured here as one (``fit.kept_calibration``)."""
     torch.manual_seed(int(s.seed))
     device = pick_device(s.device)
     counts = io.slide_counts(adata, allow_non_integer=s.allow_non_integer_slide)
 
     report(progress, Stage.PREPARING, 0, 1)
-    requested = s.gene_weighting or default_gene_weighting(s.method, s.params, s.train)
     as_read = ref
-    inputs = prepare_inputs(adata, ref, s, gene_weighting=requested, counts=counts, device=device)
-    prep, ref, subtypes = inputs.prepared, inputs.reference, inputs.subtypes
-    reference_check = check_before_fit(
-        as_read, counts.var.index, prep, case_insensitive=s.case_insensitive
-    )
-    weighting, compact_gram = choose_gene_weighting(
-        requested,
-        explicit=s.gene_weighting is not None,
-        train=s.train,
-        n_spots=int(prep.spot_mask.sum()),
-        n_types=len(prep.cell_types),
-        max_gram_bytes=s.max_gram_bytes,
-    )
+    quick_platform = None
+    if fixed is None:
+        requested = s.gene_weighting or default_gene_weighting(s.method, s.params, s.train)
+        inputs = prepare_inputs(
+            adata, ref, s, gene_weighting=requested, counts=counts, device=device
+        )
+        prep, ref, subtypes = inputs.prepared, inputs.reference, inputs.subtypes
+        quick_platform = inputs.quick_platform
+        reference_check = check_before_fit(
+            as_read, counts.var.index, prep, case_insensitive=s.case_insensitive
+        )
+        weighting, compact_gram = choose_gene_weighting(
+            requested,
+            explicit=s.gene_weighting is not None,
+            train=s.train,
+            n_spots=int(prep.spot_mask.sum()),
+            n_types=len(prep.cell_types),
+            max_gram_bytes=s.max_gram_bytes,
+        )
+    else:
+        prep, ref, subtypes = fixed.prepare(counts, s), fixed.reference, fixed.subtypes
+        reference_check = fixed.info.get("reference_check", [])
+        weighting = fixed.gene_weighting
+        n_spots, n_types = int(prep.spot_mask.sum()), len(prep.cell_types)
+        compact_gram = gram_bytes(n_spots, n_types) > s.max_gram_bytes
     check_stop(should_stop)
 
     report(progress, Stage.GRAPH, 0, 1)
-    spots = build_spot_graph(adata, prep, s)
+    scale = None if fixed is None else fixed.feature_scale
+    spots = build_spot_graph(adata, prep, s, feature_scale=scale)
     check_stop(should_stop)
 
     unrolled = s.method == "unrolled"
-    platform = platform_effect_wanted(prep, s)
-    if unrolled and (platform or weighting in ("fitted", "nb")):
-        report(progress, Stage.PLATFORM, 0, 1)
-    calibration = calibrate(
-        prep, ref,
-        slide_counts=counts.matrix, gene_weighting=weighting, min_proportion=s.min_proportion,
-        platform_effect=platform, refine_with=shipped_refinement_model(prep) if platform else None,
-        refine_passes=s.platform_refine_passes, seed=int(s.seed), device=device,
-        quick_platform=inputs.quick_platform,
-    )  # fmt: skip
+    if fixed is not None:
+        calibration = fixed.applied_to(prep)
+        platform = calibration.log_platform_factor is not None
+    else:
+        platform = platform_effect_wanted(prep, s)
+        if unrolled and (platform or weighting in ("fitted", "nb")):
+            report(progress, Stage.PLATFORM, 0, 1)
+        refine_with = shipped_refinement_model(prep) if platform else None
+        calibration = calibrate(
+            prep, ref,
+            slide_counts=counts.matrix, gene_weighting=weighting, min_proportion=s.min_proportion,
+            platform_effect=platform, refine_with=refine_with,
+            refine_passes=s.platform_refine_passes, seed=int(s.seed), device=device,
+            quick_platform=quick_platform,
+        )  # fmt: skip
     prep = calibration.prepared
     check_stop(should_stop)
-    entry_noise = entry_noise_for(calibration, weighting, compact_gram=compact_gram, device=device)
+    scale_log = [] if keep_calibration else None
+    entry_noise = entry_noise_for(
+        calibration, weighting, compact_gram=compact_gram, device=device,
+        gram_scales=None if fixed is None else fixed.gram_scales, scale_log=scale_log,
+    )  # fmt: skip
 
     model = build_model(prep, s, entry_weights=entry_noise is not None) if unrolled else None
     train_report = None
@@ -481,7 +517,12 @@ def _fit_library(adata, ref, s: DeconvolutionSettings, progress=None, should_sto
         info["diagnostics"] = diagnostics.info
     if intervals is not None:
         info["uncertainty"] = intervals[2]
-    return _LibraryFit(prep, fractions, info, model, types, diagnostics, intervals)
+    fit_here = _LibraryFit(prep, fractions, info, model, types, diagnostics, intervals)
+    if keep_calibration:
+        fit_here.kept_calibration = FixedCalibration.of_run(
+            ref, subtypes, weighting, calibration, spots, scale_log, info
+        )
+    return fit_here
 
 
 def _gram_storage(entry_noise: EntryNoise | None) -> str | None:

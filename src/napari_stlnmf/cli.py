@@ -410,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_batch import add_batch_parser
 
     add_batch_parser(sub)  # stlnmf batch: many slides on a dask cluster
+    from .cli_tiled import add_tiled_parser
+
+    add_tiled_parser(sub)  # stlnmf tiled: one large slide in tiles
     return parser
 
 
@@ -429,6 +432,10 @@ def main(argv=None) -> int:
             from .cli_batch import run_batch
 
             return run_batch(args)
+        if args.command == "tiled":
+            from .cli_tiled import run_tiled
+
+            return run_tiled(args)
         return _run(args) if args.command == "run" else _demo(args)
     except (StlnmfError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -16,7 +16,13 @@ from scipy.spatial import cKDTree
 
 from .errors import CoordinateError, ImageMismatchError
 
-__all__ = ["SpatialGraph", "build_graph", "region_features", "spot_image_features"]
+__all__ = [
+    "SpatialGraph",
+    "build_graph",
+    "feature_scale",
+    "region_features",
+    "spot_image_features",
+]
 
 
 @dataclass
@@ -113,6 +119,7 @@ def build_graph(
     features: np.ndarray | None = None,
     spacing: float | None = None,
     keep_ties: bool = False,
+    feature_scale: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> SpatialGraph:
     """Build the sparse spot graph.
 
@@ -136,6 +143,9 @@ def build_graph(
         Also keep the neighbours as far (within 1 %) as a spot's ``n_neighbors``-th one. On a
         square lattice the 4 diagonals tie, so ``n_neighbors=6`` gives the whole 8-ring
         instead of 2 diagonals picked by the k-d tree's order; 4 gives the 4 sides.
+    feature_scale
+        The features' (mean, sd) to standardise them with, instead of these spots' own: the
+        same for every tile of a slide (:func:`feature_scale`).
     """
     xy = _check_coords(coords)
     n = len(xy)
@@ -175,12 +185,22 @@ def build_graph(
             raise ImageMismatchError(
                 f"got image features for {f.shape[0]} spots but the slide has {n} spots"
             )
-        sd = f.std(0)
-        f = (f - f.mean(0)) / np.where(sd > 0, sd, 1.0)
+        mean, sd = feature_scale if feature_scale is not None else _feature_scale(f)
+        f = (f - mean) / np.where(sd > 0, sd, 1.0)
         feat_d = (np.linalg.norm(f[rows] - f[cols], axis=1) / np.sqrt(f.shape[1])).astype(
             np.float32
         )
     return SpatialGraph(rows, cols, dist_all, feat_d, n, spacing)
+
+
+def feature_scale(features) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and sd, as :func:`build_graph` standardises features with."""
+    f = np.asarray(features, dtype=np.float32)
+    return _feature_scale(f[:, None] if f.ndim == 1 else f)
+
+
+def _feature_scale(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return f.mean(0), f.std(0)
 
 
 def _integral(img: np.ndarray) -> np.ndarray:

@@ -40,6 +40,9 @@ def _spot_collection(xy: np.ndarray, size: float, square: bool, **style):
     from matplotlib.collections import EllipseCollection, PolyCollection
 
     if square:
+        # the squares' corners are in data units already: with an offset transform matplotlib
+        # would take them as display pixels (and draw the slide off the axes)
+        style.pop("offset_transform", None)
         corners = 0.5 * size * np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], dtype=float)
         return PolyCollection(xy[:, None, :] + corners[None], **style)
     n = len(xy)

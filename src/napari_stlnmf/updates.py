@@ -275,6 +275,18 @@ class EntryNoise:
     # store each spot's Gram matrix as its upper triangle in bfloat16 (a quarter of the memory,
     # what lets Visium HD slides fit), read row by row of the triangle in each layer
     compact_gram: bool = False
+    # the Gram matrices' scale at layer 0 and at each refresh, fixed (a tiled slide: measured
+    # once on its calibration sample, so that no tile's scale depends on the tile); None: each
+    # formed matrix's own mean diagonal
+    gram_scales: tuple[float, ...] | None = None
+    # when a list, the scale of each Gram formed is appended to it (what gram_scales records)
+    scale_log: list | None = None
+
+    def scale_at(self, refresh: int) -> float | None:
+        """The fixed scale of the ``refresh``-th Gram (0: layer 0), None when not fixed."""
+        if not self.gram_scales:
+            return None
+        return float(self.gram_scales[min(refresh, len(self.gram_scales) - 1)])
 
 
 @dataclass(frozen=True)
@@ -287,8 +299,10 @@ class EntryWeights:
     noise: EntryNoise
     refresh_layers: tuple[int, ...] = ()
 
-    def at(self, V: torch.Tensor) -> PerSpotGram:
-        return PerSpotGram(*entry_weighted_gram(self.X, self.B, V, self.noise))
+    def at(self, V: torch.Tensor, refresh: int = 0) -> PerSpotGram:
+        """The data term at V, the ``refresh``-th formed in a run (0: at layer 0)."""
+        scale = self.noise.scale_at(refresh)
+        return PerSpotGram(*entry_weighted_gram(self.X, self.B, V, self.noise, scale=scale))
 
 
 def gram_bytes(n_spots: int, n_types: int, compact: bool = False) -> int:
@@ -368,13 +382,20 @@ def _weighted_btx(X, start, stop, W: torch.Tensor, B: torch.Tensor) -> torch.Ten
 
 @torch.no_grad()
 def entry_weighted_gram(
-    X, B: torch.Tensor, V: torch.Tensor, noise: EntryNoise, chunk: int = GRAM_CHUNK
+    X,
+    B: torch.Tensor,
+    V: torch.Tensor,
+    noise: EntryNoise,
+    chunk: int = GRAM_CHUNK,
+    scale: float | None = None,
 ):
     """Per-spot ``BtX_s = Bᵀ W_s x_s`` (spots x types) and ``G_s = Bᵀ diag(W_s) B``
     (spots x types x types) with ``W_sg = 1/(μ_sg/L_s + φ μ_sg²)``, ``μ = V Bᵀ`` (V detached).
 
     Scaled so that the mean diagonal of ``G_s`` is one, the scale the gene weights have, so the
-    λ's keep their meaning. Formed in blocks of ``chunk`` spots: dense spots x genes per block only.
+    λ's keep their meaning (or by a given ``scale``, the same for every part of a tiled slide;
+    ``noise.scale_log`` collects the scales used). Formed in blocks of ``chunk`` spots: dense
+    spots x genes per block only.
     """
     V = V.detach()
     n, p = V.shape
@@ -424,10 +445,14 @@ def entry_weighted_gram(
         else:
             W = shared[0][shared[1][start:stop]]
         BtX[start:stop] = _weighted_btx(X, start, stop, W, Bd)
-    if compact:
+    if scale is not None:
+        scale = torch.as_tensor(scale, dtype=V.dtype, device=V.device)
+    elif compact:
         scale = G[:, diagonal].float().mean().clamp_min(EPS)  # bfloat16 keeps float32's range
     else:
         scale = G.diagonal(dim1=1, dim2=2).mean().clamp_min(EPS)
+    if noise.scale_log is not None:
+        noise.scale_log.append(float(scale))
     return BtX.div_(scale), G.div_(scale)
 
 
@@ -561,9 +586,11 @@ def run_layers(
     previous = V.clone() if tol else None
     terms = None
     with torch.no_grad() if in_place else nullcontext(), flush_denormals():
+        refreshes = 0
         for k in range(n_layers):
             if weights is not None and (k == 0 or k in weights.refresh_layers):
-                data, terms = weights.at(V), None
+                data, terms = weights.at(V, refreshes), None
+                refreshes += 1
             if terms is None or penalties.per_layer:
                 terms = LayerTerms.of(data, graph, *penalties.at(k))
             V = update_layer(V, data, terms, graph, omega, workspace)

@@ -99,54 +99,150 @@ def _decode(values: np.ndarray) -> list[str]:
     return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
 
 
-def _read_10x_h5(path: Path) -> AnnData:
-    """Read a 10x feature-barcode HDF5 matrix (CSC over barcodes) as spots x genes."""
+def _open_10x_h5(path: Path):
     import h5py
-    from scipy import sparse
 
     try:
-        f = h5py.File(path, "r")
+        return h5py.File(path, "r")
     except OSError as err:
         raise FileFormatError(
             f"Cannot open {str(path)!r} as a 10x HDF5 matrix ({err}); the file may be "
             "truncated (an interrupted download or copy): copy it again from the Space Ranger "
             "output, or use the MEX folder filtered_feature_bc_matrix/ instead."
         ) from err
+
+
+def _h5_matrix_group(f, path: Path):
+    """The group holding the matrix, and its features' names, ids and types (or None)."""
+    import h5py
+
+    if "matrix" in f:
+        grp = f["matrix"]
+        feats = grp["features"]
+        names = _decode(feats["name"][:])
+        ids = _decode(feats["id"][:])
+        ftype = _decode(feats["feature_type"][:]) if "feature_type" in feats else None
+        return grp, names, ids, ftype
+    # Cell Ranger 2 layout: one group per genome with genes/gene_names.
+    groups = [k for k in f if isinstance(f[k], h5py.Group)]
+    if len(groups) != 1 or "gene_names" not in f[groups[0]]:
+        raise FileFormatError(
+            f"{str(path)!r} is not a 10x feature-barcode matrix: no 'matrix' group."
+        )
+    grp = f[groups[0]]
+    return grp, _decode(grp["gene_names"][:]), _decode(grp["genes"][:]), None
+
+
+def _incomplete(path: Path, err: KeyError) -> FileFormatError:
+    return FileFormatError(
+        f"{str(path)!r} is not a complete 10x feature-barcode matrix ({err}); copy it "
+        "again from the Space Ranger output."
+    )
+
+
+def _read_10x_h5(path: Path) -> AnnData:
+    """Read a 10x feature-barcode HDF5 matrix (CSC over barcodes) as spots x genes."""
+    from scipy import sparse
+
+    f = _open_10x_h5(path)
     try:
         with f:
-            if "matrix" in f:
-                grp = f["matrix"]
-                feats = grp["features"]
-                names = _decode(feats["name"][:])
-                ids = _decode(feats["id"][:])
-                ftype = _decode(feats["feature_type"][:]) if "feature_type" in feats else None
-            else:
-                # Cell Ranger 2 layout: one group per genome with genes/gene_names.
-                groups = [k for k in f if isinstance(f[k], h5py.Group)]
-                if len(groups) != 1 or "gene_names" not in f[groups[0]]:
-                    raise FileFormatError(
-                        f"{str(path)!r} is not a 10x feature-barcode matrix: no 'matrix' group."
-                    )
-                grp = f[groups[0]]
-                names = _decode(grp["gene_names"][:])
-                ids = _decode(grp["genes"][:])
-                ftype = None
+            grp, names, ids, ftype = _h5_matrix_group(f, path)
             n_genes, n_barcodes = (int(v) for v in grp["shape"][:])
             genes_by_barcodes = sparse.csc_matrix(
                 (grp["data"][:], grp["indices"][:], grp["indptr"][:]), shape=(n_genes, n_barcodes)
             )
             barcodes = _decode(grp["barcodes"][:])
-            metadata = {
-                key: (val.decode() if isinstance(val, bytes) else str(val))
-                for key, val in f.attrs.items()
-                if key in ("chemistry_description", "software_version")
-            }
+            metadata = _h5_metadata(f)
     except KeyError as err:  # a dataset of the 10x layout is missing
-        raise FileFormatError(
-            f"{str(path)!r} is not a complete 10x feature-barcode matrix ({err}); copy it "
-            "again from the Space Ranger output."
-        ) from err
+        raise _incomplete(path, err) from err
     return _matrix_anndata(genes_by_barcodes, barcodes, names, ids, ftype, metadata)
+
+
+def _h5_metadata(f) -> dict:
+    return {
+        key: (val.decode() if isinstance(val, bytes) else str(val))
+        for key, val in f.attrs.items()
+        if key in ("chemistry_description", "software_version")
+    }
+
+
+class TenxH5Columns:
+    """A 10x ``.h5`` matrix read a set of barcodes at a time (``read(rows)``: those barcodes'
+    counts, spots x genes, gene-expression features only): a tile of a large slide reads only
+    its own bins, in the runs of consecutive barcodes they form. ``adata`` is the matrix's
+    barcodes and genes without counts (X None), as :func:`read_10x_matrix` would name them.
+
+    Pickles as its path (for dask workers): the file is opened again where it is read."""
+
+    GAP = 16  # barcodes not wanted between two runs read in one slice rather than two
+
+    def __init__(self, path: Path):
+        import anndata as ad
+
+        self.path = Path(path)
+        f = _open_10x_h5(self.path)
+        try:
+            with f:
+                grp, names, ids, ftype = _h5_matrix_group(f, self.path)
+                self.shape = tuple(int(v) for v in grp["shape"][:])
+                barcodes = _decode(grp["barcodes"][:])
+                metadata = _h5_metadata(f)
+        except KeyError as err:
+            raise _incomplete(self.path, err) from err
+        var = pd.DataFrame({"gene_ids": ids}, index=pd.Index(names))
+        self.keep = None
+        if ftype is not None:
+            var["feature_types"] = ftype
+            keep = var["feature_types"].to_numpy() == "Gene Expression"
+            if keep.any():
+                self.keep, var = keep, var.loc[keep]
+        var.index = ad.utils.make_index_unique(var.index.astype(str))
+        self.adata = ad.AnnData(obs=pd.DataFrame(index=pd.Index(barcodes)), var=var)
+        self.adata.uns["_10x_metadata"] = metadata
+
+    def __getstate__(self):
+        return {"path": self.path, "shape": self.shape, "keep": self.keep}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.adata = None
+
+    def read(self, rows):
+        """Counts of the barcodes ``rows`` (positions in the matrix), in that order."""
+        from scipy import sparse
+
+        rows = np.asarray(rows, dtype=np.int64)
+        order = np.argsort(rows, kind="stable")
+        wanted = rows[order]
+        n_genes = self.shape[0]
+        parts, starts = [], []
+        f = _open_10x_h5(self.path)
+        try:
+            with f:
+                grp, *_ = _h5_matrix_group(f, self.path)
+                indptr_ds, data_ds, indices_ds = grp["indptr"], grp["data"], grp["indices"]
+                breaks = np.flatnonzero(np.diff(wanted) > self.GAP) + 1
+                for run in np.split(wanted, breaks) if wanted.size else []:
+                    a, b = int(run[0]), int(run[-1]) + 1
+                    indptr = indptr_ds[a : b + 1].astype(np.int64)
+                    lo, hi = int(indptr[0]), int(indptr[-1])
+                    block = sparse.csc_matrix(
+                        (data_ds[lo:hi].astype(np.float32), indices_ds[lo:hi], indptr - lo),
+                        shape=(n_genes, b - a),
+                    )
+                    parts.append(block[:, run - a])
+                    starts.append(run)
+        except KeyError as err:
+            raise _incomplete(self.path, err) from err
+        if not parts:
+            matrix = sparse.csr_matrix((0, n_genes), dtype=np.float32)
+        else:
+            matrix = sparse.hstack(parts, format="csc").T.tocsr()
+        matrix = matrix[np.argsort(order, kind="stable")]  # back to the order asked for
+        if self.keep is not None:
+            matrix = matrix[:, self.keep]
+        return matrix.astype(np.float32)
 
 
 def _read_10x_mex(folder: Path) -> AnnData:

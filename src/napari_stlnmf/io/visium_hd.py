@@ -32,6 +32,7 @@ from ..errors import CoordinateError, FileFormatError
 from ._util import rows_in_order
 from .registry import SlideFormat
 from .spaceranger import (
+    TenxH5Columns,
     attach_positions,
     find_matrix,
     missing_matrix_message,
@@ -200,11 +201,39 @@ def _bin_scalefactors(spatial_dir: Path, bin_size_um: int, where: Path) -> dict[
 
 
 def _read_bins(folder: Path, library_id: str | None) -> AnnData:
-    bin_size_um = _bin_size_of(folder)
     matrix = find_matrix(folder)
     if matrix is None:
         raise FileFormatError(missing_matrix_message(folder) + ".")
     adata = read_10x_matrix(matrix)
+    _place_bins(adata, folder, matrix, library_id)
+    return adata
+
+
+def open_bins(
+    path: Path, *, bin_size: float | None = None, library_id: str | None = None
+) -> tuple[AnnData, TenxH5Columns]:
+    """A Visium HD folder's bins without their counts (``X`` None; positions, images and
+    scale factors as :func:`read` gives them) and the reader of their counts: a slide read a
+    tile at a time (:func:`napari_stlnmf.tiling.deconvolve_tiled`)."""
+    folder = _choose_bin_folder(Path(path), bin_size)
+    matrix = find_matrix(folder)
+    if matrix is None:
+        raise FileFormatError(missing_matrix_message(folder) + ".")
+    if matrix.is_dir():
+        raise FileFormatError(
+            f"{str(matrix)!r} is a MEX folder, which cannot be read a tile at a time: copy "
+            "filtered_feature_bc_matrix.h5 from the Space Ranger output next to it."
+        )
+    reader = TenxH5Columns(matrix)
+    adata, reader.adata = reader.adata, None
+    _place_bins(adata, folder, matrix, library_id)
+    return adata, reader
+
+
+def _place_bins(adata: AnnData, folder: Path, matrix: Path, library_id: str | None) -> None:
+    """The bins' positions into ``obs``/``obsm`` and their images and scale factors into
+    ``uns['spatial']``."""
+    bin_size_um = _bin_size_of(folder)
     metadata = adata.uns.pop("_10x_metadata")
     spatial_dir = folder / "spatial"
     if not spatial_dir.is_dir():
@@ -224,7 +253,6 @@ def _read_bins(folder: Path, library_id: str | None) -> AnnData:
             "metadata": metadata,
         }
     }
-    return adata
 
 
 # --------------------------------------------------------------------------- #
