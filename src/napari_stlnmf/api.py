@@ -336,15 +336,7 @@ def run_deconvolution(
     report(progress, Stage.READING, 0, 1)
     adata = load_slide(slide, coords, bin_size)
     io.validate_slide(adata, allow_non_integer=settings.allow_non_integer_slide)
-    reference = _oriented_signature(reference, adata)
-    _check_cell_type_column(reference, cell_type_key, adata)
-    ref = load_reference(
-        reference,
-        cell_type_key,
-        is_means=settings.reference_is_means,
-        max_cells_per_type=settings.max_cells_per_type,
-        seed=int(settings.seed),
-    )
+    ref = slide_reference(reference, cell_type_key, adata, settings)
     check_stop(should_stop)
     fits = []
     for library in slide_libraries(adata, settings):
@@ -355,6 +347,20 @@ def run_deconvolution(
     result = _result(adata, fits, settings, seconds=time.perf_counter() - t_start)
     report(progress, Stage.DONE, 1, 1)
     return result
+
+
+def slide_reference(reference, cell_type_key, adata, settings: DeconvolutionSettings):
+    """The reference read for this slide (:func:`~.pipeline.load_reference`): a signature
+    table oriented against the slide's genes, the cell-type column checked first."""
+    reference = _oriented_signature(reference, adata)
+    _check_cell_type_column(reference, cell_type_key, adata)
+    return load_reference(
+        reference,
+        cell_type_key,
+        is_means=settings.reference_is_means,
+        max_cells_per_type=settings.max_cells_per_type,
+        seed=int(settings.seed),
+    )
 
 
 def _oriented_signature(reference, adata):

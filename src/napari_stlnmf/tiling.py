@@ -34,7 +34,6 @@ from .pipeline import (
     Fractions,
     SlideLibrary,
     in_tissue,
-    load_reference,
 )
 from .progress import Stage, check_stop, report
 
@@ -256,15 +255,11 @@ def deconvolve_tiled(
         As :func:`~napari_stlnmf.deconvolve`'s; ``result.adata`` holds no counts (the slide's
         ``obs``, positions, images and the results); ``info['tiling']`` says how it was cut.
     """
-    from .api import (
-        _check_cell_type_column,
-        _fit_library,
-        _LibraryFit,
-        _oriented_signature,
-        _result,
-    )
+    from .api import _fit_library, _LibraryFit, _result, slide_reference
+    from .checks import check_callbacks
 
     t_start = time.perf_counter()
+    check_callbacks(progress, should_stop)
     refused = sorted(k for k in _NOT_TILED if options.get(k) not in (None, False))
     if refused:
         raise StlnmfError(
@@ -284,15 +279,7 @@ def deconvolve_tiled(
         io.get_library(meta, settings.library_id) if "spatial" in meta.uns else (None, None)
     )
     settings = replace(settings, library_id=library_id)
-    reference = _oriented_signature(reference, meta)
-    _check_cell_type_column(reference, cell_type_key, meta)
-    ref = load_reference(
-        reference,
-        cell_type_key,
-        is_means=settings.reference_is_means,
-        max_cells_per_type=settings.max_cells_per_type,
-        seed=seed,
-    )
+    ref = slide_reference(reference, cell_type_key, meta, settings)
     tissue = in_tissue(meta)
     if not tissue.any():
         raise StlnmfError("every spot has obs['in_tissue'] == 0: there is no tissue to deconvolve")
