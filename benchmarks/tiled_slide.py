@@ -39,8 +39,15 @@ HERE = Path(__file__).resolve().parent
 DOCS = HERE.parent / "docs"
 KEY = "cell_type"
 MICRONS_PER_PIXEL = 0.2738
-SLIDES = {"1m": (1000, 8, 150), "4m": (2000, 2, 10)}  # side in bins, bin µm, counts per bin
+# side in bins, bin µm, counts per bin
+SLIDES = {"1m": (1000, 8, 150), "low": (300, 2, 10), "4m": (2000, 2, 10)}
+SWEEP_TILE = {"1m": 700, "low": 100}
 HALOS = (0, 8, 16, 24, 48)
+TITLES = {
+    "1m": "10^6 bins (1000 x 1000 of 8 µm, 150 counts per bin, 20 types): tiles vs one fit",
+    "low": "Few counts: 300 x 300 bins of 2 µm, 10 counts per bin: how far the graph reaches",
+    "4m": "4 x 10^6 bins (2000 x 2000 of 2 µm, 10 counts per bin, 20 types)",
+}
 
 
 def smooth_composition(side: int, n_types: int, rng, scale: int = 40) -> np.ndarray:
@@ -145,10 +152,12 @@ def run_one(args) -> dict:
             cluster = _local_cluster(distributed, args.workers)
             client = distributed.Client(cluster)
         try:
+            halo = {} if args.halo == "default" else {"halo": None}
+            if args.halo not in ("default", "exact"):
+                halo = {"halo": int(args.halo)}
             result = deconvolve_tiled(
-                folder, reference, tile_size=args.tile_size,
-                halo=None if args.halo < 0 else args.halo, client=client, **common,
-            )  # fmt: skip
+                folder, reference, tile_size=args.tile_size, client=client, **halo, **common
+            )
         finally:
             if client is not None:
                 client.close()
@@ -167,7 +176,11 @@ def tree_rss_mb(pid: int) -> float:
 
 
 def measure(root: Path, folder: Path, save: Path, **options) -> dict:
-    """A fresh process of :func:`run_one`, its process tree's peak memory watched."""
+    """A fresh process of :func:`run_one`, its process tree's peak memory watched; a run
+    already measured (its ``.json`` next to ``save``) is read back instead."""
+    cached = save.with_suffix(".json")
+    if cached.is_file() and save.is_file():
+        return json.loads(cached.read_text())
     argv = [sys.executable, __file__, "--one", "--root", str(root), "--folder", str(folder)]
     argv += ["--save", str(save)]
     for key, value in options.items():
@@ -182,6 +195,7 @@ def measure(root: Path, folder: Path, save: Path, **options) -> dict:
         raise RuntimeError(err[-3000:])
     record = json.loads(out.strip().splitlines()[-1])
     record["peak_gb"] = peak / 1024
+    cached.write_text(json.dumps(record))
     print("  ", {k: v for k, v in record.items() if k != "tile_seconds"}, flush=True)
     return record
 
@@ -199,13 +213,13 @@ def main():
     for name, kind in (("root", str), ("folder", str), ("save", str), ("mode", str)):
         parser.add_argument(f"--{name}", type=kind, default="tiled" if name == "mode" else None)
     parser.add_argument("--tile-size", type=int, default=700)
-    parser.add_argument("--halo", type=int, default=-1)  # -1: the exact halo
+    parser.add_argument("--halo", default="default")  # "exact", or hops
     parser.add_argument("--workers", type=int, default=0)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_one(args)))
         return
-    rows_1m, rows_4m, header = [], [], {}
+    parts = {}
     for name in (args.only,) if args.only else SLIDES:
         side, bin_um, counts = SLIDES[name]
         root = args.scratch / name
@@ -214,95 +228,87 @@ def main():
         print(f"-- {name}: {side}x{side} bins in {folder} ({time.perf_counter() - t0:.0f} s)")
         out = root / "runs"
         out.mkdir(exist_ok=True)
-        if name == "1m":
-            whole = measure(root, folder, out / "whole.npy", mode="whole")
-            exact = measure(root, folder, out / "exact.npy", halo=-1)
-            one = measure(root, folder, out / "one.npy", tile_size=side + 1)
-            P = {k: np.load(out / f"{k}.npy") for k in ("whole", "exact", "one")}
-            header["exact_hops"] = exact["exact_halo_hops"]
-            rows_1m.append(("whole slide, one fit (`deconvolve`)", whole, None, None))
-            rows_1m.append(
-                ("one tile: the whole slide under the sampled calibration", one,
-                 differences(P["one"], P["exact"]), differences(P["one"], P["whole"]))
-            )  # fmt: skip
-            rows_1m.append(
-                (f"tiles of 700, exact halo ({exact['halo_hops']} hops)", exact,
-                 differences(P["exact"], P["exact"]), differences(P["exact"], P["whole"]))
-            )  # fmt: skip
-            for halo in HALOS:
-                rec = measure(root, folder, out / f"halo{halo}.npy", halo=halo)
-                Ph = np.load(out / f"halo{halo}.npy")
-                rows_1m.append(
-                    (f"tiles of 700, halo {halo} hops", rec, differences(Ph, P["exact"]),
-                     differences(Ph, P["whole"]))
-                )  # fmt: skip
+        if name == "4m":
+            rec = measure(root, folder, out / "w2.npy", workers=2)
+            label = f"tiles of 700, halo {rec['halo_hops']} hops (the default), 2 workers"
+            parts[name] = [(label, rec)]
         else:
-            for workers in (2,):
-                rec = measure(root, folder, out / f"w{workers}.npy", halo=24, workers=workers)
-                rows_4m.append((f"tiles of 700, halo 24, LocalCluster({workers} x 1 thread)", rec))
-    write_page(rows_1m, rows_4m, header)
+            parts[name] = halo_sweep(root, folder, out, side, tile=SWEEP_TILE[name])
+        (args.scratch / f"{name}.rows.json").write_text(json.dumps(parts[name]))
+    for name in SLIDES:  # the parts measured in an earlier call
+        cached = args.scratch / f"{name}.rows.json"
+        if name not in parts and cached.is_file():
+            parts[name] = json.loads(cached.read_text())
+    write_page(parts)
 
 
-def write_page(rows_1m, rows_4m, header) -> None:
+def halo_sweep(root: Path, folder: Path, out: Path, side: int, tile: int) -> list:
+    """The whole slide, the exact halo, one tile, and the halos of HALOS: their differences."""
+    whole = measure(root, folder, out / "whole.npy", mode="whole")
+    exact = measure(root, folder, out / "exact.npy", halo="exact", tile_size=tile)
+    one = measure(root, folder, out / "one.npy", halo="exact", tile_size=side + 1)
+    P = {k: np.load(out / f"{k}.npy") for k in ("whole", "exact", "one")}
+    rows = [
+        ("whole slide, one fit (`deconvolve`)", whole, None, None),
+        ("one tile: the whole slide under the sampled calibration", one,
+         differences(P["one"], P["exact"]), differences(P["one"], P["whole"])),
+        (f"tiles of {tile}, exact halo ({exact['halo_hops']} hops)", exact,
+         differences(P["exact"], P["exact"]), differences(P["exact"], P["whole"])),
+    ]  # fmt: skip
+    for halo in HALOS:
+        rec = measure(root, folder, out / f"halo{halo}.npy", halo=halo, tile_size=tile)
+        Ph = np.load(out / f"halo{halo}.npy")
+        rows.append(
+            (f"tiles of {tile}, halo {halo} hops", rec, differences(Ph, P["exact"]),
+             differences(Ph, P["whole"]))
+        )  # fmt: skip
+    return rows
+
+
+def write_page(parts: dict) -> None:
     lines = [
         "## One slide in tiles (dask)",
         "",
         (
             f"`benchmarks/tiled_slide.py` on {platform.node()} ({os.cpu_count()} cores), "
             "OMP_NUM_THREADS=1, each run a fresh process; peak = resident memory of the "
-            "process and its dask workers."
+            "process and its dask workers. Differences: of the proportions (cell fractions) "
+            "over all bins, max / mean / 99.9th percentile; the exact halo is the layers plus "
+            "the cell-fraction head's steps plus one, beyond which no bin can reach an interior "
+            "bin; the calibration is measured on a seeded sample of 200,000 bins (all bins when "
+            "fewer)."
         ),
         "",
     ]
-    if rows_1m:
-        lines += [
-            "### 10^6 bins (1000 x 1000 of 8 µm, 150 counts per bin, 20 types)",
-            "",
-            (
-                "Differences of the proportions (cell fractions) over all bins; the exact halo "
-                f"({header.get('exact_hops')} hops) is the layers plus the cell-fraction "
-                "head's steps plus one: no spot beyond it can reach an interior spot."
-            ),
-            "",
-            (
-                "| run | tiles | s | peak GB | vs exact halo: max / mean / 99.9 % | "
-                "vs whole slide: max / mean / 99.9 % |"
-            ),
-            "|---|---|---|---|---|---|",
-        ]
 
-        def fmt(d):
-            return "—" if d is None else f"{d[0]:.2g} / {d[1]:.2g} / {d[2]:.2g}"
+    def fmt(d):
+        return "—" if d is None else f"{d[0]:.2g} / {d[1]:.2g} / {d[2]:.2g}"
 
-        for label, rec, d_exact, d_whole in rows_1m:
-            lines.append(
-                f"| {label} | {rec.get('tiles', 1)} | {rec['seconds']:.0f} | "
-                f"{rec['peak_gb']:.1f} | {fmt(d_exact)} | {fmt(d_whole)} |"
-            )
-        lines.append("")
-    if rows_4m:
-        lines += [
-            "### 4 x 10^6 bins (2000 x 2000 of 2 µm, 10 counts per bin, 20 types)",
-            "",
-            "| run | tiles | s | s per 10^6 bins | peak GB |",
-            "|---|---|---|---|---|",
-        ]
-        for label, rec in rows_4m:
-            per = rec["seconds"] / (rec["n_bins"] / 1e6)
-            lines.append(
-                f"| {label} | {rec['tiles']} | {rec['seconds']:.0f} | {per:.0f} | "
-                f"{rec['peak_gb']:.1f} |"
-            )
+    for name in SLIDES:
+        if name not in parts:
+            continue
+        lines += [f"### {TITLES[name]}", ""]
+        if name == "4m":
+            lines += ["| run | tiles | s | s per 10^6 bins | peak GB |", "|---|---|---|---|---|"]
+            for label, rec in parts[name]:
+                per = rec["seconds"] / (rec["n_bins"] / 1e6)
+                lines.append(
+                    f"| {label} | {rec['tiles']} | {rec['seconds']:.0f} | {per:.0f} | "
+                    f"{rec['peak_gb']:.1f} |"
+                )
+        else:
+            lines += [
+                "| run | tiles | s | peak GB | vs exact halo | vs whole slide |",
+                "|---|---|---|---|---|---|",
+            ]
+            for label, rec, d_exact, d_whole in parts[name]:
+                lines.append(
+                    f"| {label} | {rec.get('tiles', 1)} | {rec['seconds']:.0f} | "
+                    f"{rec['peak_gb']:.1f} | {fmt(d_exact)} | {fmt(d_whole)} |"
+                )
         lines.append("")
     text = "\n".join(lines)
-    page = DOCS / "bench_tiled.md"
-    if page.exists() and (not rows_1m or not rows_4m):  # one part re-run: keep the other
-        old = page.read_text()
-        keep = "### 4 x 10^6" if rows_1m else "### 10^6"
-        if keep in old:
-            part = old[old.index(keep) :].split("\n### ")[0]
-            text = text.rstrip() + "\n\n" + part.strip() + "\n"
-    page.write_text(text)
+    (DOCS / "bench_tiled.md").write_text(text)
     print(text)
 
 

@@ -228,6 +228,22 @@ def test_inference_damps_an_over_relaxation_that_diverges(problem):
     )  # undamped, it does diverge
 
 
+def test_damping_reaches_the_plain_update_in_a_few_reruns(problem, monkeypatch):
+    """Updates that stay unbounded whatever ω (here: every check fails) are re-run a few times,
+    ending with ω = 1, not once per halving of an ever smaller excess."""
+    import napari_stlnmf.model as model_module
+
+    prep, graph = problem["prep"], problem["graph"]
+    B, g = torch.as_tensor(prep.B), torch.as_tensor(prep.gene_weights)
+    monkeypatch.setattr(model_module, "_bounded", lambda V: False)
+    model = UnrolledNMF(*prep.B.shape, omega=1.99)
+    with pytest.warns(RuntimeWarning, match="diverged") as caught:
+        model.infer(prep.X, B, g, graph)
+    messages = [str(w.message) for w in caught if "diverged" in str(w.message)]
+    assert 2 <= len(messages) <= 6, messages
+    assert messages[-1].endswith("re-running with ω=1.00")
+
+
 def test_entry_weighted_gram_is_the_negative_binomial_weighted_normal_equation(problem):
     """``BtX_s = Bᵀ W_s x_s`` and ``G_s = Bᵀ diag(W_s) B`` with ``W = 1/(μ/L + φμ²)``, formed in
     blocks from a sparse X exactly as densely; with Poisson weights ``G_s v_s ∝ L_s`` (the

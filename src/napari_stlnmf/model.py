@@ -67,6 +67,7 @@ OMEGA_RANGE = (0.5, 2.0)  # over-relaxation exponent of the multiplicative updat
 
 
 CELL_SMOOTHING_STEPS = 3  # Jacobi steps of the cell-fraction head
+MIN_OVER_RELAXATION = 0.05  # ω - 1 below this is damped to the plain update at once
 CELL_SMOOTHING_MAX = 4.0
 NO_CELL_SMOOTHING = 1e-8
 
@@ -374,8 +375,11 @@ class UnrolledNMF(nn.Module):
             if _bounded(V) or omega <= 1.0:
                 return V
             # parameters learned on crops of simulated slides can over-relax too far on spots
-            # unlike any of them: halve the over-relaxation until the updates stay bounded
-            damped = max(1.0, 1.0 + (omega - 1.0) / 2)
+            # unlike any of them: halve the over-relaxation until the updates stay bounded,
+            # straight to the plain update (ω = 1) once the excess is small (halving 1.02 for
+            # ever re-ran all layers ~10 times on low-count bins that ω does not explain)
+            excess = (omega - 1.0) / 2
+            damped = 1.0 + excess if excess >= MIN_OVER_RELAXATION else 1.0
             warnings.warn(
                 f"the learned over-relaxation ω={omega:.2f} diverged on this slide; "
                 f"re-running with ω={damped:.2f}",
