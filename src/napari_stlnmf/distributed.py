@@ -23,7 +23,6 @@ import time
 import uuid
 import warnings
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -218,18 +217,7 @@ def deconvolve_many(
 
     out = None if out is None else Path(out)
     seed = int(options.get("seed", 0))
-    starting = None
-    if client is None and _some_not_done(out, named):
-        # the workers start, and import the package, while the reference is prepared here
-        n_workers = workers or min(len(named), os.cpu_count() or 1)
-        pool = ThreadPoolExecutor(1)
-        starting = pool.submit(_local_cluster, distributed, n_workers)
-        pool.shutdown(wait=False)  # its thread ends with the start
-    try:
-        shared = _prepared_reference(reference, cell_type_key, options)
-    except BaseException:
-        _close_started(starting)
-        raise
+    shared = _prepared_reference(reference, cell_type_key, options)
     ref_print = _fingerprint_reference(shared)
     options_record = json.loads(json.dumps(_plain(options), sort_keys=True))
     records = {
@@ -253,14 +241,11 @@ def deconvolve_many(
         total=len(named), initial=len(rows), desc="Slides", unit="slide", file=sys.stderr,
         disable=not progress,
     )  # fmt: skip
+    own_cluster = client is None and todo
     cluster = None
     try:
-        if client is None and todo:
-            cluster = starting.result() if starting is not None else None
-            starting = None
-            if cluster is None:
-                n_workers = workers or min(len(todo), os.cpu_count() or 1)
-                cluster = _local_cluster(distributed, n_workers)
+        if own_cluster:
+            cluster = _local_cluster(distributed, workers or min(len(todo), os.cpu_count() or 1))
             client = distributed.Client(cluster)
         if todo:
             ref_future = client.scatter(shared, broadcast=True)
@@ -287,7 +272,6 @@ def deconvolve_many(
                     bar.write(f"slide {name} failed: {row['message']}", file=sys.stderr)
     finally:
         bar.close()
-        _close_started(starting)  # started, then every slide turned out to be done
         if cluster is not None:
             client.close()
             cluster.close()
@@ -301,22 +285,6 @@ def deconvolve_many(
     return BatchResult(summary=summary, out=out, _results=results)
 
 
-def _some_not_done(out: Path | None, named: dict) -> bool:
-    """Whether some slide may need a task (a cheap look at the markers, before the plan)."""
-    if out is None:
-        return True
-    for name in named:
-        marker = _read_marker(out / name)
-        if marker is None or marker.get("status") != "done":
-            return True
-    return False
-
-
-def _close_started(starting) -> None:
-    if starting is not None:
-        starting.result().close()
-
-
 def _local_cluster(distributed, n_workers: int):
     """A LocalCluster of ``n_workers`` processes, one thread each, without dask's default
     ``MALLOC_TRIM_THRESHOLD_=65536`` for its workers: with it, deconvolve ran 15-28 % slower
@@ -328,7 +296,7 @@ def _local_cluster(distributed, n_workers: int):
     with dask.config.set({key: None}):
         return distributed.LocalCluster(
             n_workers=max(1, int(n_workers)), threads_per_worker=1, processes=True,
-            dashboard_address=":0", preload=["napari_stlnmf.api"],
+            dashboard_address=":0",
         )  # fmt: skip
 
 
