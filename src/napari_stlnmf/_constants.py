@@ -19,5 +19,5 @@ UNCERTAINTY_LEVEL = 0.9
 # deconvolve_tiled: tile side in spot spacings (~0.5 M bins, ~3.5 GB per task with the halo),
 # halo in graph hops (docs/bench_tiled.md), seeded sample the calibration is measured on
 TILE_SIZE = 700
-TILE_HALO = 24
+TILE_HALO = 16
 CALIBRATION_SPOTS = 200_000

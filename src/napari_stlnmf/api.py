@@ -490,6 +490,8 @@ def _fit_library(
         if s.save_params is not None:
             extra = {"train": train_report.as_dict(), "gene_weighting": weighting}
             model.save(s.save_params, genes=prep.genes, cell_types=prep.cell_types, extra=extra)
+    if model is not None and fixed is not None:
+        model.fixed_omega = fixed.omega  # ω is decided once for the slide, not per part
     solver = make_solver(s, model)
     solved = fit(
         prep, spots, solver,
@@ -525,8 +527,9 @@ def _fit_library(
         info["uncertainty"] = intervals[2]
     fit_here = _LibraryFit(prep, fractions, info, model, types, diagnostics, intervals)
     if keep_calibration:
+        omega = None if model is None else model.last_omega
         fit_here.kept_calibration = FixedCalibration.of_run(
-            ref, subtypes, weighting, calibration, spots, scale_log, info
+            ref, subtypes, weighting, calibration, spots, scale_log, info, omega
         )
     return fit_here
 

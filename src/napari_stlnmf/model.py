@@ -211,6 +211,10 @@ class UnrolledNMF(nn.Module):
         )
         # layers at which per-entry weights are recomputed; None: one weight per gene
         self.refresh_layers: tuple[int, ...] | None = None
+        # inference: ω to start from instead of the learned one (None), and the ω the last
+        # inference ended with (after any damping)
+        self.fixed_omega: float | None = None
+        self.last_omega: float | None = None
 
     def cell_smoothing(self) -> torch.Tensor:
         return torch.exp(self.log_cell_smoothing.clamp(max=np.log(CELL_SMOOTHING_MAX)))
@@ -360,8 +364,11 @@ class UnrolledNMF(nn.Module):
         )
         fixed_graph = inference_graph(adjacency, start.device, start.dtype)
         penalties = self._penalties(as_numbers=True, device=start.device, dtype=start.dtype)
-        omega = float(self.omega())
+        # a part of a tiled slide starts from the ω its calibration sample ended with
+        omega = float(self.omega()) if self.fixed_omega is None else float(self.fixed_omega)
         while True:
+            if noise is not None and noise.scale_log is not None:
+                noise.scale_log.clear()  # the scales of the run that is kept, not of a damped one
             V = run_layers(
                 start.clone(),
                 data,
@@ -373,6 +380,7 @@ class UnrolledNMF(nn.Module):
                 callback=callback,
             )
             if _bounded(V) or omega <= 1.0:
+                self.last_omega = omega
                 return V
             # parameters learned on crops of simulated slides can over-relax too far on spots
             # unlike any of them: halve the over-relaxation until the updates stay bounded,

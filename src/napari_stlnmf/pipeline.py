@@ -493,7 +493,8 @@ class FixedCalibration:
     Holds what the slide-wide steps decide: the genes and the reference (split into
     sub-profiles when they were chosen), the gene weighting, the platform-corrected profiles
     and gene weights, the noise and the zeroing threshold (``calibration``, its slide arrays
-    emptied), the image features' scale for the graph and the per-entry Gram scales."""
+    emptied), the image features' scale for the graph, the per-entry Gram scales and the
+    over-relaxation ω the fit kept (after damping, if it diverged)."""
 
     reference: Reference
     subtypes: Subtypes | None
@@ -502,9 +503,10 @@ class FixedCalibration:
     feature_scale: tuple[np.ndarray, np.ndarray] | None
     gram_scales: tuple[float, ...] | None
     info: dict
+    omega: float | None = None  # the over-relaxation the sample's fit ended with
 
     @classmethod
-    def of_run(cls, reference, subtypes, weighting, calibration, spots, scale_log, info):
+    def of_run(cls, reference, subtypes, weighting, calibration, spots, scale_log, info, omega):
         """What a run on the sample measured (its slide-sized arrays dropped)."""
         prep = calibration.prepared
         bare = replace(
@@ -516,7 +518,7 @@ class FixedCalibration:
         scale = None if spots.features is None else feature_scale(spots.features)
         scales = tuple(scale_log) if scale_log else None
         kept = replace(calibration, prepared=bare)
-        return cls(reference, subtypes, weighting, kept, scale, scales, info)
+        return cls(reference, subtypes, weighting, kept, scale, scales, info, omega)
 
     @property
     def genes(self) -> pd.Index:
