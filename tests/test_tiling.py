@@ -214,3 +214,29 @@ def test_stlnmf_tiled_writes_the_results_and_maps(hd_slide, demo, tmp_path):
     coloured = (pixels.max(2) - pixels.min(2)) > 40
     assert coloured.mean() > 0.2, coloured.mean()
     assert main(argv[:-1] + ["--workers", "0", "--overwrite", "--quiet"]) == 2
+
+
+def test_the_over_relaxation_is_decided_once_for_the_slide(hd_slide, demo, monkeypatch):
+    """A fit that diverges on the whole slide (here: made to, on any part of more than 3,400
+    bins while ω > 1) is damped to ω = 1; tiles too small to diverge must use that ω as well,
+    not their own, or the stitched answer would depend on where the slide was cut."""
+    import napari_stlnmf.model as model_module
+
+    last = {}
+    run_layers = model_module.run_layers
+
+    def recording(*args, **kwargs):
+        last["omega"] = kwargs["omega"]
+        return run_layers(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "run_layers", recording)
+    monkeypatch.setattr(
+        model_module, "_bounded", lambda V: last["omega"] <= 1.0 or V.shape[0] < 3400
+    )
+    hd, _ = hd_slide
+    options = {"cell_type_key": KEY, "n_layers": LAYERS}
+    whole = _quiet(deconvolve, hd.sample, demo[1], **options)
+    tiled = _quiet(deconvolve_tiled, hd.sample, demo[1], tile_size=15, halo=None, **options)
+    assert tiled.info["tiling"]["tiles"] == 16
+    a, b = whole.proportions.to_numpy(), tiled.proportions.to_numpy()
+    assert np.nanmax(np.abs(a - b)) < 1e-5
