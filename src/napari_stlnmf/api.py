@@ -444,7 +444,8 @@ def _fit_library(
             max_gram_bytes=s.max_gram_bytes,
         )
     else:
-        prep, ref, subtypes = fixed.prepare(counts, s), fixed.reference, fixed.subtypes
+        prep = fixed.prepare(counts, case_insensitive=s.case_insensitive)
+        ref, subtypes = fixed.reference, fixed.subtypes
         reference_check = fixed.info.get("reference_check", [])
         weighting = fixed.gene_weighting
         n_spots, n_types = int(prep.spot_mask.sum()), len(prep.cell_types)

@@ -10,17 +10,33 @@ corrected inputs (:func:`calibrate`).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from .errors import StlnmfError
+from .graph import feature_scale
 from .model import DEFAULTS, REFRESH_LAYERS, EntryNoise, UnrolledNMF, finalize_proportions
-from .preprocess import Prepared, Reference, fitted_gene_weights, with_platform_effect
+from .preprocess import (
+    Prepared,
+    Reference,
+    fitted_gene_weights,
+    match_gene_identifiers,
+    prepare,
+    with_platform_effect,
+)
+
+if TYPE_CHECKING:
+    from .io.counts import FoundCounts
+    from .subtypes import Subtypes
 
 __all__ = [
     "AUTO_MIN_PROPORTION",
     "Calibration",
+    "FixedCalibration",
     "SlideNoise",
     "auto_min_proportion",
     "calibrate",
@@ -447,3 +463,75 @@ def calibrate(
     return Calibration(
         prepared, log_factor, noise, cells_per_spot, float(min_proportion), by_noise, by_depth
     )
+
+
+@dataclass(frozen=True)
+class FixedCalibration:
+    """A slide's calibration kept to deconvolve parts of it alike (the tiles of a slide too
+    large for one fit, :func:`napari_stlnmf.tiling.deconvolve_tiled`): measured once, on a
+    seeded sample of its spots, so that no part's answer depends on which part it is in.
+
+    Holds what the slide-wide steps decide: the genes and the reference (split into
+    sub-profiles when they were chosen), the gene weighting, the platform-corrected profiles
+    and gene weights, the noise and the zeroing threshold (``calibration``, its slide arrays
+    emptied), the image features' scale for the graph, the per-entry Gram scales and the
+    over-relaxation ω the fit kept (after damping, if it diverged)."""
+
+    reference: Reference
+    subtypes: Subtypes | None
+    gene_weighting: str
+    calibration: Calibration
+    feature_scale: tuple[np.ndarray, np.ndarray] | None
+    gram_scales: tuple[float, ...] | None
+    info: dict
+    omega: float | None = None  # the over-relaxation the sample's fit ended with
+
+    @classmethod
+    def of_run(cls, reference, subtypes, weighting, calibration, spots, scale_log, info, omega):
+        """What a run on the sample measured (its slide-sized arrays dropped)."""
+        prep = calibration.prepared
+        bare = replace(
+            prep,
+            X=prep.X[:0],
+            spot_mask=np.zeros(0, bool),
+            library_size=np.zeros(0, prep.library_size.dtype),
+        )
+        scale = None if spots.features is None else feature_scale(spots.features)
+        scales = tuple(scale_log) if scale_log else None
+        kept = replace(calibration, prepared=bare)
+        return cls(reference, subtypes, weighting, kept, scale, scales, info, omega)
+
+    @property
+    def genes(self) -> pd.Index:
+        return self.calibration.prepared.genes
+
+    def prepare(self, counts: FoundCounts, *, case_insensitive: bool = False) -> Prepared:
+        """A part's inputs on the calibration's genes (:func:`~.preprocess.prepare`)."""
+        genes, _ = match_gene_identifiers(
+            counts.var, self.reference, case_insensitive=case_insensitive
+        )
+        return prepare(
+            counts.matrix,
+            genes,
+            self.reference,
+            case_insensitive=case_insensitive,
+            gene_weighting=self.gene_weighting,
+            genes=list(self.genes),
+        )
+
+    def applied_to(self, prepared: Prepared) -> Calibration:
+        """This calibration with ``prepared``'s spots: the corrected profiles, gene weights and
+        the per-type contents put in place of the uncorrected ones."""
+        cal = self.calibration.prepared
+        if not prepared.genes.equals(cal.genes):
+            raise StlnmfError("this part of the slide lacks genes of its calibration")
+        corrected = replace(
+            prepared,
+            B=cal.B,
+            gene_weights=cal.gene_weights,
+            mrna_content=cal.mrna_content,
+            gene_share=cal.gene_share,
+            profile_variance=cal.profile_variance,
+            info={**prepared.info, **{k: v for k, v in cal.info.items() if k not in prepared.info}},
+        )
+        return replace(self.calibration, prepared=corrected)

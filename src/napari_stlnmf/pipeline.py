@@ -22,6 +22,7 @@ from ._constants import MAX_CELLS_PER_TYPE, SPATIAL_KEY
 from .calibration import (
     NOISE_SAMPLE_SPOTS,
     Calibration,
+    FixedCalibration,
     estimate_noise,
     platform_effect_identifiable,
     quick_platform_effect,
@@ -34,7 +35,6 @@ from .errors import StlnmfError
 from .graph import (
     SpatialGraph,
     build_graph,
-    feature_scale,
     region_features,
     spot_image_features,
     spot_spacing,
@@ -482,78 +482,6 @@ def entry_noise_for(
     return EntryNoise(
         library, phi, compact_gram=compact_gram, gram_scales=gram_scales, scale_log=scale_log
     )
-
-
-@dataclass(frozen=True)
-class FixedCalibration:
-    """A slide's calibration kept to deconvolve parts of it alike (the tiles of a slide too
-    large for one fit, :func:`napari_stlnmf.tiling.deconvolve_tiled`): measured once, on a
-    seeded sample of its spots, so that no part's answer depends on which part it is in.
-
-    Holds what the slide-wide steps decide: the genes and the reference (split into
-    sub-profiles when they were chosen), the gene weighting, the platform-corrected profiles
-    and gene weights, the noise and the zeroing threshold (``calibration``, its slide arrays
-    emptied), the image features' scale for the graph, the per-entry Gram scales and the
-    over-relaxation ω the fit kept (after damping, if it diverged)."""
-
-    reference: Reference
-    subtypes: Subtypes | None
-    gene_weighting: str
-    calibration: Calibration
-    feature_scale: tuple[np.ndarray, np.ndarray] | None
-    gram_scales: tuple[float, ...] | None
-    info: dict
-    omega: float | None = None  # the over-relaxation the sample's fit ended with
-
-    @classmethod
-    def of_run(cls, reference, subtypes, weighting, calibration, spots, scale_log, info, omega):
-        """What a run on the sample measured (its slide-sized arrays dropped)."""
-        prep = calibration.prepared
-        bare = replace(
-            prep,
-            X=prep.X[:0],
-            spot_mask=np.zeros(0, bool),
-            library_size=np.zeros(0, prep.library_size.dtype),
-        )
-        scale = None if spots.features is None else feature_scale(spots.features)
-        scales = tuple(scale_log) if scale_log else None
-        kept = replace(calibration, prepared=bare)
-        return cls(reference, subtypes, weighting, kept, scale, scales, info, omega)
-
-    @property
-    def genes(self) -> pd.Index:
-        return self.calibration.prepared.genes
-
-    def prepare(self, counts: io.FoundCounts, settings: DeconvolutionSettings) -> Prepared:
-        """A part's inputs on the calibration's genes (:func:`~.preprocess.prepare`)."""
-        genes, _ = match_gene_identifiers(
-            counts.var, self.reference, case_insensitive=settings.case_insensitive
-        )
-        return prepare(
-            counts.matrix,
-            genes,
-            self.reference,
-            case_insensitive=settings.case_insensitive,
-            gene_weighting=self.gene_weighting,
-            genes=list(self.genes),
-        )
-
-    def applied_to(self, prepared: Prepared) -> Calibration:
-        """This calibration with ``prepared``'s spots: the corrected profiles, gene weights and
-        the per-type contents put in place of the uncorrected ones."""
-        cal = self.calibration.prepared
-        if not prepared.genes.equals(cal.genes):
-            raise StlnmfError("this part of the slide lacks genes of its calibration")
-        corrected = replace(
-            prepared,
-            B=cal.B,
-            gene_weights=cal.gene_weights,
-            mrna_content=cal.mrna_content,
-            gene_share=cal.gene_share,
-            profile_variance=cal.profile_variance,
-            info={**prepared.info, **{k: v for k, v in cal.info.items() if k not in prepared.info}},
-        )
-        return replace(self.calibration, prepared=corrected)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 The slide-wide steps (gene selection, platform effect, noise, zeroing threshold, image-feature
 scale, per-entry Gram scales) are measured once, on a seeded sample of the slide's spots
-(:class:`~napari_stlnmf.pipeline.FixedCalibration`). The slide is then cut into square tiles;
+(:class:`~napari_stlnmf.calibration.FixedCalibration`). The slide is then cut into square tiles;
 each is fitted with its halo (the spots within ``halo`` graph hops of it, so that its own spots
 see the neighbours they would see in the whole slide) and keeps only its interior. A tile reads
 only its own bins (a Visium HD ``.h5`` matrix is read a run of barcodes at a time), in this
