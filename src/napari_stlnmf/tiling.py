@@ -26,14 +26,14 @@ import numpy as np
 
 from . import io
 from ._constants import CALIBRATION_SPOTS, SPATIAL_KEY, TILE_HALO, TILE_SIZE
+from .calibration import sample_rows
 from .errors import InvalidCountsError, StlnmfError
 from .model import CELL_SMOOTHING_STEPS
 from .pipeline import (
     DeconvolutionSettings,
     FixedCalibration,
     Fractions,
-    SlideLibrary,
-    in_tissue,
+    slide_libraries,
 )
 from .progress import Stage, check_stop, report
 
@@ -281,18 +281,16 @@ def deconvolve_tiled(
     )
     settings = replace(settings, library_id=library_id)
     ref = slide_reference(reference, cell_type_key, meta, settings)
-    tissue = in_tissue(meta)
-    if not tissue.any():
-        raise StlnmfError("every spot has obs['in_tissue'] == 0: there is no tissue to deconvolve")
+    (library,) = slide_libraries(meta, settings)  # one: library_key is refused above
+    tissue = library.rows
     tissue_rows = np.flatnonzero(tissue)
     xy = np.asarray(meta.obsm[SPATIAL_KEY], dtype=np.float64)[tissue_rows, :2]
     check_stop(should_stop)
 
     # the slide-wide steps, once, on a seeded sample of the tissue's spots
     report(progress, Stage.PLATFORM, 0, 1)
-    rng = np.random.default_rng(seed)
-    n_sample = min(int(calibration_spots), len(tissue_rows))
-    sample = np.sort(rng.choice(tissue_rows, n_sample, replace=False))
+    sample = tissue_rows[sample_rows(len(tissue_rows), int(calibration_spots), seed)]
+    n_sample = len(sample)
     calibrated = _fit_library(source.part(sample), ref, settings, keep_calibration=True)
     fixed = calibrated.kept_calibration
     check_stop(should_stop)
@@ -335,7 +333,6 @@ def deconvolve_tiled(
         model=calibrated.model,
         types=calibrated.types,
     )
-    library = SlideLibrary(None, tissue, ~tissue, library_id)
     result = _result(meta, [(library, whole)], settings, seconds=time.perf_counter() - t_start)
     report(progress, Stage.DONE, 1, 1)
     return result

@@ -190,14 +190,7 @@ class TenxH5Columns:
                 metadata = _h5_metadata(f)
         except KeyError as err:
             raise _incomplete(self.path, err) from err
-        var = pd.DataFrame({"gene_ids": ids}, index=pd.Index(names))
-        self.keep = None
-        if ftype is not None:
-            var["feature_types"] = ftype
-            keep = var["feature_types"].to_numpy() == "Gene Expression"
-            if keep.any():
-                self.keep, var = keep, var.loc[keep]
-        var.index = ad.utils.make_index_unique(var.index.astype(str))
+        var, self.keep = _gene_features(names, ids, ftype)
         self.adata = ad.AnnData(obs=pd.DataFrame(index=pd.Index(barcodes)), var=var)
         self.adata.uns["_10x_metadata"] = metadata
 
@@ -276,21 +269,32 @@ def _read_10x_mex(folder: Path) -> AnnData:
     return _matrix_anndata(genes_by_barcodes, barcodes, names, ids, ftype, {})
 
 
+def _gene_features(names, ids, ftype) -> tuple[pd.DataFrame, np.ndarray | None]:
+    """The matrix's ``var`` (gene-expression features only, names made unique) and the mask of
+    the features kept (None: all)."""
+    import anndata as ad
+
+    var = pd.DataFrame({"gene_ids": ids}, index=pd.Index(names))
+    keep = None
+    if ftype is not None:
+        var["feature_types"] = ftype
+        expression = var["feature_types"].to_numpy() == "Gene Expression"
+        if expression.any():  # antibody/CRISPR rows are not genes
+            keep, var = expression, var.loc[expression]
+    # Same result as AnnData.var_names_make_unique, without the constructor's warning.
+    var.index = ad.utils.make_index_unique(var.index.astype(str))
+    return var, keep
+
+
 def _matrix_anndata(genes_by_barcodes, barcodes, names, ids, ftype, metadata) -> AnnData:
     """Spots x genes AnnData of a 10x genes x barcodes matrix, gene-expression features only."""
     import anndata as ad
     from scipy import sparse
 
     X = sparse.csr_matrix(genes_by_barcodes.T, dtype=np.float32)
-    var = pd.DataFrame({"gene_ids": ids}, index=pd.Index(names))
-    if ftype is not None:
-        var["feature_types"] = ftype
-        keep = var["feature_types"].to_numpy() == "Gene Expression"
-        if keep.any():  # antibody/CRISPR rows are not genes
-            X = X[:, keep]
-            var = var.loc[keep]
-    # Same result as AnnData.var_names_make_unique, without the constructor's warning.
-    var.index = ad.utils.make_index_unique(var.index.astype(str))
+    var, keep = _gene_features(names, ids, ftype)
+    if keep is not None:
+        X = X[:, keep]
     adata = ad.AnnData(X=X, obs=pd.DataFrame(index=pd.Index(barcodes)), var=var)
     adata.uns["_10x_metadata"] = metadata
     return adata
