@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import anndata as ad
@@ -127,6 +128,16 @@ def test_batch_gives_each_slide_its_single_run_result(client, slides, demo, sing
     for name in two:
         _assert_same(in_memory[name], single_runs[name])
         assert in_memory[name].info["seed"] == SEED
+    # nothing of the batch stays on the user's cluster: neither the slides' tasks nor the
+    # import tasks that warmed the workers while the reference was prepared
+    deadline = time.monotonic() + 10
+    while (left := client.run_on_scheduler(_task_keys)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert left == []
+
+
+def _task_keys(dask_scheduler):
+    return [str(key) for key in dask_scheduler.tasks]
 
 
 def test_rerun_skips_slides_done_with_the_same_options(client, slides, demo, tmp_path):
@@ -327,7 +338,9 @@ def test_import_without_dask():
 
 def test_own_cluster_workers_keep_glibc_default_trim(monkeypatch):
     """deconvolve_many's LocalCluster does not give its workers dask's
-    MALLOC_TRIM_THRESHOLD_=65536 (15-28 % slower fits), but keeps one the user set."""
+    MALLOC_TRIM_THRESHOLD_=65536 (15-28 % slower fits), but keeps one the user set; its
+    workers do not sample their stacks for a dashboard (3-4 % per fit), a default cluster's
+    do."""
     import distributed
 
     from napari_stlnmf.distributed import _local_cluster
@@ -335,9 +348,16 @@ def test_own_cluster_workers_keep_glibc_default_trim(monkeypatch):
     def trim():
         return os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS")
 
+    def profiling(dask_worker):
+        return "profile" in dask_worker.periodic_callbacks
+
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     with _local_cluster(distributed, 1) as cluster, distributed.Client(cluster) as c:
         assert list(c.run(trim).values()) == [(None, "1")]
+        assert list(c.run(profiling).values()) == [False]
+    default = distributed.LocalCluster(n_workers=1, dashboard_address=":0")
+    with default as cluster, distributed.Client(cluster) as c:
+        assert list(c.run(profiling).values()) == [True]
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
     with _local_cluster(distributed, 1) as cluster, distributed.Client(cluster) as c:
         assert list(c.run(trim).values()) == [("131072", "1")]

@@ -213,10 +213,34 @@ def deconvolve_many(
         raise StlnmfError(f"workers={workers!r}: give a whole number of at least 1")
     named = slide_names(slides)
     distributed = _require_distributed()
-    from tqdm.auto import tqdm
 
     out = None if out is None else Path(out)
     seed = int(options.get("seed", 0))
+    own_cluster = client is None and len(named) > 0
+    cluster = None
+    if own_cluster:
+        cluster = _local_cluster(distributed, workers or min(len(named), os.cpu_count() or 1))
+        client = distributed.Client(cluster)
+    try:
+        return _run_batch(
+            distributed, client, named, reference, cell_type_key, out, overwrite, retries,
+            maps, progress, slide_progress, seed, options,
+        )  # fmt: skip
+    finally:
+        if cluster is not None:
+            client.close()
+            cluster.close()
+
+
+def _run_batch(
+    distributed, client, named, reference, cell_type_key, out, overwrite, retries, maps,
+    progress, slide_progress, seed, options,
+) -> BatchResult:  # fmt: skip
+    """deconvolve_many on a running client."""
+    from tqdm.auto import tqdm
+
+    # the workers import the engine (torch: seconds) while the reference is prepared here
+    warming = _warm_workers(client)
     shared = _prepared_reference(reference, cell_type_key, options)
     ref_print = _fingerprint_reference(shared)
     options_record = json.loads(json.dumps(_plain(options), sort_keys=True))
@@ -241,12 +265,7 @@ def deconvolve_many(
         total=len(named), initial=len(rows), desc="Slides", unit="slide", file=sys.stderr,
         disable=not progress,
     )  # fmt: skip
-    own_cluster = client is None and todo
-    cluster = None
     try:
-        if own_cluster:
-            cluster = _local_cluster(distributed, workers or min(len(todo), os.cpu_count() or 1))
-            client = distributed.Client(cluster)
         if todo:
             ref_future = client.scatter(shared, broadcast=True)
             futures = {}
@@ -272,9 +291,7 @@ def deconvolve_many(
                     bar.write(f"slide {name} failed: {row['message']}", file=sys.stderr)
     finally:
         bar.close()
-        if cluster is not None:
-            client.close()
-            cluster.close()
+        client.cancel(warming)
     if out is not None:
         for name in named:
             _remove_staging(out / name)
@@ -289,15 +306,28 @@ def _local_cluster(distributed, n_workers: int):
     """A LocalCluster of ``n_workers`` processes, one thread each, without dask's default
     ``MALLOC_TRIM_THRESHOLD_=65536`` for its workers: with it, deconvolve ran 15-28 % slower
     (glibc returns freed memory to the system at every large temporary array); a variable the
-    user set in the environment still wins."""
+    user set in the environment still wins. The workers' statistical profiler (a stack sample
+    every 10 ms, for the dashboard, which this cluster does not serve) is off: 3-4 % per fit."""
     import dask
 
-    key = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
-    with dask.config.set({key: None}):
+    trim = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
+    with dask.config.set({trim: None, "distributed.worker.profile.enabled": False}):
         return distributed.LocalCluster(
             n_workers=max(1, int(n_workers)), threads_per_worker=1, processes=True,
             dashboard_address=":0",
         )  # fmt: skip
+
+
+def _import_engine() -> None:
+    import napari_stlnmf.api  # noqa: F401 -- torch and the engine, once per worker process
+
+
+def _warm_workers(client) -> list:
+    """One import task pinned to each worker now connected (none wait on it)."""
+    return [
+        client.submit(_import_engine, workers=[address], allow_other_workers=False, pure=False)
+        for address in client.scheduler_info()["workers"]
+    ]
 
 
 def _warn_once(rows: dict) -> None:
