@@ -905,6 +905,7 @@ def write_page(acc, sc, figs, args, started, regions=None):
 
 # benchmarks run on their own (a display, a cluster) write a section of the page; kept as is
 SEPARATE_SECTIONS = (
+    "bench_near_pure.md",
     "bench_napari_hd.md",
     "bench_missing_type.md",
     "bench_uncertainty.md",
