@@ -174,6 +174,36 @@ def test_rerun_skips_slides_done_with_the_same_options(client, slides, demo, tmp
     assert marker["options"]["n_layers"] == 30
 
 
+def test_own_cluster_starts_only_for_slides_to_run(client, slides, demo, tmp_path, monkeypatch):
+    """Without client=, a re-run whose slides are all done starts no cluster; one whose markers
+    say done but whose options differ starts it once the plan says so."""
+    import napari_stlnmf.distributed as batch_module
+
+    first = {k: slides[k] for k in ("slide0", "slide3")}
+    deconvolve_many(
+        first, demo[1], cell_type_key=KEY, client=client, out=tmp_path, maps=False,
+        progress=False, n_layers=20,
+    )  # fmt: skip
+    started = []
+    real = batch_module._local_cluster
+
+    def counted(distributed, n_workers):
+        started.append(n_workers)
+        return real(distributed, n_workers)
+
+    monkeypatch.setattr(batch_module, "_local_cluster", counted)
+    again = deconvolve_many(
+        first, demo[1], cell_type_key=KEY, out=tmp_path, maps=False, progress=False,
+        n_layers=20,
+    )  # fmt: skip
+    assert (again.summary["status"] == "skipped").all() and started == []
+    other = deconvolve_many(
+        first, demo[1], cell_type_key=KEY, out=tmp_path, maps=False, progress=False,
+        n_layers=30, overwrite=True, workers=1,
+    )  # fmt: skip
+    assert (other.summary["status"] == "done").all() and started == [1]
+
+
 def test_a_bad_slide_fails_alone_and_is_reported(client, slides, demo, tmp_path):
     bad = slides["slide3"].copy()
     bad.var_names = [f"Other{i}" for i in range(bad.n_vars)]  # no gene of the reference

@@ -216,31 +216,50 @@ def deconvolve_many(
 
     out = None if out is None else Path(out)
     seed = int(options.get("seed", 0))
-    own_cluster = client is None and len(named) > 0
-    cluster = None
-    if own_cluster:
-        cluster = _local_cluster(distributed, workers or min(len(named), os.cpu_count() or 1))
-        client = distributed.Client(cluster)
+    cluster = _BatchCluster(distributed, client, workers)
     try:
         return _run_batch(
-            distributed, client, named, reference, cell_type_key, out, overwrite, retries,
+            distributed, cluster, named, reference, cell_type_key, out, overwrite, retries,
             maps, progress, slide_progress, seed, options,
         )  # fmt: skip
     finally:
-        if cluster is not None:
-            client.close()
-            cluster.close()
+        cluster.close()
+
+
+class _BatchCluster:
+    """The batch's client: the caller's, or a LocalCluster of this call's own, started when
+    first needed (a re-run with every slide done starts none) and closed at the end."""
+
+    def __init__(self, distributed, client, workers: int | None):
+        self._distributed, self.client, self._workers = distributed, client, workers
+        self._own = None
+
+    def connect(self, n_slides: int):
+        if self.client is None:
+            n_workers = self._workers or min(n_slides, os.cpu_count() or 1)
+            self._own = _local_cluster(self._distributed, n_workers)
+            self.client = self._distributed.Client(self._own)
+        return self.client
+
+    def close(self) -> None:
+        if self._own is not None:
+            self.client.close()
+            self._own.close()
 
 
 def _run_batch(
-    distributed, client, named, reference, cell_type_key, out, overwrite, retries, maps,
+    distributed, cluster, named, reference, cell_type_key, out, overwrite, retries, maps,
     progress, slide_progress, seed, options,
 ) -> BatchResult:  # fmt: skip
-    """deconvolve_many on a running client."""
+    """deconvolve_many on its :class:`_BatchCluster`."""
     from tqdm.auto import tqdm
 
-    # the workers import the engine (torch: seconds) while the reference is prepared here
-    warming = _warm_workers(client)
+    warming = []
+    pending = _not_done(out, named)
+    if pending:
+        # the workers start and import the engine (torch: seconds) while the reference is
+        # prepared here
+        warming = _warm_workers(cluster.connect(len(pending)))
     shared = _prepared_reference(reference, cell_type_key, options)
     ref_print = _fingerprint_reference(shared)
     options_record = json.loads(json.dumps(_plain(options), sort_keys=True))
@@ -266,7 +285,8 @@ def _run_batch(
         disable=not progress,
     )  # fmt: skip
     try:
-        if todo:
+        if todo:  # the markers may say done where the fingerprints do not
+            client = cluster.connect(len(todo))
             ref_future = client.scatter(shared, broadcast=True)
             futures = {}
             for name in todo:
@@ -291,7 +311,8 @@ def _run_batch(
                     bar.write(f"slide {name} failed: {row['message']}", file=sys.stderr)
     finally:
         bar.close()
-        client.cancel(warming)
+        if warming:
+            cluster.client.cancel(warming)
     if out is not None:
         for name in named:
             _remove_staging(out / name)
@@ -316,6 +337,14 @@ def _local_cluster(distributed, n_workers: int):
             n_workers=max(1, int(n_workers)), threads_per_worker=1, processes=True,
             dashboard_address=":0",
         )  # fmt: skip
+
+
+def _not_done(out: Path | None, named: dict) -> list[str]:
+    """The slides whose marker does not say done (a cheap look, before the reference is
+    prepared and the plan compares fingerprints)."""
+    if out is None:
+        return list(named)
+    return [n for n in named if (_read_marker(out / n) or {}).get("status") != "done"]
 
 
 def _import_engine() -> None:
