@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._constants import MAX_CELLS_PER_TYPE
+from ._constants import H5AD_COMPRESSION, MAX_CELLS_PER_TYPE
 from ._constants import UNCERTAINTY_DRAWS as DEFAULT_DRAWS
 from ._constants import UNCERTAINTY_LEVEL as DEFAULT_LEVEL
 from .output_folder import check_output_folder, staged_results
@@ -71,7 +71,7 @@ def write_results(
             result.uncertainty.lower.to_csv(out / "proportions_lower.csv", index_label="barcode")
             result.uncertainty.upper.to_csv(out / "proportions_upper.csv", index_label="barcode")
         if result.adata is not None:
-            result.adata.write_h5ad(out / "result.h5ad", compression="gzip")
+            result.adata.write_h5ad(out / "result.h5ad", **H5AD_COMPRESSION)
             if plots:
                 _plot_maps(result, out, library_id=library_id, library_key=library_key)
         for name, writer in (extras or {}).items():

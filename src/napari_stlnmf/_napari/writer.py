@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .._constants import PROPORTIONS_KEY, SPATIAL_KEY
+from .._constants import H5AD_COMPRESSION, PROPORTIONS_KEY, SPATIAL_KEY
 from ..layers import POSITIONS_KEY, RESULT_TAG, TABLE_KEY, TOP_TYPES_COLUMN
 
 __all__ = ["NoResultsToExport", "write_proportions", "write_result_layers"]
@@ -91,7 +91,7 @@ def write_proportions(path: str, data, meta: dict) -> list[str]:
                 yx = data if yx is None else yx  # Points: the data are the positions
                 adata.obsm[SPATIAL_KEY] = np.asarray(yx, dtype=np.float64)[:, ::-1]
                 adata.obsm[PROPORTIONS_KEY] = table.set_index("barcode")[types]
-            adata.write_h5ad(partial, compression="gzip")
+            adata.write_h5ad(partial, **H5AD_COMPRESSION)
         else:
             table.to_csv(partial, index=False, float_format="%.6g")
         os.replace(partial, p)
