@@ -5,7 +5,12 @@ with the numeric stack pinned in constraints.txt (numpy 2.4.6, scipy 1.17.1, ...
 last stored run gave the same numbers bit for bit, but a newer stack had moved a few shares by
 ~1e-6. Re-stored in session 7 when the method changed on purpose again (a type's markers ranked
 by a lower confidence bound of its mean: the demo's shares moved by at most 0.009, its RMSE
-0.0385 unchanged). Restructuring the code must not change the numbers."""
+0.0385 unchanged). Restructuring the code must not change the numbers.
+
+The tolerance is 1e-5, not 1e-6: the same code and pinned stack on another CPU (CI's and an AVX-512
+Zen 4 machine, session 9) moved 3 of 6,688 shares by up to 1.2e-6 from the session-7 file, so a
+bit-exact match is not portable; a change to the method moves shares by 1e-3 or more (session 7:
+up to 0.009), which 1e-5 still catches."""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 STORED = Path(__file__).parent / "data" / "demo_seed0_reference_output.csv.gz"
+ATOL = 1e-5  # portable across CPUs (see above); a method change moves shares by >= 1e-3
 
 
 def test_demo_output_matches_the_stored_run(demo):
@@ -27,9 +33,9 @@ def test_demo_output_matches_the_stored_run(demo):
     assert list(res.cell_fractions.columns) == types
     assert list(res.cell_fractions.index) == list(stored.index.astype(str))
     np.testing.assert_allclose(
-        res.cell_fractions.to_numpy(), stored[[f"cell:{t}" for t in types]], atol=1e-6
+        res.cell_fractions.to_numpy(), stored[[f"cell:{t}" for t in types]], atol=ATOL
     )
     np.testing.assert_allclose(
-        res.mrna_fractions.to_numpy(), stored[[f"mrna:{t}" for t in types]], atol=1e-6
+        res.mrna_fractions.to_numpy(), stored[[f"mrna:{t}" for t in types]], atol=ATOL
     )
-    np.testing.assert_allclose(res.fit_error.to_numpy(), stored["fit_error"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(res.fit_error.to_numpy(), stored["fit_error"], rtol=1e-4, atol=1e-7)
