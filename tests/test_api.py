@@ -124,7 +124,7 @@ def test_cell_and_mrna_fractions_differ_by_content(demo):
     # types with more mRNA per cell take a larger share of mRNA than of cells
     content = (
         pd.Series(np.asarray(reference.X.sum(1)).ravel(), index=reference.obs[KEY].values)
-        .groupby(level=0)
+        .groupby(level=0, observed=True)
         .mean()
     )
     big, small = content.idxmax(), content.idxmin()
