@@ -7,9 +7,10 @@ last stored run gave the same numbers bit for bit, but a newer stack had moved a
 by a lower confidence bound of its mean: the demo's shares moved by at most 0.009, its RMSE
 0.0385 unchanged). Restructuring the code must not change the numbers.
 
-The tolerance is 1e-5, not 1e-6: the same code and pinned stack on another CPU (CI's and an AVX-512
-Zen 4 machine, session 9) moved 3 of 6,688 shares by up to 1.2e-6 from the session-7 file, so a
-bit-exact match is not portable; a change to the method moves shares by 1e-3 or more (session 7:
+The shares' tolerance is 1e-5, not 1e-6: the same code and pinned stack on other CPUs (CI's in
+session 10 and an AVX-512 Zen 4 VM, which agree with each other) move 3 cell and some mRNA shares
+by up to 1.3e-6 from the session-7 file and fit_error by 4.5e-6 relative (within its 1e-5), so a
+match to 1e-6 is not portable; a change to the method moves shares by 1e-3 or more (session 7:
 up to 0.009), which 1e-5 still catches."""
 
 from __future__ import annotations
@@ -38,4 +39,4 @@ def test_demo_output_matches_the_stored_run(demo):
     np.testing.assert_allclose(
         res.mrna_fractions.to_numpy(), stored[[f"mrna:{t}" for t in types]], atol=ATOL
     )
-    np.testing.assert_allclose(res.fit_error.to_numpy(), stored["fit_error"], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(res.fit_error.to_numpy(), stored["fit_error"], rtol=1e-5, atol=1e-7)
