@@ -154,6 +154,31 @@ def test_sub_profiles_where_the_types_are_states():
     assert err_auto < 0.8 * err_plain, (err_auto, err_plain)
 
 
+def test_a_reference_reused_across_slides_keeps_its_sub_profile_splits():
+    """A built reference passed to several slides (a batch, a loop) splits its types once per
+    gene set and seed, and every slide's answer is the one a freshly built reference gives; a
+    pickled reference (what a dask scatter sends) carries none of it."""
+    import pickle
+
+    from napari_stlnmf.pipeline import load_reference
+
+    slide, reference, _, _ = _states_slide()
+    fresh = lambda: load_reference(reference, KEY, max_cells_per_type=10_000)
+    kept = fresh()
+    first = deconvolve(slide, kept, cell_type_key=KEY)
+    assert first.info["cell_subtypes"] is not None  # the splits are used, not only tested
+    assert len(kept._memo) == 1
+    splits = next(iter(kept._memo.values()))
+    again = deconvolve(slide, kept, cell_type_key=KEY)
+    assert next(iter(kept._memo.values())) is splits  # reused, not recomputed
+    baseline = deconvolve(slide, fresh(), cell_type_key=KEY)
+    for result in (first, again):
+        np.testing.assert_array_equal(result.proportions, baseline.proportions)
+    deconvolve(slide, kept, cell_type_key=KEY, seed=1)
+    assert len(kept._memo) == 2  # another seed, other splits
+    assert pickle.loads(pickle.dumps(kept))._memo == {}
+
+
 def test_sub_profiles_sum_back_into_their_types(demo_reference):
     from napari_stlnmf.subtypes import SUBTYPE_MARK, merge_subtypes, split_cell_types
 

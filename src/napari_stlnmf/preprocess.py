@@ -68,6 +68,9 @@ GENE_ID_COLUMNS = (
     "symbol",
 )
 _ENSEMBL_VERSION = r"^(ENS[A-Z]*\d{6,})\.\d+$"  # ENSG00000123456.4 -> ENSG00000123456
+# results a Reference keeps of work that each slide fitted with it repeats (its sub-profiles for
+# the slide's markers); a batch's slides mostly share one gene panel, so two suffice
+REFERENCE_MEMO_ENTRIES = 2
 
 
 @dataclass
@@ -102,6 +105,25 @@ class Reference:
     variance_to_mean: pd.Series | None = None
     gene_ids: pd.DataFrame | None = None
     info: dict = field(default_factory=dict)
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def memo(self, key, compute):
+        """``compute()``, kept under ``key`` for the next slide that asks for the same (at most
+        :data:`REFERENCE_MEMO_ENTRIES`, the least recently used dropped; not pickled, so a
+        scattered reference starts empty on each worker). Only for work that depends on
+        nothing but this reference and ``key``; the reference is not modified after it is
+        built."""
+        if key in self._memo:
+            value = self._memo.pop(key)
+        else:
+            value = compute()
+        self._memo[key] = value  # most recently used last
+        while len(self._memo) > REFERENCE_MEMO_ENTRIES:
+            self._memo.pop(next(iter(self._memo)))
+        return value
+
+    def __getstate__(self):
+        return {**self.__dict__, "_memo": {}}
 
     @property
     def cell_types(self) -> list[str]:

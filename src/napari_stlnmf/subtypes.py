@@ -25,6 +25,8 @@ __all__ = [
     "SUBTYPE_MARK",
     "HeldoutFolds",
     "Subtypes",
+    "candidate_splits",
+    "cell_features",
     "choose_subtypes",
     "heldout_deviance",
     "heldout_folds",
@@ -112,6 +114,15 @@ def _kmeans(features: np.ndarray, k: int, seed: int) -> np.ndarray:
     return d.argmin(1)
 
 
+def cell_features(reference: Reference, genes) -> np.ndarray:
+    """Each reference cell's log shares (``log1p(1e3 · count / cell total)``) of those of
+    ``genes`` the reference has: what :func:`split_cell_types` clusters (cells x genes, dense)."""
+    if reference.cell_counts is None:
+        raise ValueError("sub-profiles need a single-cell reference")
+    pos = reference.profiles.index.get_indexer(pd.Index(genes))
+    return _log_shares(reference.cell_counts[:, pos[pos >= 0]])
+
+
 def split_cell_types(
     reference: Reference,
     genes,
@@ -119,16 +130,18 @@ def split_cell_types(
     max_per_type: int = MAX_SUBTYPES,
     min_cells: int = MIN_SUBTYPE_CELLS,
     seed: int = 0,
+    features: np.ndarray | None = None,
 ) -> tuple[Reference, np.ndarray]:
     """Each type of a single-cell reference split into ``min(max_per_type, n_cells // min_cells)``
     k-means sub-profiles (log shares of ``genes``, e.g. the selected markers); returns the
     reference of sub-types (named ``type#j``; types too small to split keep their name) and each
-    sub-type's parent index."""
+    sub-type's parent index. ``features``: :func:`cell_features` of ``reference`` and ``genes``,
+    computed here when not given (several splits of one reference can share them)."""
     if reference.cell_counts is None:
         raise ValueError("sub-profiles need a single-cell reference")
     counts, labels = reference.cell_counts, reference.cell_labels
-    pos = reference.profiles.index.get_indexer(pd.Index(genes))
-    features = _log_shares(counts[:, pos[pos >= 0]])
+    if features is None:
+        features = cell_features(reference, genes)
     code = np.empty(labels.size, dtype=np.int64)
     names, parent = [], []
     for t, name in enumerate(reference.cell_types):
@@ -228,6 +241,24 @@ def heldout_deviance(
     return deviance
 
 
+def candidate_splits(reference: Reference, genes, *, seed: int = 0) -> tuple:
+    """The :data:`CANDIDATE_SPLITS` k-means splits :func:`choose_subtypes` compares
+    (:func:`split_cell_types` with seeds ``seed * CANDIDATE_SPLITS + j``), each with its parents;
+    kept on the reference (:meth:`~.preprocess.Reference.memo`) for the next slide with the same
+    ``genes`` and ``seed``: they depend on nothing else, and cost about a quarter of a
+    Visium slide's fit."""
+
+    def compute():
+        features = cell_features(reference, genes)  # slicing the cells' genes: once for all
+        return tuple(
+            split_cell_types(reference, genes, seed=seed * CANDIDATE_SPLITS + j, features=features)
+            for j in range(CANDIDATE_SPLITS)
+        )
+
+    key = ("candidate_splits", tuple(str(g) for g in genes), int(seed))
+    return reference.memo(key, compute)
+
+
 def choose_subtypes(
     prepared: Prepared,
     reference: Reference,
@@ -253,13 +284,11 @@ def choose_subtypes(
     coarse = coarse * factor
     folds = heldout_folds(prepared, seed=seed)
     d_coarse = heldout_deviance(prepared, coarse, split=folds)
+    splits = candidate_splits(reference, prepared.genes, seed=seed)
+    if len(splits[0][0].cell_types) == len(reference.cell_types):
+        return None  # no type is large enough to split
     best = None
-    for candidate in range(CANDIDATE_SPLITS):
-        split, parent = split_cell_types(
-            reference, prepared.genes, seed=seed * CANDIDATE_SPLITS + candidate
-        )
-        if len(split.cell_types) == len(reference.cell_types):
-            return None  # no type is large enough to split
+    for split, parent in splits:
         fine = split.profiles.loc[prepared.genes].to_numpy(np.float64) * factor
         d_fine = heldout_deviance(prepared, fine, split=folds)
         if best is None or d_fine.sum() < best[2].sum():
