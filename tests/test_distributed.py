@@ -403,3 +403,44 @@ def test_own_local_cluster_with_progress_bar(slides, demo, single_runs, capsys):
         _assert_same(batch[name], single_runs[name])
     err = capsys.readouterr().err
     assert "Slides" in err and "2/2" in err
+
+
+def test_script_without_main_guard_is_refused_not_hung(slides, demo, tmp_path):
+    """dask's workers start by re-running the caller's script ('spawn'): a script calling
+    deconvolve_many at its top level would start a batch in every worker and wait for ever.
+    It gets a BatchError naming the line before any worker starts; the same call under
+    `if __name__ == '__main__':` (here inside a function called from there) runs."""
+    paths = {}
+    for name in ("slide0", "slide3"):
+        paths[name] = str(tmp_path / f"{name}.h5ad")
+        slides[name].write_h5ad(paths[name])
+    reference = tmp_path / "reference.h5ad"
+    demo[1].write_h5ad(reference)
+    call = (
+        f"batch = deconvolve_many({paths!r}, {str(reference)!r}, cell_type_key={KEY!r}, "
+        "workers=2, progress=False)\n"
+    )
+    scripts = {
+        "unguarded": "from napari_stlnmf import deconvolve_many\n" + call,
+        "guarded": (
+            "from napari_stlnmf import deconvolve_many\n\n\ndef run():\n    "
+            + call
+            + "    print(sorted(batch.summary['status']))\n\n\n"
+            "if __name__ == '__main__':\n    run()\n"
+        ),
+    }
+    runs = {}
+    for kind, text in scripts.items():
+        script = tmp_path / f"{kind}.py"
+        script.write_text(text)
+        runs[kind] = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+            check=False, cwd=tmp_path,
+        )  # fmt: skip
+    unguarded, guarded = runs["unguarded"], runs["guarded"]
+    assert unguarded.returncode == 1
+    assert "BatchError: deconvolve_many is called from line 2 of" in unguarded.stderr
+    assert "if __name__ == '__main__':" in unguarded.stderr
+    assert "Restarting worker" not in unguarded.stderr  # refused before any worker started
+    assert guarded.returncode == 0, guarded.stderr
+    assert guarded.stdout.strip() == "['done', 'done']"

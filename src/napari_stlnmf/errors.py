@@ -69,3 +69,8 @@ class ReferenceWarning(UserWarning):
 class MissingDependencyError(StlnmfError):
     """An optional dependency (an extra of napari-stlnmf) is not installed; the message names
     the ``pip install`` command."""
+
+
+class BatchError(StlnmfError):
+    """:func:`napari_stlnmf.deconvolve_many` cannot run as called (e.g. from a script without
+    an ``if __name__ == '__main__':`` guard, which its worker processes re-run)."""
