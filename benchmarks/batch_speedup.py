@@ -69,27 +69,15 @@ def make_inputs(
     return paths, ref_path
 
 
-def one_by_one(paths, ref_path, out: Path, seed: int) -> tuple[float, dict]:
-    import torch
-
-    from napari_stlnmf import deconvolve
-    from napari_stlnmf.cli import write_results
-
-    torch.set_num_threads(1)
-    t0 = time.perf_counter()
-    props = {}
-    for path in paths:
-        res = deconvolve(path, ref_path, cell_type_key=KEY, seed=seed)
-        write_results(res, out / path.stem, plots=False)
-        props[path.stem] = res.proportions
-    return time.perf_counter() - t0, props
-
-
-def one_by_one_reused(paths, ref_path, out: Path, seed: int) -> tuple[float, dict]:
-    """As ``one_by_one``, with the reference read and built once, before the clock, and the
-    same object passed to every slide: what a script looping over slides does, and what each
-    batch worker does with the scattered reference (its sub-profile splits kept,
-    ``Reference.memo``). The batch against this row is the parallel gain alone."""
+def one_by_one(
+    paths, ref_path, out: Path, seed: int, *, reuse_reference: bool = False
+) -> tuple[float, dict]:
+    """``deconvolve`` + ``write_results`` per slide in this process, one thread, the reference
+    file read for each slide as ``stlnmf run`` does. ``reuse_reference``: the reference read
+    and built once, before the clock, and the same object passed to every slide: what a
+    script looping over slides does, and what each batch worker does with the scattered
+    reference (its sub-profile splits kept, ``Reference.memo``); the batch against this row
+    is the parallel gain alone."""
     import torch
 
     from napari_stlnmf import deconvolve
@@ -98,7 +86,9 @@ def one_by_one_reused(paths, ref_path, out: Path, seed: int) -> tuple[float, dic
     from napari_stlnmf.pipeline import load_reference
 
     torch.set_num_threads(1)
-    reference = load_reference(ref_path, KEY, max_cells_per_type=MAX_CELLS_PER_TYPE, seed=seed)
+    reference = ref_path
+    if reuse_reference:
+        reference = load_reference(ref_path, KEY, max_cells_per_type=MAX_CELLS_PER_TYPE, seed=seed)
     t0 = time.perf_counter()
     props = {}
     for path in paths:
@@ -140,7 +130,7 @@ def main(argv=None) -> int:
         print(f"simulated {len(paths)} slides in {time.perf_counter() - t0:.0f} s", flush=True)
         t_serial, serial = one_by_one(paths, ref_path, tmp / "serial", a.seed)
         print(f"one by one: {t_serial:.1f} s", flush=True)
-        t_reused, reused = one_by_one_reused(paths, ref_path, tmp / "reused", a.seed)
+        t_reused, reused = one_by_one(paths, ref_path, tmp / "reused", a.seed, reuse_reference=True)
         print(f"one by one, reference reused: {t_reused:.1f} s", flush=True)
         t_batch, batched, summary = batch(paths, ref_path, tmp / "batch", a.workers, a.seed)
         print(f"batch ({a.workers} workers): {t_batch:.1f} s", flush=True)
