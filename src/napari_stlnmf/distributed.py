@@ -395,11 +395,19 @@ def _local_cluster(distributed, n_workers: int):
     ``MALLOC_TRIM_THRESHOLD_=65536`` for its workers: with it, deconvolve ran 15-28 % slower
     (glibc returns freed memory to the system at every large temporary array); a variable the
     user set in the environment still wins. The workers' statistical profiler (a stack sample
-    every 10 ms, for the dashboard, which this cluster does not serve) is off: 3-4 % per fit."""
+    every 10 ms, for the dashboard, which this cluster does not serve) is off: 3-4 % per fit.
+    The event loops' tick (a wake-up every 20 ms in the scheduler, each nanny and each worker,
+    only to time the loop) runs once a second: each wake-up takes the GIL from the fit running
+    in the worker's thread, ~5 % of a 24-slide batch (docs/benchmarks.md)."""
     import dask
 
     trim = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
-    with dask.config.set({trim: None, "distributed.worker.profile.enabled": False}):
+    quiet = {
+        trim: None,
+        "distributed.worker.profile.enabled": False,
+        "distributed.admin.tick.interval": "1s",
+    }
+    with dask.config.set(quiet):
         return distributed.LocalCluster(
             n_workers=max(1, int(n_workers)), threads_per_worker=1, processes=True,
             dashboard_address=":0",
