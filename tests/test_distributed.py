@@ -366,11 +366,12 @@ def test_import_without_dask():
     assert Path(sys.executable).exists()
 
 
-def test_own_cluster_workers_keep_glibc_default_trim(monkeypatch):
+def test_own_cluster_keeps_glibc_trim_no_profiler_slow_tick(monkeypatch):
     """deconvolve_many's LocalCluster does not give its workers dask's
     MALLOC_TRIM_THRESHOLD_=65536 (15-28 % slower fits), but keeps one the user set; its
     workers do not sample their stacks for a dashboard (3-4 % per fit), a default cluster's
-    do."""
+    do; their event loops and the scheduler's tick once a second, not every 20 ms (~5 % of a
+    batch: each tick takes the GIL from the fit)."""
     import distributed
 
     from napari_stlnmf.distributed import _local_cluster
@@ -381,13 +382,19 @@ def test_own_cluster_workers_keep_glibc_default_trim(monkeypatch):
     def profiling(dask_worker):
         return "profile" in dask_worker.periodic_callbacks
 
+    def tick_seconds(dask_worker=None, dask_scheduler=None):
+        return (dask_worker or dask_scheduler)._tick_interval
+
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     with _local_cluster(distributed, 1) as cluster, distributed.Client(cluster) as c:
         assert list(c.run(trim).values()) == [(None, "1")]
         assert list(c.run(profiling).values()) == [False]
+        assert list(c.run(tick_seconds).values()) == [1.0]
+        assert c.run_on_scheduler(tick_seconds) == 1.0
     default = distributed.LocalCluster(n_workers=1, dashboard_address=":0")
     with default as cluster, distributed.Client(cluster) as c:
         assert list(c.run(profiling).values()) == [True]
+        assert list(c.run(tick_seconds).values()) == [0.02]
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
     with _local_cluster(distributed, 1) as cluster, distributed.Client(cluster) as c:
         assert list(c.run(trim).values()) == [("131072", "1")]
