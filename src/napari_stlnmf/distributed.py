@@ -13,7 +13,6 @@ dask and distributed are imported inside the functions only (the ``[distributed]
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import inspect
 import json
@@ -32,13 +31,8 @@ import pandas as pd
 
 from . import __version__
 from ._constants import MAX_CELLS_PER_TYPE
-from .errors import (
-    BatchError,
-    MissingDependencyError,
-    OutputFolderError,
-    ReferenceWarning,
-    StlnmfError,
-)
+from ._main_guard import check_main_guard
+from .errors import MissingDependencyError, OutputFolderError, ReferenceWarning, StlnmfError
 
 __all__ = ["MARKER", "BatchResult", "deconvolve_many", "load_slide_result", "slide_names"]
 
@@ -243,7 +237,7 @@ class _BatchCluster:
 
     def connect(self, n_slides: int):
         if self.client is None:
-            _check_main_guard()
+            check_main_guard()
             n_workers = self._workers or min(n_slides, os.cpu_count() or 1)
             self._own = _local_cluster(self._distributed, n_workers)
             self.client = self._distributed.Client(self._own)
@@ -329,65 +323,6 @@ def _run_batch(
         [rows[name] for name in named], columns=["slide", "spots", "seconds", "status", "message"]
     )
     return BatchResult(summary=summary, out=out, _results=results)
-
-
-def _check_main_guard() -> None:
-    """Refuse to start a LocalCluster from a line of the ``__main__`` script outside an
-    ``if __name__ == '__main__':`` block: dask starts its workers with 'spawn', which re-runs
-    the script in each of them, so each worker would start a batch of its own and the call
-    would wait for ever."""
-    import dask
-
-    if dask.config.get("distributed.worker.multiprocessing-method", "spawn") == "fork":
-        return  # forked workers do not re-run the script
-    line, path = _unguarded_main_line()
-    if line is not None:
-        raise BatchError(
-            f"deconvolve_many is called from line {line} of {path} outside an "
-            "`if __name__ == '__main__':` block. Its worker processes start by re-running the "
-            "script, so each would start a batch of its own and none would finish. Put the "
-            "call (and what uses its result) under `if __name__ == '__main__':`"
-        )
-
-
-def _unguarded_main_line() -> tuple[int | None, str | None]:
-    """The line of the ``__main__`` script whose statement led to this call, and the script,
-    when that statement is not the body of an ``if __name__ == '__main__':``; else None (also
-    in a notebook or an interactive session, which 'spawn' does not re-run)."""
-    main = sys.modules.get("__main__")
-    path = getattr(main, "__file__", None)
-    if path is None or not str(path).endswith(".py"):
-        return None, None
-    line, frame = None, inspect.currentframe()
-    while frame is not None:
-        if frame.f_globals is main.__dict__ and frame.f_code.co_name == "<module>":
-            line = frame.f_lineno
-        frame = frame.f_back
-    if line is None:
-        return None, None
-    try:
-        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
-    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
-        return None, None  # the source is not at hand: nothing to go on
-    for node in tree.body:
-        if node.lineno <= line <= (node.end_lineno or node.lineno):
-            guarded = (
-                _is_main_guard(node) and node.body[0].lineno <= line <= node.body[-1].end_lineno
-            )
-            return (None, None) if guarded else (line, str(path))
-    return None, None
-
-
-def _is_main_guard(node) -> bool:
-    if not isinstance(node, ast.If) or not isinstance(node.test, ast.Compare):
-        return False
-    test = node.test
-    if len(test.ops) != 1 or not isinstance(test.ops[0], ast.Eq):
-        return False
-    sides = [test.left, test.comparators[0]]
-    names = [s.id for s in sides if isinstance(s, ast.Name)]
-    values = [s.value for s in sides if isinstance(s, ast.Constant)]
-    return names == ["__name__"] and values == ["__main__"]
 
 
 def _local_cluster(distributed, n_workers: int):
