@@ -3,17 +3,22 @@
 24 simulated Visium-size slides (78 x 64 hexagonal spots = 4,992 each, a whole Visium capture
 area; 18,000 genes, as a Space Ranger matrix holds after dropping unexpressed genes; 12 cell
 types, a platform effect), written as ``.h5ad`` files, with one single-cell reference file
-(``.h5ad``, 300 cells per type). Both runs start from the files and write every slide's results
-(tables + ``result.h5ad``, no PNG maps):
+(``.h5ad``, 300 cells per type). Every row starts from the files and writes every slide's
+results (tables + ``result.h5ad``, no PNG maps), in fresh processes of its own:
 
-* one by one: ``deconvolve(path, reference_path, ...)`` + ``write_results`` in this process, one
-  thread (``OMP_NUM_THREADS=1``, ``torch.set_num_threads(1)``), the reference read for each slide
-  as ``stlnmf run`` would;
+* one by one: ``deconvolve(path, reference_path, ...)`` + ``write_results`` per slide in one
+  process, one thread (``OMP_NUM_THREADS=1``, ``torch.set_num_threads(1)``), the reference read
+  for each slide as ``stlnmf run`` would; then the same loop with the reference read and built
+  once (the parallel gain's baseline);
+* two plain processes, each that loop on half the slides, started together: the box's ceiling;
 * batch: ``deconvolve_many(paths, reference_path, workers=W, out=...)``: a LocalCluster of W
-  processes with one thread each, started and closed inside the timed call.
+  processes with one thread each, started and closed inside the timed call; then the same call
+  on a cluster started before the clock.
 
-Both give the same proportions (checked here, bit for bit). Writes ``docs/bench_batch.md``
-(included in docs/benchmarks.md by run_benchmarks.py) and prints it.
+The rows run in ``--repeats`` interleaved rounds and each ratio is taken within a round (this
+VM's speed drifts within minutes). Every row gives the same proportions (checked, bit for bit).
+Writes ``docs/bench_batch.md`` (included in docs/benchmarks.md by run_benchmarks.py) and prints
+it. A quick check of the script: ``--slides 4 --rows 12 --cols 10 --genes 600 --repeats 1``.
 
     cd benchmarks && OMP_NUM_THREADS=1 PYTHONPATH=../src python batch_speedup.py
 """
@@ -21,9 +26,12 @@ Both give the same proportions (checked here, bit for bit). Writes ``docs/bench_
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shlex
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -71,7 +79,7 @@ def make_inputs(
 
 def one_by_one(
     paths, ref_path, out: Path, seed: int, *, reuse_reference: bool = False
-) -> tuple[float, dict]:
+) -> tuple[float, float, dict]:
     """``deconvolve`` + ``write_results`` per slide in this process, one thread, the reference
     file read for each slide as ``stlnmf run`` does. ``reuse_reference``: the reference read
     and built once (on the clock, as the batch builds it once) and the same object passed to
@@ -95,12 +103,12 @@ def one_by_one(
         res = deconvolve(path, reference, cell_type_key=KEY, seed=seed)
         write_results(res, out / path.stem, plots=False)
         props[path.stem] = res.proportions
-    return time.perf_counter() - t0, props
+    return t0, time.perf_counter(), props
 
 
 def batch(
     paths, ref_path, out: Path, workers: int, seed: int, *, running: bool = False
-) -> tuple[float, dict, pd.DataFrame]:
+) -> tuple[float, float, dict, pd.DataFrame]:
     """``deconvolve_many`` with its own LocalCluster, or (``running``) on a cluster started and
     warmed before the clock (its workers have imported the engine), as an atlas project's
     cluster is when its next batch comes: the batch's cost without the cluster's start."""
@@ -121,13 +129,110 @@ def batch(
             workers=None if running else workers, out=out, maps=False, progress=False,
             seed=seed,
         )  # fmt: skip
-        seconds = time.perf_counter() - t0
+        t1 = time.perf_counter()
     finally:
         if running:
             client.close()
             cluster.close()
     props = {name: res[name].proportions for name in res.names}
-    return seconds, props, res.summary
+    return t0, t1, props, res.summary
+
+
+# each row's label in the table; "split" is two plain processes (no dask) of half the slides each
+ROWS = {
+    "serial": "one by one, 1 process",
+    "reused": "one by one, reference reused",
+    "split": "two plain processes, half the slides each, reference reused (no dask)",
+    "batch": "deconvolve_many, LocalCluster({w} × 1 thread)",
+    "running": "deconvolve_many, client= a running cluster ({w} × 1 thread)",
+}
+
+
+def run_row(a) -> int:
+    """One row (or, with ``--parts``, one part of the split row) in this fresh process; writes
+    its clock stamps (``perf_counter``: the system's monotonic clock, comparable between
+    processes) and, if asked, the proportions to ``--result``."""
+    import distributed  # noqa: F401 -- every import before the clock
+    import torch  # noqa: F401
+
+    import napari_stlnmf.cli
+    import napari_stlnmf.distributed  # noqa: F401
+
+    paths = sorted(a.inputs.glob("slide*.h5ad"))[a.part :: a.parts]
+    ref_path = a.inputs / "reference.h5ad"
+    if a.parts > 1:  # the split row's processes start their clocks together
+        print("ready", flush=True)
+        sys.stdin.readline()
+    out = a.work / f"{a.row}-{a.part}"
+    extra = {}
+    if a.row in ("serial", "reused", "split"):
+        t0, t1, props = one_by_one(paths, ref_path, out, a.seed, reuse_reference=a.row != "serial")
+    else:
+        t0, t1, props, summary = batch(
+            paths, ref_path, out, a.workers, a.seed, running=a.row == "running"
+        )
+        extra["task_seconds"] = summary["seconds"].astype(float).tolist()
+    a.result.write_text(json.dumps({"start": t0, "end": t1, **extra}))
+    if a.save_proportions:
+        np.savez(a.result.with_suffix(".npz"), **{k: v.to_numpy() for k, v in props.items()})
+    return 0
+
+
+def _timed_row(row: str, a, inputs: Path, work: Path, repeat: int) -> dict:
+    """Run one row in fresh process(es) of this script; its wall time and task times."""
+    parts = 2 if row == "split" else 1
+    procs, results = [], []
+    for part in range(parts):
+        result = work / f"{row}-{repeat}-{part}.json"
+        cmd = [
+            sys.executable, __file__, "--row", "reused" if row == "split" else row,
+            "--inputs", str(inputs), "--work", str(work / f"{row}-{repeat}"),
+            "--result", str(result), "--part", str(part), "--parts", str(parts),
+            "--workers", str(a.workers), "--seed", str(a.seed),
+        ]  # fmt: skip
+        if repeat == 0:
+            cmd.append("--save-proportions")
+        procs.append(
+            subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        )
+        results.append(result)
+    if parts > 1:
+        for proc in procs:
+            proc.stdout.readline()  # "ready": imported
+        for proc in procs:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+    for proc in procs:
+        proc.communicate()
+        if proc.returncode:
+            raise SystemExit(f"row {row} failed (exit code {proc.returncode})")
+    stamps = [json.loads(r.read_text()) for r in results]
+    shutil.rmtree(work / f"{row}-{repeat}", ignore_errors=True)
+    return {
+        "seconds": max(s["end"] for s in stamps) - min(s["start"] for s in stamps),
+        "task_seconds": [t for s in stamps for t in s.get("task_seconds", [])],
+        "proportions": [r.with_suffix(".npz") for r in results],
+    }
+
+
+def _same_proportions(runs: dict) -> bool:
+    """Every row's first run gives the one-by-one run's proportions, bit for bit."""
+
+    def load(files):
+        out = {}
+        for f in files:
+            with np.load(f) as z:
+                out.update({k: z[k] for k in z.files})
+        return out
+
+    serial = load(runs["serial"][0]["proportions"])
+    for rows in runs.values():
+        other = load(rows[0]["proportions"])
+        if other.keys() != serial.keys() or not all(
+            np.array_equal(serial[k], other[k], equal_nan=True) for k in serial
+        ):
+            return False
+    return True
 
 
 def main(argv=None) -> int:
@@ -138,35 +243,52 @@ def main(argv=None) -> int:
     p.add_argument("--genes", type=int, default=18000)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3, help="rounds of every row, interleaved")
     p.add_argument("--out", type=Path, default=DOCS / "bench_batch.md")
+    # a row's own process (used by the rounds)
+    p.add_argument(
+        "--row", choices=["serial", "reused", "batch", "running"], help=argparse.SUPPRESS
+    )
+    p.add_argument("--inputs", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--part", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--parts", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--save-proportions", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     warnings.simplefilter("ignore")
+    if a.row:
+        return run_row(a)
+    runs = {row: [] for row in ROWS}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
         load_before = os.getloadavg()[0]
-        paths, ref_path = make_inputs(tmp, a.slides, a.rows, a.cols, a.genes, seed=a.seed)
+        paths, _ = make_inputs(tmp, a.slides, a.rows, a.cols, a.genes, seed=a.seed)
         print(f"simulated {len(paths)} slides in {time.perf_counter() - t0:.0f} s", flush=True)
-        t_serial, serial = one_by_one(paths, ref_path, tmp / "serial", a.seed)
-        print(f"one by one: {t_serial:.1f} s", flush=True)
-        t_reused, reused = one_by_one(paths, ref_path, tmp / "reused", a.seed, reuse_reference=True)
-        print(f"one by one, reference reused: {t_reused:.1f} s", flush=True)
-        t_batch, batched, summary = batch(paths, ref_path, tmp / "batch", a.workers, a.seed)
-        print(f"batch ({a.workers} workers): {t_batch:.1f} s", flush=True)
-        t_running, running, _ = batch(
-            paths, ref_path, tmp / "running", a.workers, a.seed, running=True
-        )
-        print(f"batch on a running cluster: {t_running:.1f} s", flush=True)
-    same = all(
-        np.array_equal(serial[k].to_numpy(), other[k].to_numpy(), equal_nan=True)
-        for k in serial
-        for other in (batched, reused, running)
-    )
+        order = list(ROWS)
+        for repeat in range(a.repeats):
+            for row in order[repeat % len(order) :] + order[: repeat % len(order)]:
+                runs[row].append(_timed_row(row, a, tmp, tmp / "work", repeat))
+                print(f"round {repeat + 1}: {row} {runs[row][-1]['seconds']:.1f} s", flush=True)
+        same = _same_proportions(runs)
+    text = _report(a, argv, runs, same, load_before)
+    a.out.write_text(text)
+    print(text)
+    return 0 if same else 1
+
+
+def _report(a, argv, runs: dict, same: bool, load_before: float) -> str:
+    seconds = {row: np.array([r["seconds"] for r in rs]) for row, rs in runs.items()}
+    median = {row: float(np.median(s)) for row, s in seconds.items()}
+
+    def ratio(num: str, den: str) -> str:
+        per_round = seconds[num] / seconds[den]  # the rows of one round ran minutes apart
+        listed = " / ".join(f"{r:.2f}" for r in per_round)
+        return f"**{np.median(per_round):.2f}×** (rounds: {listed})"
+
+    task = np.array(runs["batch"][0]["task_seconds"])
     n_spots = a.rows * a.cols
-    ratio = t_serial / t_batch
-    ratio_reused = t_reused / t_batch
-    ratio_running = t_reused / t_running
-    task = summary["seconds"].astype(float)
     cmd = "cd benchmarks && OMP_NUM_THREADS=1 PYTHONPATH=../src python batch_speedup.py"
     extra = " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     setup = (
@@ -179,30 +301,41 @@ def main(argv=None) -> int:
         "`write_results` per slide in one process, one thread, the reference file read for "
         "each slide as `stlnmf run` does. *One by one, reference reused*: the same with the "
         "reference read and built once and the same object passed to every slide, as a script's "
-        "loop does (it keeps its sub-profile splits). *Batch*: "
+        "loop does (it keeps its sub-profile splits). *Two plain processes*: that loop on half "
+        "the slides in each of two processes started together, no dask: what the two cores give "
+        "without any scheduler. *Batch*: "
         f"`deconvolve_many(paths, reference, workers={a.workers}, out=...)`, a LocalCluster of "
         f"{a.workers} processes × 1 thread started and closed inside the timed call, the "
         "reference prepared once and scattered to the workers. *Running cluster*: the same "
         "call with `client=` a LocalCluster of the same settings started before the clock, its "
         "workers having imported the engine (an atlas project's cluster when its next batch "
-        "comes). Every row starts its clock after this process's imports (torch, dask) and "
-        "includes reading the reference."
+        "comes). Each row runs in fresh processes of its own, its clock started after their "
+        "imports (torch, dask) and including reading the reference; the rows run in "
+        f"{a.repeats} interleaved rounds (each round in a rotated order) because this VM's "
+        "speed drifts within minutes, and each ratio is taken within a round."
     )
-    running_row = (
-        f"| deconvolve_many, client= a running cluster ({a.workers} × 1 thread) "
-        f"| {t_running:.1f} | {t_running / a.slides:.2f} |"
-    )
-    batch_row = (
-        f"| deconvolve_many, LocalCluster({a.workers} × 1 thread) | {t_batch:.1f} "
-        f"| {t_batch / a.slides:.2f} |"
-    )
-    speedup = (
-        f"- speed-up: **{ratio:.2f}×** with {a.workers} workers (task time on the workers: "
-        f"median {task.median():.2f} s, mean {task.mean():.2f} s, max {task.max():.2f} s; "
-        f"one by one: {t_serial / a.slides:.2f} s per slide); against the one-by-one loop "
-        f"that reuses the reference, the parallel gain alone: **{ratio_reused:.2f}×**; on the "
-        f"running cluster against that loop: **{ratio_running:.2f}×**"
-    )
+    rows = [
+        f"| {label.format(w=a.workers)} | {median[row]:.1f} | {median[row] / a.slides:.2f} "
+        f"| {' / '.join(f'{s:.1f}' for s in seconds[row])} |"
+        for row, label in ROWS.items()
+    ]
+    speedup = [
+        f"- against one by one as `stlnmf run` does it: {ratio('serial', 'batch')}",
+        (
+            "- the parallel gain alone (against the loop that reuses the reference): "
+            f"{ratio('reused', 'batch')}; on the running cluster {ratio('reused', 'running')}"
+        ),
+        (
+            "- two plain processes without dask against the same loop (the ceiling on this "
+            f"box): {ratio('reused', 'split')}; the batch's share of that ceiling: "
+            f"{ratio('split', 'batch').replace('×', '')}"
+        ),
+        (
+            f"- task time on the workers (first round): median {np.median(task):.2f} s, "
+            f"max {task.max():.2f} s"
+        ),
+        f"- proportions identical to the one-by-one run for every slide and row: {same}",
+    ]
     cluster = (
         "The same command on a real cluster: start a scheduler and workers (e.g. dask-jobqueue's "
         "`SLURMCluster(cores=1, processes=1, memory='8GB').scale(jobs=32)`, or `dask scheduler` "
@@ -219,22 +352,15 @@ def main(argv=None) -> int:
         "",
         setup,
         "",
-        "| run | wall time (s) | per slide (s) |",
-        "|---|---|---|",
-        f"| one by one, 1 process | {t_serial:.1f} | {t_serial / a.slides:.2f} |",
-        f"| one by one, reference reused | {t_reused:.1f} | {t_reused / a.slides:.2f} |",
-        batch_row,
-        running_row,
+        "| run | wall time, median (s) | per slide (s) | every round (s) |",
+        "|---|---|---|---|",
+        *rows,
         "",
-        speedup,
-        f"- proportions identical to the one-by-one runs for every slide: {same}",
+        *speedup,
         "",
         cluster,
     ]
-    text = "\n".join(lines) + "\n"
-    a.out.write_text(text)
-    print(text)
-    return 0 if same else 1
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
