@@ -165,7 +165,7 @@ def run_row(a) -> int:
         sys.stdin.readline()
     out = a.work / f"{a.row}-{a.part}"
     extra = {}
-    if a.row in ("serial", "reused", "split"):
+    if a.row in ("serial", "reused"):
         t0, t1, props = one_by_one(paths, ref_path, out, a.seed, reuse_reference=a.row != "serial")
     else:
         t0, t1, props, summary = batch(
