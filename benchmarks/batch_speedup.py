@@ -108,10 +108,11 @@ def one_by_one(
 
 def batch(
     paths, ref_path, out: Path, workers: int, seed: int, *, running: bool = False
-) -> tuple[float, float, dict, pd.DataFrame]:
+) -> tuple[float, float, object]:
     """``deconvolve_many`` with its own LocalCluster, or (``running``) on a cluster started and
     warmed before the clock (its workers have imported the engine), as an atlas project's
-    cluster is when its next batch comes: the batch's cost without the cluster's start."""
+    cluster is when its next batch comes: the batch's cost without the cluster's start. Returns
+    the clock stamps and the ``BatchResult`` (its slides' results are read back on demand)."""
     import distributed
 
     from napari_stlnmf import deconvolve_many
@@ -134,8 +135,7 @@ def batch(
         if running:
             client.close()
             cluster.close()
-    props = {name: res[name].proportions for name in res.names}
-    return t0, t1, props, res.summary
+    return t0, t1, res
 
 
 # each row's label in the table; "split" is two plain processes (no dask) of half the slides each
@@ -168,10 +168,10 @@ def run_row(a) -> int:
     if a.row in ("serial", "reused"):
         t0, t1, props = one_by_one(paths, ref_path, out, a.seed, reuse_reference=a.row != "serial")
     else:
-        t0, t1, props, summary = batch(
-            paths, ref_path, out, a.workers, a.seed, running=a.row == "running"
-        )
-        extra["task_seconds"] = summary["seconds"].astype(float).tolist()
+        t0, t1, res = batch(paths, ref_path, out, a.workers, a.seed, running=a.row == "running")
+        extra["task_seconds"] = res.summary["seconds"].astype(float).tolist()
+        # read back (each slide's result.h5ad) only in the round that compares them
+        props = {name: res[name].proportions for name in res.names} if a.save_proportions else {}
     a.result.write_text(json.dumps({"start": t0, "end": t1, **extra}))
     if a.save_proportions:
         np.savez(a.result.with_suffix(".npz"), **{k: v.to_numpy() for k, v in props.items()})
